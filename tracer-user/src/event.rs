@@ -1,0 +1,340 @@
+//! The droptrace.v1 event model: what every sink receives, before any SIEM reshaping.
+//!
+//! Field names are a contract (docs/events.md, schema/droptrace.v1.schema.json). Sections that
+//! do not apply to a kind are left out of the JSON, never emitted as null.
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+pub const SCHEMA: &str = "droptrace.v1";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A packet of a watched flow dropped by the kernel.
+    Drop,
+    /// Events that could not be delivered (kernel ring buffer full, sink spool full, ...).
+    Lost,
+    /// One connection attempt that stalled, correlated across signals.
+    Stall,
+    /// An Oracle Net packet seen on a listener port.
+    Tns,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Drop => "drop",
+            Kind::Lost => "lost",
+            Kind::Stall => "stall",
+            Kind::Tns => "tns",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub schema: String,
+    pub kind: Kind,
+    /// RFC 3339, UTC, microseconds.
+    pub time: String,
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flow: Option<Flow>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<Tcp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drop: Option<Drop>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifindex: Option<u32>,
+    /// How many occurrences this record stands for (drops aggregated in the kernel, events
+    /// lost, ...).
+    pub count: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<Lost>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<Process>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<Attempt>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drops: Option<Vec<DropSummary>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<Conntrack>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<Endpoint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Policy>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oracle: Option<Oracle>,
+}
+
+impl Event {
+    /// An event of `kind` with every optional section empty.
+    pub fn new(kind: Kind, time: String, node: &str) -> Self {
+        Self {
+            schema: SCHEMA.to_string(),
+            kind,
+            time,
+            node: node.to_string(),
+            flow: None,
+            tcp: None,
+            drop: None,
+            netns: None,
+            ifindex: None,
+            count: 1,
+            lost: None,
+            process: None,
+            attempt: None,
+            drops: None,
+            conntrack: None,
+            diagnosis: None,
+            source: None,
+            destination: None,
+            policy: None,
+            oracle: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Flow {
+    /// "tcp"
+    pub proto: String,
+    pub family: Family,
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tcp {
+    /// Set flags joined by '|', e.g. "SYN" or "SYN|ACK"; "" when none.
+    pub flags: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Drop {
+    /// Kernel drop reason without the SKB_DROP_REASON_ prefix, e.g. "NETFILTER_DROP".
+    pub reason: String,
+    /// The running kernel's numeric value (numbers move between kernels; names do not).
+    pub reason_code: u32,
+    /// Code that dropped it, `function+0xoffset`.
+    pub location: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LostSource {
+    /// The kernel could not reserve ring buffer space.
+    Kernel,
+    /// A sink discarded events (queue and spool full).
+    Sink,
+    /// Input the daemon could not use (unparsable API object, malformed packet bytes, ...).
+    Input,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lost {
+    pub source: LostSource,
+    /// Why, e.g. "ringbuf_full", "spool_full".
+    pub reason: String,
+    /// The sink, for `source: sink`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sink: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Process {
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// RFC 3339 time of the first SYN (or the first signal seen).
+    pub started: String,
+    pub syn_retransmits: u32,
+    pub duration_ms: u64,
+    /// timeout | refused | unreachable | established_late | abandoned | data_stalled |
+    /// refused_by_listener | in_progress
+    pub outcome: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DropSummary {
+    pub reason: String,
+    pub location: String,
+    pub netns: u32,
+    pub count: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tuple {
+    pub src_ip: IpAddr,
+    pub src_port: u16,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Conntrack {
+    /// NEW | ESTABLISHED | RELATED | INVALID | UNTRACKED
+    pub state: String,
+    /// SEEN_REPLY, ASSURED, DNAT, SNAT, ...
+    pub status: Vec<String>,
+    pub original: Tuple,
+    pub reply: Tuple,
+    /// "dnat", "snat", "both" or "none"
+    pub nat: String,
+    #[serde(default)]
+    pub mark: u32,
+    #[serde(default)]
+    pub zone: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Workload {
+    pub kind: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Endpoint {
+    pub ip: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    #[serde(default)]
+    pub host_network: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicyRef {
+    pub namespace: String,
+    pub name: String,
+    /// Index of the allowing rule; absent for isolating (denying) policies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rule: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// "allowed" | "denied"
+    pub verdict: String,
+    /// "egress" | "ingress": the direction the verdict is about (the denying one if any).
+    pub direction: String,
+    pub policies: Vec<PolicyRef>,
+    pub explanation: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suggested_fix: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listener {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refuse {
+    pub code: Option<u32>,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Oracle {
+    /// CONNECT | ACCEPT | REFUSE | REDIRECT | RESEND | DATA
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packet: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sid: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listener: Option<Listener>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<HostPort>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refuse: Option<Refuse>,
+}
+
+/// TCP flag names in wire bit order (FIN is bit 0).
+const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+
+/// "SYN", "SYN|ACK", ... in a fixed, readable order.
+pub fn tcp_flags(bits: u8) -> String {
+    const ORDER: [usize; 8] = [1, 4, 0, 2, 3, 5, 6, 7];
+    let mut out = String::new();
+    for i in ORDER {
+        if bits & (1 << i) != 0 {
+            if !out.is_empty() {
+                out.push('|');
+            }
+            out.push_str(TCP_FLAG_NAMES[i]);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcp_flag_names() {
+        assert_eq!(tcp_flags(0x02), "SYN");
+        assert_eq!(tcp_flags(0x12), "SYN|ACK");
+        assert_eq!(tcp_flags(0x14), "ACK|RST");
+        assert_eq!(tcp_flags(0x11), "ACK|FIN");
+        assert_eq!(tcp_flags(0), "");
+    }
+
+    #[test]
+    fn absent_sections_are_left_out() {
+        let e = Event::new(Kind::Lost, "2026-01-01T00:00:00.000000Z".into(), "n1");
+        let v = serde_json::to_value(&e).unwrap();
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["count", "kind", "node", "schema", "time"]);
+    }
+}

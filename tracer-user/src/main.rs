@@ -1,0 +1,158 @@
+//! The `droptrace` command line. Exit codes: 0 success, 1 runtime failure, 2 bad input or
+//! missing privileges.
+use std::{process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use droptrace::{daemon, preflight};
+
+#[derive(Parser)]
+#[command(name = "droptrace", version, about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)")]
+struct Cli {
+    /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "info", env = "DROPTRACE_LOG")]
+    log_level: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Trace this node and stream events as NDJSON.
+    Run(RunArgs),
+    /// Check that this kernel and these privileges can trace.
+    Check {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// TCP ports to watch, comma-separated.
+    #[arg(long, value_delimiter = ',', value_parser = parse_port, default_value = "1521,1522,2484")]
+    ports: Vec<u16>,
+    /// Watch every TCP port.
+    #[arg(long)]
+    all_tcp: bool,
+    /// Stop after this long (e.g. 30s, 5m).
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Stop after this many events.
+    #[arg(long)]
+    max_events: Option<u64>,
+    /// Node name carried by every event.
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Kernel ring buffer size in bytes (a power of two, multiple of the page size).
+    #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf)]
+    ringbuf_bytes: u32,
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(0) => Err("port 0 is not a port".to_string()),
+        Ok(p) if p > 65535 => Err(format!("{p} is above 65535")),
+        Ok(p) => Ok(p as u16),
+        Err(_) => Err(format!("`{s}` is not a port number")),
+    }
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_ringbuf(s: &str) -> Result<u32, String> {
+    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    if v < 4096 || !v.is_power_of_two() {
+        return Err(format!("{v} must be a power of two and at least 4096"));
+    }
+    Ok(v)
+}
+
+fn init_logging(level: &str) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("--log-level {level}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            // clap prints usage; keep the first line the error itself.
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    if let Err(e) = init_logging(&cli.log_level) {
+        eprintln!("droptrace: {e}");
+        return ExitCode::from(2);
+    }
+    match cli.cmd {
+        Cmd::Check { json } => check(json),
+        Cmd::Run(args) => run(args),
+    }
+}
+
+fn check(json: bool) -> ExitCode {
+    let report = preflight::run();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+    } else {
+        println!("kernel {}", report.kernel);
+        for c in &report.checks {
+            let mark = match (c.ok, c.required) {
+                (true, _) => "ok  ",
+                (false, true) => "FAIL",
+                (false, false) => "warn",
+            };
+            println!("{mark} {:<26} {}", c.name, c.detail);
+        }
+    }
+    match report.first_failure() {
+        None => ExitCode::SUCCESS,
+        Some(f) => {
+            eprintln!("droptrace: cannot trace: {}: {}", f.name, f.detail);
+            ExitCode::from(if f.name == "privileges" { 2 } else { 1 })
+        }
+    }
+}
+
+fn run(args: RunArgs) -> ExitCode {
+    if let Some(why) = preflight::missing_privileges() {
+        eprintln!("droptrace: {why}");
+        return ExitCode::from(2);
+    }
+    let opts = daemon::RunOptions {
+        ports: args.ports,
+        all_tcp: args.all_tcp,
+        duration: args.duration,
+        max_events: args.max_events,
+        node: args.node_name.unwrap_or_else(daemon::hostname),
+        ringbuf_bytes: args.ringbuf_bytes,
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("droptrace: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match rt.block_on(daemon::run(opts)) {
+        Ok(summary) => {
+            eprintln!("{}", summary.line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("droptrace: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
