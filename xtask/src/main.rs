@@ -1,1 +1,193 @@
-fn main() {}
+//! `cargo xtask`: the project's own build chain. A fresh clone needs only these commands:
+//! `cargo xtask run` and `cargo xtask test` (both run `setup` first).
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "droptrace build chain")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what is missing: nightly rust-src, bpf-linker, test tools, python-oracledb venv.
+    Setup {
+        /// Only the build chain (no Debian packages, no venv).
+        #[arg(long)]
+        build_only: bool,
+    },
+    /// Build droptrace with its real eBPF object.
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build and start tracing this node (default Oracle ports, JSON to stdout).
+    /// Arguments after `--` go to `droptrace run`.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Lints, unit tests and the privileged end-to-end tests.
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// rustfmt check and clippy with warnings as errors.
+    Lint,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Setup { build_only } => setup::run(&setup::Options {
+            test_tools: !build_only,
+        }),
+        Cmd::Build { release } => setup::run(&setup::Options { test_tools: false })
+            .and_then(|()| build(release).map(|_| ())),
+        Cmd::Run { args } => {
+            setup::run(&setup::Options { test_tools: false }).and_then(|()| run(&args))
+        }
+        Cmd::Test { args } => {
+            setup::run(&setup::Options { test_tools: true }).and_then(|()| test(&args))
+        }
+        Cmd::Lint => lint(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives in the workspace")
+        .to_path_buf()
+}
+
+fn cargo() -> Command {
+    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    c.current_dir(workspace_root());
+    // Always the real eBPF object: a stub binary cannot trace.
+    c.env("DROPTRACE_EBPF", "build");
+    c
+}
+
+pub fn status(cmd: &mut Command) -> anyhow::Result<()> {
+    let shown = format!("{cmd:?}");
+    let st = cmd
+        .status()
+        .with_context(|| format!("cannot start {shown}"))?;
+    if !st.success() {
+        bail!("{shown} failed ({st})");
+    }
+    Ok(())
+}
+
+fn build(release: bool) -> anyhow::Result<PathBuf> {
+    step(&format!(
+        "building droptrace ({}) with its eBPF object",
+        if release { "release" } else { "debug" }
+    ));
+    let mut c = cargo();
+    c.args(["build", "--package", "tracer-user", "--bin", "droptrace"]);
+    if release {
+        c.arg("--release");
+    }
+    status(&mut c)?;
+    Ok(workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("droptrace"))
+}
+
+fn run(args: &[String]) -> anyhow::Result<()> {
+    let bin = build(true)?;
+    let mut c = Command::new(&bin);
+    c.arg("run").args(args);
+    step(&format!("{} run {}", bin.display(), args.join(" ")));
+    // Replace nothing: forward signals by sharing the process group; droptrace detaches on
+    // SIGINT/SIGTERM and prints its summary.
+    status(&mut c)
+}
+
+fn lint() -> anyhow::Result<()> {
+    step("rustfmt --check");
+    status(cargo().args(["fmt", "--all", "--check"]))?;
+    step("clippy (warnings are errors)");
+    status(cargo().env("DROPTRACE_EBPF", "stub").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn test(args: &[String]) -> anyhow::Result<()> {
+    lint()?;
+    let bin = build(false)?;
+    step("unit and integration tests (tracer-common, tracer-user, xtask)");
+    status(
+        cargo()
+            .args([
+                "test",
+                "--package",
+                "tracer-common",
+                "--package",
+                "tracer-user",
+                "--package",
+                "xtask",
+            ])
+            .args(args),
+    )?;
+    step("privileged end-to-end tests (tests/)");
+    if unsafe_geteuid() != 0 {
+        bail!(
+            "the end-to-end tests need root (they create network namespaces, firewall rules \
+             and load eBPF programs); run `sudo -E cargo xtask test`"
+        );
+    }
+    status(
+        cargo()
+            .env("DROPTRACE_BIN", &bin)
+            .env("DROPTRACE_PYTHON", setup::venv_python())
+            .args(["test", "--package", "droptrace-tests"])
+            .args(args),
+    )
+}
+
+fn unsafe_geteuid() -> u32 {
+    // /proc/self/status avoids a libc dependency in xtask.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .and_then(|v| v.split_whitespace().nth(1).map(str::to_string))
+        })
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(u32::MAX)
+}
+
+pub fn is_root() -> bool {
+    unsafe_geteuid() == 0
+}
+
+pub fn step(what: &str) {
+    eprintln!("==> {what}");
+}

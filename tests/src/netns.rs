@@ -1,0 +1,217 @@
+//! Network namespaces, veth pairs and drop mechanisms inside them.
+use std::{
+    net::IpAddr,
+    process::{Command, Output},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// Runs a command and fails the test, with its output, when it does not succeed.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// A named network namespace, deleted on drop (with every rule, qdisc and address in it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(name: String) -> Self {
+        // A leftover from a killed run would make `add` fail.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        sh(&["ip", "netns", "add", &name]);
+        let ns = Self { name };
+        ns.exec(&["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        let mut full = vec!["ip", "netns", "exec", &self.name];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// The namespace's inode, as droptrace reports it in `netns`.
+    pub fn inode(&self) -> u64 {
+        let out = self.exec(&["stat", "-L", "-c", "%i", "/proc/self/ns/net"]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("inode")
+    }
+
+    pub fn ifindex(&self, dev: &str) -> u32 {
+        let out = self.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")]);
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("ifindex")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+/// Two hosts, "app" (the client pod) and "db" (the Oracle server), joined by a veth pair.
+pub struct AppDb {
+    pub app: Netns,
+    pub db: Netns,
+    pub app_ip: IpAddr,
+    pub db_ip: IpAddr,
+    /// veth ends: `app_dev` in app, `db_dev` in db.
+    pub app_dev: String,
+    pub db_dev: String,
+    pub family: Family,
+}
+
+impl AppDb {
+    pub fn new(family: Family) -> Self {
+        crate::require_root();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let tag = format!("{}x{n}", std::process::id() % 100_000);
+        let app = Netns::new(format!("dt-app-{tag}"));
+        let db = Netns::new(format!("dt-db-{tag}"));
+        let app_dev = format!("dta{tag}");
+        let db_dev = format!("dtd{tag}");
+        sh(&[
+            "ip", "link", "add", &app_dev, "netns", &app.name, "type", "veth", "peer", "name",
+            &db_dev, "netns", &db.name,
+        ]);
+        // Distinct subnets per fixture so concurrent tests never see each other's flows.
+        let subnet = (std::process::id() % 200 + n) % 250;
+        let (app_ip, db_ip, plen) = match family {
+            Family::V4 => (
+                format!("10.201.{subnet}.1"),
+                format!("10.201.{subnet}.2"),
+                "24",
+            ),
+            Family::V6 => (
+                format!("fd00:201:{subnet:x}::1"),
+                format!("fd00:201:{subnet:x}::2"),
+                "64",
+            ),
+        };
+        for (ns, dev, ip) in [(&app, &app_dev, &app_ip), (&db, &db_dev, &db_ip)] {
+            let cidr = format!("{ip}/{plen}");
+            match family {
+                Family::V4 => ns.exec(&["ip", "addr", "add", &cidr, "dev", dev]),
+                // nodad: usable at once, no duplicate address detection delay.
+                Family::V6 => ns.exec(&["ip", "addr", "add", &cidr, "dev", dev, "nodad"]),
+            };
+            ns.exec(&["ip", "link", "set", dev, "up"]);
+        }
+        Self {
+            app,
+            db,
+            app_ip: app_ip.parse().expect("ip"),
+            db_ip: db_ip.parse().expect("ip"),
+            app_dev,
+            db_dev,
+            family,
+        }
+    }
+
+    fn iptables(&self) -> &'static str {
+        match self.family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        }
+    }
+
+    /// iptables (nft backend) DROP of TCP to `port` on db's INPUT: a silent firewall drop.
+    pub fn iptables_drop_ingress(&self, port: u16) {
+        let port = port.to_string();
+        self.db.exec(&[
+            self.iptables(),
+            "-A",
+            "INPUT",
+            "-p",
+            "tcp",
+            "--dport",
+            &port,
+            "-j",
+            "DROP",
+        ]);
+    }
+
+    /// Packets counted by db's INPUT DROP rule for `port`.
+    pub fn iptables_drop_count(&self, port: u16) -> u64 {
+        let out = self
+            .db
+            .exec(&[self.iptables(), "-L", "INPUT", "-v", "-n", "-x"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines()
+            .filter(|l| l.contains("DROP") && l.contains(&format!("dpt:{port}")))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    /// A tc clsact ingress drop on db's veth end, by a BPF classifier returning TC_ACT_SHOT.
+    pub fn tc_drop_ingress(&self, port: u16) {
+        let obj = tc_drop_object(port);
+        let obj = obj.to_str().expect("utf-8 path");
+        self.db
+            .exec(&["tc", "qdisc", "add", "dev", &self.db_dev, "clsact"]);
+        self.db.exec(&[
+            "tc",
+            "filter",
+            "add",
+            "dev",
+            &self.db_dev,
+            "ingress",
+            "bpf",
+            "da",
+            "obj",
+            obj,
+            "sec",
+            "tc",
+        ]);
+    }
+}
+
+/// Compiles tests/bpf/tc_drop_port.c for `port` (once per port) with clang.
+fn tc_drop_object(port: u16) -> std::path::PathBuf {
+    let src = crate::workspace_root().join("tests/bpf/tc_drop_port.c");
+    let out = crate::scratch_dir().join(format!("tc_drop_port_{port}.o"));
+    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
+    // asm/types.h lives in the multiarch include directory, which -target bpf does not search.
+    let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
+    sh(&[
+        "clang",
+        "-O2",
+        "-g",
+        "-target",
+        "bpf",
+        &multiarch,
+        &format!("-DDROP_PORT={port}"),
+        "-c",
+        src.to_str().expect("utf-8"),
+        "-o",
+        tmp.to_str().expect("utf-8"),
+    ]);
+    std::fs::rename(&tmp, &out).expect("rename compiled object");
+    out
+}

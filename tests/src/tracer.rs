@@ -1,0 +1,187 @@
+//! The real `droptrace` binary, run as a separate process the way a user runs it.
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Condvar, Mutex},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub fn binary() -> PathBuf {
+    let bin = std::env::var_os("DROPTRACE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::workspace_root().join("target/debug/droptrace"));
+    assert!(
+        bin.is_file(),
+        "droptrace binary not found at {} (run `cargo xtask test`, which builds it)",
+        bin.display()
+    );
+    bin
+}
+
+#[derive(Default)]
+struct Shared {
+    events: Vec<Value>,
+    stderr: Vec<String>,
+    attached: bool,
+    bad_lines: Vec<String>,
+}
+
+/// A running `droptrace run`; killed on drop if not stopped.
+pub struct Droptrace {
+    child: Option<Child>,
+    shared: Arc<(Mutex<Shared>, Condvar)>,
+}
+
+pub struct Finished {
+    pub events: Vec<Value>,
+    pub stderr: String,
+    pub code: Option<i32>,
+}
+
+impl Droptrace {
+    /// Starts `droptrace run ARGS` and waits until it reports its programs attached.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(binary())
+            .arg("run")
+            .args(args)
+            .env("DROPTRACE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start droptrace");
+        let shared = Arc::new((Mutex::new(Shared::default()), Condvar::new()));
+        let out = child.stdout.take().expect("stdout");
+        let err = child.stderr.take().expect("stderr");
+        let s = shared.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*s;
+                let mut g = lock.lock().unwrap();
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => g.events.push(v),
+                    Err(_) => g.bad_lines.push(line),
+                }
+                cv.notify_all();
+            }
+        });
+        let s = shared.clone();
+        thread::spawn(move || {
+            for line in BufReader::new(err).lines() {
+                let Ok(line) = line else { break };
+                let (lock, cv) = &*s;
+                let mut g = lock.lock().unwrap();
+                if line.contains("attached; tracing") {
+                    g.attached = true;
+                }
+                g.stderr.push(line);
+                cv.notify_all();
+            }
+        });
+        let mut d = Self {
+            child: Some(child),
+            shared,
+        };
+        d.wait_attached();
+        d
+    }
+
+    fn wait_attached(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (lock, cv) = &*self.shared;
+        let mut g = lock.lock().unwrap();
+        while !g.attached {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(st)) = child.try_wait()
+            {
+                drop(g);
+                thread::sleep(Duration::from_millis(100));
+                let g = lock.lock().unwrap();
+                panic!(
+                    "droptrace exited ({st}) before attaching:\n{}",
+                    g.stderr.join("\n")
+                );
+            }
+            let now = Instant::now();
+            assert!(
+                now < deadline,
+                "droptrace did not attach in 30 s:\n{}",
+                g.stderr.join("\n")
+            );
+            g = cv.wait_timeout(g, Duration::from_millis(200)).unwrap().0;
+        }
+    }
+
+    /// Waits until an event matching `pred` arrives (or `timeout`), returning it.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        let deadline = Instant::now() + timeout;
+        let (lock, cv) = &*self.shared;
+        let mut g = lock.lock().unwrap();
+        loop {
+            if let Some(v) = g.events.iter().find(|v| pred(v)) {
+                return Some(v.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return None;
+            }
+            g = cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+    }
+
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.0.lock().unwrap().events.clone()
+    }
+
+    /// SIGINT, then waits for a clean exit and returns everything it printed.
+    pub fn stop(mut self) -> Finished {
+        let mut child = self.child.take().expect("running");
+        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                break Some(st);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break None;
+            }
+            thread::sleep(Duration::from_millis(50));
+        };
+        // Let the reader threads reach EOF.
+        thread::sleep(Duration::from_millis(200));
+        let g = self.shared.0.lock().unwrap();
+        assert!(
+            g.bad_lines.is_empty(),
+            "non-JSON lines on stdout: {:?}",
+            g.bad_lines
+        );
+        Finished {
+            events: g.events.clone(),
+            stderr: g.stderr.join("\n"),
+            code: status.and_then(|s| s.code()),
+        }
+    }
+}
+
+impl Drop for Droptrace {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Field accessors that read like the contract.
+pub fn str_at<'a>(v: &'a Value, path: &str) -> &'a str {
+    at(v, path).as_str().unwrap_or("")
+}
+
+pub fn at<'a>(v: &'a Value, path: &str) -> &'a Value {
+    path.split('.').fold(v, |v, k| &v[k])
+}

@@ -1,0 +1,282 @@
+//! Installs the build chain and test tools. Idempotent: every step first checks, then acts,
+//! and says what it did; a failing step says what to run by hand.
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{is_root, status, step, workspace_root};
+
+/// bpf-linker 0.10.4 loads the toolchain's own libLLVM (LLVM 22 = nightly 1.97's).
+const BPF_LINKER_VERSION: &str = "0.10.4";
+const ORACLEDB_VERSION: &str = "26.1.0";
+
+/// Debian packages the end-to-end tests drive: (command that proves it is there, package).
+const TEST_PACKAGES: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iptables", "iptables"),
+    ("nft", "nftables"),
+    ("clang", "clang"),
+];
+
+pub struct Options {
+    pub test_tools: bool,
+}
+
+pub fn run(opts: &Options) -> anyhow::Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    if opts.test_tools {
+        debian_packages(TEST_PACKAGES)?;
+        python_venv()?;
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.stderr(Stdio::null()).output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn rust_src() -> anyhow::Result<()> {
+    let installed = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]))
+    .context("`rustup` is needed to manage the nightly toolchain; install rustup")?;
+    if installed.lines().any(|l| l.starts_with("rust-src")) {
+        step("nightly rust-src: present");
+        return Ok(());
+    }
+    step("nightly rust-src: installing (rustup component add rust-src --toolchain nightly)");
+    status(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+        .context("by hand: rustup component add rust-src --toolchain nightly")
+}
+
+fn llvm_major_of_nightly() -> anyhow::Result<u32> {
+    let vv = output(Command::new("rustc").args(["+nightly", "-vV"]))
+        .context("`rustc +nightly -vV` failed: is the nightly toolchain installed?")?;
+    parse_llvm_major(&vv).context("no `LLVM version:` line in `rustc +nightly -vV`")
+}
+
+fn parse_llvm_major(vv: &str) -> Option<u32> {
+    vv.lines()
+        .find_map(|l| l.strip_prefix("LLVM version:"))
+        .and_then(|v| v.trim().split('.').next()?.parse().ok())
+}
+
+fn cargo_home() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cargo")
+        })
+}
+
+/// The LLVM major the installed bpf-linker was built against: its `llvm-NN` feature, from
+/// cargo's install record (explicit features) or the crate's default features.
+fn bpf_linker_llvm_major() -> Option<u32> {
+    let record = std::fs::read_to_string(cargo_home().join(".crates2.json")).ok()?;
+    let v: serde_json::Value = serde_json::from_str(&record).ok()?;
+    let (key, info) = v["installs"]
+        .as_object()?
+        .iter()
+        .find(|(k, _)| k.starts_with("bpf-linker "))?;
+    let version = key.split_whitespace().nth(1)?;
+    let mut features: Vec<String> = info["features"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|f| f.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    if !info["no_default_features"].as_bool().unwrap_or(false) {
+        features.extend(default_features_of("bpf-linker", version));
+    }
+    features
+        .iter()
+        .find_map(|f| f.strip_prefix("llvm-")?.parse().ok())
+}
+
+fn default_features_of(krate: &str, version: &str) -> Vec<String> {
+    let src = cargo_home().join("registry/src");
+    let Ok(indexes) = std::fs::read_dir(src) else {
+        return Vec::new();
+    };
+    for idx in indexes.flatten() {
+        let manifest = idx.path().join(format!("{krate}-{version}/Cargo.toml"));
+        if let Ok(text) = std::fs::read_to_string(manifest)
+            && let Ok(doc) = text.parse::<toml::Table>()
+        {
+            return doc
+                .get("features")
+                .and_then(|f| f.get("default"))
+                .and_then(|d| d.as_array())
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default();
+        }
+    }
+    Vec::new()
+}
+
+fn bpf_linker() -> anyhow::Result<()> {
+    let nightly = llvm_major_of_nightly()?;
+    let present = output(Command::new("bpf-linker").arg("--version"));
+    if present.is_none() {
+        step(&format!(
+            "bpf-linker: installing {BPF_LINKER_VERSION} (cargo install bpf-linker@{BPF_LINKER_VERSION} --locked; ~2 min)"
+        ));
+        status(Command::new("cargo").args([
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+        ]))
+        .with_context(|| {
+            format!("by hand: cargo install bpf-linker@{BPF_LINKER_VERSION} --locked")
+        })?;
+    }
+    let version = output(Command::new("bpf-linker").arg("--version")).with_context(|| {
+        format!(
+            "bpf-linker is installed but not on PATH; add {}/bin to PATH",
+            cargo_home().display()
+        )
+    })?;
+    match bpf_linker_llvm_major() {
+        Some(m) if m == nightly => {
+            step(&format!(
+                "{}: LLVM {m}, same major as nightly's LLVM {nightly}",
+                version.trim()
+            ));
+            Ok(())
+        }
+        Some(m) => bail!(
+            "{} uses LLVM {m} but nightly uses LLVM {nightly}: the eBPF bitcode would not link. \
+             By hand: cargo install bpf-linker@{BPF_LINKER_VERSION} --locked --force",
+            version.trim()
+        ),
+        None => {
+            step(&format!(
+                "{}: LLVM major not recorded by cargo install; the eBPF build will prove it",
+                version.trim()
+            ));
+            Ok(())
+        }
+    }
+}
+
+fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(cmd, _)| !on_path(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        let names: Vec<_> = wanted.iter().map(|(_, p)| *p).collect();
+        step(&format!("test tools: present ({})", names.join(", ")));
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "test tools missing: {}; by hand: sudo apt-get install -y {}",
+            missing.join(", "),
+            missing.join(" ")
+        );
+    }
+    step(&format!(
+        "test tools: apt-get install -y {}",
+        missing.join(" ")
+    ));
+    status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .arg("update")
+            .stdout(Stdio::null()),
+    )
+    .context("by hand: apt-get update")?;
+    status(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "--no-install-recommends"])
+            .args(&missing),
+    )
+    .with_context(|| format!("by hand: apt-get install -y {}", missing.join(" ")))
+}
+
+pub fn on_path(cmd: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| {
+        std::env::split_paths(&p)
+            .chain(["/usr/sbin".into(), "/sbin".into()])
+            .any(|d| d.join(cmd).is_file())
+    })
+}
+
+pub fn venv_dir() -> PathBuf {
+    workspace_root().join(".venv")
+}
+
+pub fn venv_python() -> PathBuf {
+    venv_dir().join("bin/python")
+}
+
+fn python_venv() -> anyhow::Result<()> {
+    let py = venv_python();
+    let has = |py: &PathBuf| {
+        output(Command::new(py).args(["-c", "import oracledb; print(oracledb.__version__)"]))
+            .map(|v| v.trim().to_string())
+    };
+    if let Some(v) = has(&py)
+        && v == ORACLEDB_VERSION
+    {
+        step(&format!(
+            "python-oracledb {v}: present in {}",
+            venv_dir().display()
+        ));
+        return Ok(());
+    }
+    if !py.is_file() {
+        step(&format!("python venv: creating {}", venv_dir().display()));
+        status(Command::new("python3").args(["-m", "venv"]).arg(venv_dir()))
+            .context("by hand: python3 -m venv .venv (Debian: apt-get install python3-venv)")?;
+    }
+    step(&format!(
+        "python-oracledb: pip install oracledb=={ORACLEDB_VERSION}"
+    ));
+    status(
+        Command::new(&py)
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ])
+            .arg(format!("oracledb=={ORACLEDB_VERSION}")),
+    )
+    .with_context(|| format!("by hand: .venv/bin/pip install oracledb=={ORACLEDB_VERSION}"))?;
+    has(&py).context("oracledb still not importable after pip install")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_llvm_major_from_rustc_version_output() {
+        let vv = "rustc 1.97.0-nightly (abc 2026-05-19)\nhost: x86_64-unknown-linux-gnu\nLLVM version: 22.1.4\n";
+        assert_eq!(parse_llvm_major(vv), Some(22));
+        assert_eq!(parse_llvm_major("rustc 1.0\n"), None);
+    }
+}
