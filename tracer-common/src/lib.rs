@@ -5,6 +5,8 @@
 //! padding so both sides agree byte for byte (checked by the size tests below).
 #![no_std]
 
+pub mod packet;
+
 /// Ring buffer record kinds.
 pub mod kind {
     pub const DROP: u8 = 1;

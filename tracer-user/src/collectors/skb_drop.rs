@@ -152,6 +152,43 @@ mod tests {
     }
 
     #[test]
+    fn layout_of_a_recorded_older_kernel() {
+        let btf =
+            KernelBtf::from_bytes(include_bytes!("../../tests/fixtures/btf/older_layout.btf"))
+                .unwrap();
+        let format = Format::parse(
+            include_str!("../../tests/fixtures/kfree_skb.format-5.19"),
+            "5.19",
+        );
+        let l = resolve_layout(&format, &btf).unwrap();
+        assert_eq!(
+            (l.tp_skbaddr, l.tp_location, l.tp_protocol, l.tp_reason),
+            (8, 16, 24, 28)
+        );
+        assert_eq!(
+            (l.skb_head, l.skb_network_header, l.skb_len),
+            (128, 106, 88)
+        );
+        assert_eq!((l.skb_dev, l.skb_sk), (16, 24));
+        assert_eq!(
+            (l.dev_ifindex, l.dev_nd_net, l.sk_net, l.net_inum),
+            (184, 192, 16, 24)
+        );
+        let names = crate::collectors::drop_reason_names(Some(&btf), &format.reason_symbols);
+        assert_eq!(names[&7], "NETFILTER_DROP");
+    }
+
+    #[test]
+    fn reason_names_fall_back_to_the_tracepoint_format_without_btf() {
+        let format = Format::parse(
+            include_str!("../../tests/fixtures/kfree_skb.format-5.19"),
+            "5.19",
+        );
+        let names = crate::collectors::drop_reason_names(None, &format.reason_symbols);
+        assert_eq!(names[&48], "TC_INGRESS");
+    }
+
+    #[test]
     fn layout_of_the_running_kernel_resolves_from_btf_and_tracefs() {
         let btf = KernelBtf::vmlinux().expect("this machine has BTF");
         let Some(root) = crate::kernel::tracefs::mounted() else {

@@ -183,3 +183,92 @@ impl KernelBtf {
             .any(|t| matches!(t, Type::Func(_)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recorded BTF of another layout (see tests/fixtures/btf/older_layout.c).
+    fn older() -> KernelBtf {
+        KernelBtf::from_bytes(include_bytes!("../../tests/fixtures/btf/older_layout.btf"))
+            .expect("fixture parses")
+    }
+
+    #[test]
+    fn offsets_of_a_recorded_older_layout() {
+        let b = older();
+        // dev sits in an anonymous struct inside an anonymous union.
+        assert_eq!(b.member_offset("sk_buff", "dev").unwrap(), 16);
+        assert_eq!(b.member_offset("sk_buff", "sk").unwrap(), 24);
+        assert_eq!(b.member_offset("sk_buff", "len").unwrap(), 88);
+        assert_eq!(b.member_offset("sk_buff", "network_header").unwrap(), 106);
+        assert_eq!(b.member_offset("sk_buff", "head").unwrap(), 128);
+        assert_eq!(b.member_offset("net_device", "ifindex").unwrap(), 184);
+        // Through a typedef'd struct: possible_net_t.
+        assert_eq!(b.member_offset("net_device", "nd_net.net").unwrap(), 192);
+        assert_eq!(
+            b.member_offset("sock", "__sk_common.skc_net.net").unwrap(),
+            16
+        );
+        assert_eq!(b.member_offset("net", "ns.inum").unwrap(), 24);
+    }
+
+    #[test]
+    fn bit_fields_and_missing_members_are_errors() {
+        let b = older();
+        assert!(matches!(
+            b.member_offset("sk_buff", "flags2"),
+            Err(BtfError::BitField { .. })
+        ));
+        let e = b.member_offset("sk_buff", "_nfct").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "struct sk_buff has no member _nfct (BTF of this kernel)"
+        );
+        assert!(matches!(
+            b.member_offset("nope", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
+    }
+
+    #[test]
+    fn drop_reason_enum_of_a_recorded_older_layout() {
+        let values = older().enum_values("skb_drop_reason").unwrap();
+        assert!(values.contains(&("SKB_DROP_REASON_NETFILTER_DROP".to_string(), 7)));
+        assert!(values.contains(&("SKB_DROP_REASON_TC_INGRESS".to_string(), 48)));
+    }
+
+    #[test]
+    fn running_kernel_layout_and_reasons() {
+        let b = KernelBtf::vmlinux().expect("this machine kind has /sys/kernel/btf/vmlinux");
+        // The same member paths resolve on the running kernel (values differ by kernel).
+        for (ty, path) in [
+            ("sk_buff", "head"),
+            ("sk_buff", "network_header"),
+            ("sk_buff", "dev"),
+            ("sk_buff", "sk"),
+            ("sk_buff", "_nfct"),
+            ("net_device", "ifindex"),
+            ("net_device", "nd_net.net"),
+            ("sock", "__sk_common.skc_net.net"),
+            ("net", "ns.inum"),
+        ] {
+            b.member_offset(ty, path)
+                .unwrap_or_else(|e| panic!("{ty}.{path}: {e}"));
+        }
+        let reasons = b.enum_values("skb_drop_reason").unwrap();
+        let find = |n: &str| reasons.iter().find(|(name, _)| name == n).map(|(_, v)| *v);
+        // What the tracepoint's own __print_symbolic says on this kernel generation (6.18).
+        let format = crate::kernel::tracefs::Format::parse(
+            include_str!("../../tests/fixtures/kfree_skb.format-6.18"),
+            "6.18",
+        );
+        let from_format: std::collections::HashMap<_, _> =
+            format.reason_symbols.iter().cloned().collect();
+        let nf = find("SKB_DROP_REASON_NETFILTER_DROP").unwrap();
+        assert_eq!(
+            from_format.get(&nf).map(String::as_str),
+            Some("NETFILTER_DROP")
+        );
+    }
+}
