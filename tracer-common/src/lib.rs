@@ -10,6 +10,12 @@ pub mod packet;
 /// Ring buffer record kinds.
 pub mod kind {
     pub const DROP: u8 = 1;
+    /// TCP state change of a socket on a watched port.
+    pub const STATE: u8 = 2;
+    /// TCP retransmission on a watched flow.
+    pub const RETRANSMIT: u8 = 3;
+    /// Conntrack entry of a watched flow removed without ever seeing a reply.
+    pub const CT_UNREPLIED: u8 = 4;
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -20,6 +26,8 @@ pub mod counter {
     pub const SKB_SEEN: u32 = 1;
     /// Packet headers that could not be read (bad offsets, truncated packets).
     pub const SKB_UNREADABLE: u32 = 2;
+    /// Tracepoint records or kernel structs of the TCP/conntrack hooks that could not be read.
+    pub const TCP_UNREADABLE: u32 = 3;
     pub const MAX: u32 = 8;
 }
 
@@ -74,6 +82,233 @@ pub struct DropEvent {
     pub _pad: [u8; 3],
     /// Number of drops this record stands for.
     pub count: u32,
+    /// The skb's conntrack entry (present = 0 when it had none or conntrack is not readable).
+    pub ct: CtInfo,
+}
+
+/// The process that opened a socket, recorded in process context at connect().
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub tgid: u32,
+    pub cgroup_id: u64,
+    pub comm: [u8; 16],
+}
+
+/// `sock:inet_sock_set_state` on a watched port.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateEvent {
+    pub hdr: EventHeader,
+    /// Socket address: the key that ties a socket's transitions and retransmits together.
+    pub sk: u64,
+    /// Local address/port as src, remote as dst.
+    pub flow: Flow,
+    pub oldstate: u32,
+    pub newstate: u32,
+    /// sk->sk_err at the transition (ECONNREFUSED, ETIMEDOUT, EHOSTUNREACH, ...).
+    pub sk_err: i32,
+    pub netns: u32,
+    /// 1 when `owner` is set (current task at connect, or remembered since).
+    pub has_owner: u32,
+    pub _pad: u32,
+    pub owner: Owner,
+}
+
+/// `tcp:tcp_retransmit_skb` on a watched flow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetransmitEvent {
+    pub hdr: EventHeader,
+    pub sk: u64,
+    pub flow: Flow,
+    /// TCP state of the socket (SYN_SENT: a SYN retransmit).
+    pub state: u32,
+    /// tp->snd_una: unchanged across retransmits means no ACK progress.
+    pub snd_una: u32,
+    pub netns: u32,
+    pub has_owner: u32,
+    pub owner: Owner,
+}
+
+/// One direction of a conntrack entry. Addresses network order, ports host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtTuple {
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub _pad: u32,
+}
+
+/// A conntrack entry as seen at drop time or at removal.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtInfo {
+    /// 1 when the skb had a conntrack entry.
+    pub present: u8,
+    /// enum ip_conntrack_info of the skb (NEW, ESTABLISHED, ..., UNTRACKED).
+    pub ctinfo: u8,
+    /// AF_INET / AF_INET6
+    pub family: u8,
+    pub protonum: u8,
+    pub mark: u32,
+    /// ct->status bits (enum ip_conntrack_status).
+    pub status: u64,
+    pub zone: u16,
+    pub _pad: [u8; 6],
+    pub original: CtTuple,
+    pub reply: CtTuple,
+}
+
+/// Conntrack removal (nf_ct_delete) of an entry that never saw a reply.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtEvent {
+    pub hdr: EventHeader,
+    pub ct: CtInfo,
+    pub netns: u32,
+    pub _pad: u32,
+}
+
+/// A learned (address, port) to watch, e.g. the target of an Oracle listener REDIRECT.
+/// Value in the map: expiry in CLOCK_MONOTONIC ns (0: never).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Offsets of the 5-tuple fields in a TCP tracepoint record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TpTuple {
+    pub family: u32,
+    pub sport: u32,
+    pub dport: u32,
+    pub saddr: u32,
+    pub daddr: u32,
+    pub saddr_v6: u32,
+    pub daddr_v6: u32,
+    pub _pad: u32,
+}
+
+impl TpTuple {
+    pub const UNSET: Self = Self {
+        family: ABSENT,
+        sport: ABSENT,
+        dport: ABSENT,
+        saddr: ABSENT,
+        daddr: ABSENT,
+        saddr_v6: ABSENT,
+        daddr_v6: ABSENT,
+        _pad: 0,
+    };
+}
+
+/// Layout for the TCP lifecycle and retransmit programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpLayout {
+    /// sock:inet_sock_set_state record.
+    pub st_skaddr: u32,
+    pub st_oldstate: u32,
+    pub st_newstate: u32,
+    pub st_protocol: u32,
+    pub st: TpTuple,
+    /// tcp:tcp_retransmit_skb record.
+    pub rt_skaddr: u32,
+    pub rt_state: u32,
+    pub rt: TpTuple,
+    /// TCP state numbers, from the tracepoint's `__print_symbolic` table.
+    pub syn_sent: u32,
+    pub close: u32,
+    /// struct sock: sk_err, __sk_common.skc_net.net; struct tcp_sock: snd_una; struct net: ns.inum
+    pub sk_err: u32,
+    pub snd_una: u32,
+    pub sk_net: u32,
+    pub net_inum: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+impl TcpLayout {
+    pub const UNSET: Self = Self {
+        st_skaddr: ABSENT,
+        st_oldstate: ABSENT,
+        st_newstate: ABSENT,
+        st_protocol: ABSENT,
+        st: TpTuple::UNSET,
+        rt_skaddr: ABSENT,
+        rt_state: ABSENT,
+        rt: TpTuple::UNSET,
+        syn_sent: ABSENT,
+        close: ABSENT,
+        sk_err: ABSENT,
+        snd_una: ABSENT,
+        sk_net: ABSENT,
+        net_inum: ABSENT,
+        valid: 0,
+        _pad: 0,
+    };
+}
+
+/// Layout for reading conntrack entries (skb->_nfct, struct nf_conn).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CtLayout {
+    pub skb_nfct: u32,
+    pub ct_status: u32,
+    /// [`ABSENT`] without CONFIG_NF_CONNTRACK_MARK / _ZONES.
+    pub ct_mark: u32,
+    pub ct_zone_id: u32,
+    pub ct_net: u32,
+    pub ct_tuplehash: u32,
+    /// sizeof(struct nf_conntrack_tuple_hash): tuplehash[1] is the reply direction.
+    pub tuplehash_size: u32,
+    /// nf_conntrack_tuple_hash.tuple
+    pub hash_tuple: u32,
+    /// struct nf_conntrack_tuple members.
+    pub src_u3: u32,
+    pub src_port: u32,
+    pub src_l3num: u32,
+    pub dst_u3: u32,
+    pub dst_port: u32,
+    pub dst_protonum: u32,
+    /// struct net: ns.inum
+    pub net_inum: u32,
+    /// Mask of IPS_SEEN_REPLY in ct->status.
+    pub seen_reply_mask: u32,
+    pub valid: u32,
+    pub _pad: u32,
+}
+
+impl CtLayout {
+    pub const UNSET: Self = Self {
+        skb_nfct: ABSENT,
+        ct_status: ABSENT,
+        ct_mark: ABSENT,
+        ct_zone_id: ABSENT,
+        ct_net: ABSENT,
+        ct_tuplehash: ABSENT,
+        tuplehash_size: ABSENT,
+        hash_tuple: ABSENT,
+        src_u3: ABSENT,
+        src_port: ABSENT,
+        src_l3num: ABSENT,
+        dst_u3: ABSENT,
+        dst_port: ABSENT,
+        dst_protonum: ABSENT,
+        net_inum: ABSENT,
+        seen_reply_mask: 0,
+        valid: 0,
+        _pad: 0,
+    };
 }
 
 /// Where things are in the running kernel, resolved in userspace from tracefs and BTF at load
@@ -139,6 +374,16 @@ mod pod {
     unsafe impl aya::Pod for Flow {}
     unsafe impl aya::Pod for DropEvent {}
     unsafe impl aya::Pod for SkbLayout {}
+    unsafe impl aya::Pod for Owner {}
+    unsafe impl aya::Pod for StateEvent {}
+    unsafe impl aya::Pod for RetransmitEvent {}
+    unsafe impl aya::Pod for CtTuple {}
+    unsafe impl aya::Pod for CtInfo {}
+    unsafe impl aya::Pod for CtEvent {}
+    unsafe impl aya::Pod for TpTuple {}
+    unsafe impl aya::Pod for HostPort {}
+    unsafe impl aya::Pod for TcpLayout {}
+    unsafe impl aya::Pod for CtLayout {}
     unsafe impl aya::Pod for FilterConfig {}
 }
 
@@ -151,7 +396,15 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<EventHeader>(), 16);
         assert_eq!(size_of::<Flow>(), 40);
-        assert_eq!(size_of::<DropEvent>(), 16 + 8 + 40 + 4 * 4 + 4 + 4);
+        assert_eq!(size_of::<CtTuple>(), 40);
+        assert_eq!(size_of::<CtInfo>(), 24 + 80);
+        assert_eq!(size_of::<DropEvent>(), 16 + 8 + 40 + 4 * 4 + 4 + 4 + 104);
         assert_eq!(size_of::<SkbLayout>(), 14 * 4);
+        assert_eq!(size_of::<Owner>(), 32);
+        assert_eq!(size_of::<StateEvent>(), 16 + 8 + 40 + 6 * 4 + 32);
+        assert_eq!(size_of::<RetransmitEvent>(), 16 + 8 + 40 + 4 * 4 + 32);
+        assert_eq!(size_of::<CtEvent>(), 16 + 104 + 8);
+        assert_eq!(size_of::<TcpLayout>(), 4 * 4 + 32 + 2 * 4 + 32 + 8 * 4);
+        assert_eq!(size_of::<CtLayout>(), 18 * 4);
     }
 }

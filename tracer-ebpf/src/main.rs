@@ -5,11 +5,19 @@
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
+mod conntrack;
+#[cfg(target_arch = "bpf")]
+mod kmem;
+#[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod packet;
 #[cfg(target_arch = "bpf")]
+mod retransmit;
+#[cfg(target_arch = "bpf")]
 mod skb_drop;
+#[cfg(target_arch = "bpf")]
+mod tcp_state;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -1,27 +1,28 @@
 //! Maps and read-only globals shared by the programs. Userspace sizes the ring buffer and
 //! fills the globals at load time.
 use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
-use tracer_common::{FilterConfig, SkbLayout, counter};
+use tracer_common::{CtLayout, FilterConfig, Flow, HostPort, Owner, SkbLayout, TcpLayout, counter};
 
-/// Kernel layout, written by userspace with `EbpfLoader::override_global`.
+// Kernel layouts, written by userspace with `EbpfLoader::override_global`. Read each field
+// with `ro`: whole-struct copies would eat the 512-byte BPF stack.
 #[unsafe(no_mangle)]
-static SKB_LAYOUT: SkbLayout = SkbLayout::UNSET;
-
+pub static SKB_LAYOUT: SkbLayout = SkbLayout::UNSET;
 #[unsafe(no_mangle)]
-static FILTER: FilterConfig = FilterConfig { all_tcp: 0 };
+pub static TCP_LAYOUT: TcpLayout = TcpLayout::UNSET;
+#[unsafe(no_mangle)]
+pub static CT_LAYOUT: CtLayout = CtLayout::UNSET;
+#[unsafe(no_mangle)]
+pub static FILTER: FilterConfig = FilterConfig { all_tcp: 0 };
 
+/// A field of a read-only global. Volatile: the value is patched into .rodata after
+/// compilation, so the compiler must not fold the initializer in.
 #[inline(always)]
-pub fn skb_layout() -> SkbLayout {
-    // Volatile: the value is patched into .rodata after compilation.
-    unsafe { core::ptr::read_volatile(&SKB_LAYOUT) }
-}
-
-#[inline(always)]
-pub fn filter() -> FilterConfig {
-    unsafe { core::ptr::read_volatile(&FILTER) }
+pub fn ro<T: Copy>(field: &T) -> T {
+    unsafe { core::ptr::read_volatile(field) }
 }
 
 /// All events, every kind, in arrival order per CPU.
@@ -31,6 +32,14 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 /// Watched TCP ports (value unused). Userspace fills the defaults or `--ports`.
 #[map]
 pub static WATCH_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+
+/// Watched (address, port) pairs learned at run time, with an expiry.
+#[map]
+pub static WATCH_HOSTPORTS: HashMap<HostPort, u64> = HashMap::with_max_entries(4096, 0);
+
+/// Socket -> the process that connected it.
+#[map]
+pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(16384, 0);
 
 /// Per-CPU counters, indexed by `tracer_common::counter`.
 #[map]
@@ -45,8 +54,30 @@ pub fn count(index: u32) {
 
 #[inline(always)]
 pub fn port_watched(sport: u16, dport: u16) -> bool {
-    if filter().all_tcp != 0 {
+    if ro(&FILTER.all_tcp) != 0 {
         return true;
     }
     unsafe { WATCH_PORTS.get(&dport).is_some() || WATCH_PORTS.get(&sport).is_some() }
+}
+
+#[inline(always)]
+pub fn host_port_watched(family: u8, addr: &[u8; 16], port: u16) -> bool {
+    let key = HostPort {
+        addr: *addr,
+        port,
+        family,
+        _pad: [0; 5],
+    };
+    match unsafe { WATCH_HOSTPORTS.get(&key) } {
+        Some(&expires) => expires == 0 || unsafe { bpf_ktime_get_ns() } < expires,
+        None => false,
+    }
+}
+
+/// A watched port at either end, or a learned (address, port) at either end.
+#[inline(always)]
+pub fn flow_watched(f: &Flow) -> bool {
+    port_watched(f.sport, f.dport)
+        || host_port_watched(f.family, &f.daddr, f.dport)
+        || host_port_watched(f.family, &f.saddr, f.sport)
 }

@@ -1,100 +1,76 @@
-//! skb:kfree_skb: every freed-with-a-reason skb. Keeps TCP packets on watched ports.
-use aya_ebpf::{
-    helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::tracepoint,
-    programs::TracePointContext,
-};
+//! skb:kfree_skb: every freed-with-a-reason skb. Keeps TCP packets of watched flows, with the
+//! conntrack entry they carried.
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::warn;
-use tracer_common::{ABSENT, DropEvent, EventHeader, SkbLayout, counter, kind};
+use tracer_common::{ABSENT, DropEvent, counter, kind};
 
-use crate::{maps, packet};
+use crate::{
+    conntrack,
+    kmem::{at, field, net_inum, read},
+    maps::{self, SKB_LAYOUT as L, ro},
+    packet,
+    tcp_state::header,
+};
 
 #[tracepoint]
 pub fn kfree_skb(ctx: TracePointContext) -> u32 {
-    match try_kfree_skb(&ctx) {
-        Ok(()) => 0,
-        Err(_) => {
-            maps::count(counter::SKB_UNREADABLE);
-            0
-        }
+    if try_kfree_skb(&ctx).is_err() {
+        maps::count(counter::SKB_UNREADABLE);
     }
-}
-
-#[inline(always)]
-unsafe fn kread<T>(addr: u64) -> Result<T, i64> {
-    unsafe { bpf_probe_read_kernel(addr as *const T).map_err(|e| e as i64) }
-}
-
-/// Offsets are masked so the verifier can bound the pointer arithmetic.
-#[inline(always)]
-fn at(base: u64, off: u32) -> u64 {
-    base + (off & 0xffff) as u64
+    0
 }
 
 fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
-    let layout = maps::skb_layout();
-    if layout.valid == 0 {
+    if ro(&L.valid) == 0 {
         warn!(ctx, "droptrace: kernel layout not set; nothing traced");
         return Ok(());
     }
     maps::count(counter::SKB_SEEN);
 
-    let skb: u64 = unsafe {
-        ctx.read_at(layout.tp_skbaddr as usize & 0xfff)
-            .map_err(|e| e as i64)?
-    };
-    let protocol: u16 = unsafe {
-        ctx.read_at(layout.tp_protocol as usize & 0xfff)
-            .map_err(|e| e as i64)?
-    };
-    let head: u64 = unsafe { kread(at(skb, layout.skb_head))? };
-    let nh: u16 = unsafe { kread(at(skb, layout.skb_network_header))? };
+    let skb: u64 = field(ctx, ro(&L.tp_skbaddr))?;
+    let protocol: u16 = field(ctx, ro(&L.tp_protocol))?;
+    let head: u64 = unsafe { read(at(skb, ro(&L.skb_head)))? };
+    let nh: u16 = unsafe { read(at(skb, ro(&L.skb_network_header)))? };
     if head == 0 || nh == u16::MAX {
         return Ok(());
     }
     let Some(pkt) = packet::parse_tcp(head + nh as u64, protocol)? else {
         return Ok(());
     };
-    if !maps::port_watched(pkt.flow.sport, pkt.flow.dport) {
+    // After DNAT the packet carries the pod address; the original tuple still names the
+    // watched service port.
+    if !maps::flow_watched(&pkt.flow) && !conntrack::original_port_watched(skb) {
         return Ok(());
     }
 
-    let location: u64 = unsafe {
-        ctx.read_at(layout.tp_location as usize & 0xfff)
-            .map_err(|e| e as i64)?
-    };
-    let reason: u32 = if layout.tp_reason == ABSENT {
+    let location: u64 = field(ctx, ro(&L.tp_location))?;
+    let reason_off = ro(&L.tp_reason);
+    let reason: u32 = if reason_off == ABSENT {
         0
     } else {
-        unsafe {
-            ctx.read_at(layout.tp_reason as usize & 0xfff)
-                .map_err(|e| e as i64)?
-        }
+        field(ctx, reason_off)?
     };
-    let len: u32 = unsafe { kread(at(skb, layout.skb_len)).unwrap_or(0) };
-    let (ifindex, netns) = device_and_netns(skb, &layout);
 
     let Some(mut entry) = maps::EVENTS.reserve::<DropEvent>(0) else {
         maps::count(counter::RINGBUF_FULL);
         return Ok(());
     };
-    entry.write(DropEvent {
-        hdr: EventHeader {
-            kind: kind::DROP,
-            _pad: [0; 3],
-            cpu: unsafe { bpf_get_smp_processor_id() },
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-        },
-        location,
-        flow: pkt.flow,
-        reason,
-        len,
-        netns,
-        ifindex,
-        tcp_flags: pkt.flags,
-        _pad: [0; 3],
-        count: 1,
-    });
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points at a reserved, writable record of the right size.
+    unsafe {
+        (*ev).hdr = header(kind::DROP);
+        (*ev).location = location;
+        (*ev).flow = pkt.flow;
+        (*ev).reason = reason;
+        (*ev).len = read(at(skb, ro(&L.skb_len))).unwrap_or(0);
+        let (ifindex, netns) = device_and_netns(skb);
+        (*ev).ifindex = ifindex;
+        (*ev).netns = netns;
+        (*ev).tcp_flags = pkt.flags;
+        (*ev)._pad = [0; 3];
+        (*ev).count = 1;
+        conntrack::of_skb(skb, &mut (*ev).ct);
+    }
     entry.submit(0);
     Ok(())
 }
@@ -102,25 +78,17 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
 /// ifindex and netns inode of skb->dev; without a device (early local output) the netns of
 /// skb->sk.
 #[inline(always)]
-fn device_and_netns(skb: u64, l: &SkbLayout) -> (u32, u32) {
-    let dev: u64 = unsafe { kread(at(skb, l.skb_dev)).unwrap_or(0) };
-    let (ifindex, net) = if dev != 0 {
-        let ifindex: u32 = unsafe { kread(at(dev, l.dev_ifindex)).unwrap_or(0) };
-        let net: u64 = unsafe { kread(at(dev, l.dev_nd_net)).unwrap_or(0) };
-        (ifindex, net)
-    } else {
-        let sk: u64 = unsafe { kread(at(skb, l.skb_sk)).unwrap_or(0) };
-        let net: u64 = if sk != 0 {
-            unsafe { kread(at(sk, l.sk_net)).unwrap_or(0) }
-        } else {
-            0
-        };
-        (0, net)
-    };
-    let netns: u32 = if net != 0 {
-        unsafe { kread(at(net, l.net_inum)).unwrap_or(0) }
-    } else {
-        0
-    };
-    (ifindex, netns)
+fn device_and_netns(skb: u64) -> (u32, u32) {
+    let dev: u64 = unsafe { read(at(skb, ro(&L.skb_dev))).unwrap_or(0) };
+    if dev != 0 {
+        let ifindex: u32 = unsafe { read(at(dev, ro(&L.dev_ifindex))).unwrap_or(0) };
+        let net: u64 = unsafe { read(at(dev, ro(&L.dev_nd_net))).unwrap_or(0) };
+        return (ifindex, net_inum(net, ro(&L.net_inum)));
+    }
+    let sk: u64 = unsafe { read(at(skb, ro(&L.skb_sk))).unwrap_or(0) };
+    if sk == 0 {
+        return (0, 0);
+    }
+    let net: u64 = unsafe { read(at(sk, ro(&L.sk_net))).unwrap_or(0) };
+    (0, net_inum(net, ro(&L.net_inum)))
 }

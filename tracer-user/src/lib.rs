@@ -4,10 +4,12 @@
 //! [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time ([`kernel`]).
 pub mod clock;
 pub mod collectors;
+pub mod correlate;
 pub mod daemon;
 pub mod encode;
 pub mod event;
 pub mod kernel;
 pub mod preflight;
+pub mod signal;
 pub mod sinks;
 pub mod tracer;

@@ -1,6 +1,20 @@
 //! One module per kernel signal. Each knows how to check the running kernel can support it,
 //! what layout to hand its program, how to attach, and how to decode its records.
+pub mod conntrack;
 pub mod skb_drop;
+pub mod tcp_state;
+
+use crate::kernel::{btf::BtfError, tracefs::TracefsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum LayoutError {
+    #[error(transparent)]
+    Tracefs(#[from] TracefsError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error("{0} not found in this kernel's BTF")]
+    Missing(String),
+}
 
 use std::collections::HashMap;
 

@@ -3,12 +3,12 @@ use std::path::Path;
 
 use tracer_common::{ABSENT, AF_INET6, DropEvent, SkbLayout};
 
-use super::Symbols;
+use super::{LayoutError, Symbols};
 use crate::{
     clock::Clock,
     event::{self, Event, Kind},
     kernel::{
-        btf::{BtfError, KernelBtf},
+        btf::KernelBtf,
         tracefs::{Format, TracefsError},
     },
 };
@@ -16,14 +16,6 @@ use crate::{
 pub const CATEGORY: &str = "skb";
 pub const TRACEPOINT: &str = "kfree_skb";
 pub const PROGRAM: &str = "kfree_skb";
-
-#[derive(Debug, thiserror::Error)]
-pub enum LayoutError {
-    #[error(transparent)]
-    Tracefs(#[from] TracefsError),
-    #[error(transparent)]
-    Btf(#[from] BtfError),
-}
 
 /// Resolves every offset the program reads, from the record format and BTF.
 pub fn resolve_layout(format: &Format, btf: &KernelBtf) -> Result<SkbLayout, LayoutError> {

@@ -147,6 +147,11 @@ impl KernelBtf {
         Ok(None)
     }
 
+    /// sizeof(struct name).
+    pub fn struct_size(&self, name: &str) -> Result<u32, BtfError> {
+        Ok(self.named_struct(name)?.size() as u32)
+    }
+
     /// (name, value) of every member of `enum name`.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u64)>, BtfError> {
         for ty in self.btf.resolve_types_by_name(name).unwrap_or_default() {

@@ -67,6 +67,7 @@ pub struct Format {
     pub fields: HashMap<String, Field>,
     /// Value -> name pairs from a `__print_symbolic(REC->reason, ...)` in the print format.
     pub reason_symbols: Vec<(u64, String)>,
+    print_fmt: String,
     origin: String,
 }
 
@@ -116,9 +117,15 @@ impl Format {
                 fields.insert(name.to_string(), Field { offset, size });
             }
         }
+        let print_fmt = text
+            .lines()
+            .find(|l| l.starts_with("print fmt:"))
+            .unwrap_or("")
+            .to_string();
         Self {
             fields,
-            reason_symbols: parse_print_symbolic(text, "REC->reason"),
+            reason_symbols: parse_print_symbolic(&print_fmt, "REC->reason"),
+            print_fmt,
             origin: origin.to_string(),
         }
     }
@@ -132,6 +139,23 @@ impl Format {
 
     pub fn offset(&self, name: &str) -> Result<u32, TracefsError> {
         self.field(name).map(|f| f.offset)
+    }
+
+    /// Value -> name table of `__print_symbolic(REC-><field>, ...)`, e.g. TCP state names.
+    pub fn symbols(&self, field: &str) -> Vec<(u64, String)> {
+        parse_print_symbolic(&self.print_fmt, &format!("REC->{field}"))
+    }
+
+    /// The value printed as `name` for `field`.
+    pub fn symbol_value(&self, field: &str, name: &str) -> Result<u64, TracefsError> {
+        self.symbols(field)
+            .into_iter()
+            .find(|(_, n)| n == name)
+            .map(|(v, _)| v)
+            .ok_or_else(|| TracefsError::NoField {
+                path: self.origin.clone(),
+                field: format!("{field}={name}"),
+            })
     }
 }
 

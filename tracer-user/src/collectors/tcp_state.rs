@@ -1,0 +1,172 @@
+//! sock:inet_sock_set_state and tcp:tcp_retransmit_skb: the TCP lifecycle of watched flows.
+use std::{collections::HashMap, path::Path};
+
+use tracer_common::{ABSENT, RetransmitEvent, StateEvent, TcpLayout, TpTuple};
+
+use super::LayoutError;
+use crate::{
+    kernel::{btf::KernelBtf, tracefs::Format},
+    signal::{self, Owner, RetransmitSignal, StateSignal, TcpState},
+};
+
+pub const STATE_CATEGORY: &str = "sock";
+pub const STATE_TRACEPOINT: &str = "inet_sock_set_state";
+pub const STATE_PROGRAM: &str = "inet_sock_set_state";
+pub const RETRANSMIT_CATEGORY: &str = "tcp";
+pub const RETRANSMIT_TRACEPOINT: &str = "tcp_retransmit_skb";
+pub const RETRANSMIT_PROGRAM: &str = "tcp_retransmit_skb";
+
+fn tp_tuple(f: &Format) -> Result<TpTuple, LayoutError> {
+    Ok(TpTuple {
+        family: f.offset("family")?,
+        sport: f.offset("sport")?,
+        dport: f.offset("dport")?,
+        saddr: f.offset("saddr")?,
+        daddr: f.offset("daddr")?,
+        saddr_v6: f.offset("saddr_v6").unwrap_or(ABSENT),
+        daddr_v6: f.offset("daddr_v6").unwrap_or(ABSENT),
+        _pad: 0,
+    })
+}
+
+/// TCP state names ("SYN_SENT", ...) by value, from the tracepoint's print format.
+pub type StateNames = HashMap<u32, String>;
+
+/// Layout from the inet_sock_set_state format (required), the tcp_retransmit_skb format
+/// (optional: retransmits are then not traced) and BTF.
+pub fn resolve_layout(
+    state: &Format,
+    retransmit: Option<&Format>,
+    btf: &KernelBtf,
+) -> Result<(TcpLayout, StateNames), LayoutError> {
+    let names: StateNames = state
+        .symbols("newstate")
+        .into_iter()
+        .map(|(v, n)| (v as u32, n.trim_start_matches("TCP_").to_string()))
+        .collect();
+    let value = |name: &str| -> Result<u32, LayoutError> {
+        Ok(state.symbol_value("newstate", &format!("TCP_{name}"))? as u32)
+    };
+    let mut l = TcpLayout {
+        st_skaddr: state.offset("skaddr")?,
+        st_oldstate: state.offset("oldstate")?,
+        st_newstate: state.offset("newstate")?,
+        st_protocol: state.offset("protocol")?,
+        st: tp_tuple(state)?,
+        syn_sent: value("SYN_SENT")?,
+        close: value("CLOSE")?,
+        sk_err: btf.member_offset("sock", "sk_err")?,
+        snd_una: btf.member_offset("tcp_sock", "snd_una")?,
+        sk_net: btf.member_offset("sock", "__sk_common.skc_net.net")?,
+        net_inum: btf.member_offset("net", "ns.inum")?,
+        valid: 1,
+        ..TcpLayout::UNSET
+    };
+    if let Some(rt) = retransmit {
+        l.rt_skaddr = rt.offset("skaddr")?;
+        l.rt_state = rt.offset("state")?;
+        l.rt = tp_tuple(rt)?;
+    }
+    Ok((l, names))
+}
+
+pub fn read_formats(tracefs: &Path) -> (Result<Format, LayoutError>, Option<Format>) {
+    (
+        Format::read(tracefs, STATE_CATEGORY, STATE_TRACEPOINT).map_err(Into::into),
+        Format::read(tracefs, RETRANSMIT_CATEGORY, RETRANSMIT_TRACEPOINT).ok(),
+    )
+}
+
+fn state(names: &StateNames, value: u32) -> TcpState {
+    TcpState {
+        value,
+        name: names
+            .get(&value)
+            .cloned()
+            .unwrap_or_else(|| format!("STATE_{value}")),
+    }
+}
+
+fn owner(has: u32, o: &tracer_common::Owner) -> Option<Owner> {
+    (has != 0).then(|| Owner {
+        pid: o.pid,
+        tgid: o.tgid,
+        comm: signal::comm(&o.comm),
+        cgroup_id: o.cgroup_id,
+        container_id: None,
+    })
+}
+
+pub fn decode_state(rec: &StateEvent, names: &StateNames) -> StateSignal {
+    StateSignal {
+        ts_ns: rec.hdr.ts_ns,
+        sk: rec.sk,
+        flow: signal::flow_key(&rec.flow),
+        old: state(names, rec.oldstate),
+        new: state(names, rec.newstate),
+        sk_err: rec.sk_err,
+        netns: rec.netns,
+        owner: owner(rec.has_owner, &rec.owner),
+    }
+}
+
+pub fn decode_retransmit(rec: &RetransmitEvent, names: &StateNames) -> RetransmitSignal {
+    RetransmitSignal {
+        ts_ns: rec.hdr.ts_ns,
+        sk: rec.sk,
+        flow: signal::flow_key(&rec.flow),
+        state: state(names, rec.state),
+        snd_una: rec.snd_una,
+        netns: rec.netns,
+        owner: owner(rec.has_owner, &rec.owner),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn formats() -> (Format, Format) {
+        (
+            Format::parse(
+                include_str!("../../tests/fixtures/inet_sock_set_state.format-6.18"),
+                "s",
+            ),
+            Format::parse(
+                include_str!("../../tests/fixtures/tcp_retransmit_skb.format-6.18"),
+                "r",
+            ),
+        )
+    }
+
+    #[test]
+    fn layout_from_recorded_formats_and_running_btf() {
+        let (s, r) = formats();
+        let btf = KernelBtf::vmlinux().unwrap();
+        let (l, names) = resolve_layout(&s, Some(&r), &btf).unwrap();
+        assert_eq!(
+            (l.st_skaddr, l.st_oldstate, l.st_newstate, l.st_protocol),
+            (8, 16, 20, 30)
+        );
+        assert_eq!((l.st.sport, l.st.dport, l.st.family), (24, 26, 28));
+        assert_eq!(
+            (l.st.saddr, l.st.daddr, l.st.saddr_v6, l.st.daddr_v6),
+            (32, 36, 40, 56)
+        );
+        assert_eq!((l.rt_skaddr, l.rt_state), (16, 24));
+        assert_eq!((l.rt.sport, l.rt.saddr_v6), (28, 42));
+        assert_eq!((l.syn_sent, l.close), (2, 7));
+        assert_eq!(names[&2], "SYN_SENT");
+        assert_eq!(names[&1], "ESTABLISHED");
+        assert!(l.sk_err != ABSENT && l.snd_una != ABSENT);
+    }
+
+    #[test]
+    fn retransmits_are_optional() {
+        let (s, _) = formats();
+        let btf = KernelBtf::vmlinux().unwrap();
+        let (l, _) = resolve_layout(&s, None, &btf).unwrap();
+        assert_eq!(l.rt_skaddr, ABSENT);
+        assert_eq!(l.valid, 1);
+    }
+}

@@ -1,0 +1,889 @@
+//! The flow table: joins the signals of one connection attempt (state changes, SYN and data
+//! retransmits, drops, conntrack) into one `stall` incident. Pure: no I/O, time comes from the
+//! signals and from `tick`, so every rule is unit-tested with synthetic signals.
+use std::collections::{BTreeMap, HashMap};
+
+use crate::signal::{
+    CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal,
+};
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Report an attempt still connecting after this long (and a stuck established flow).
+    pub stall_after_ns: u64,
+    /// Attempts seen only through drops (no local socket) end after this much silence.
+    pub idle_final_ns: u64,
+    /// Forget attempts with no signal for this long (their close was not seen).
+    pub max_age_ns: u64,
+    /// Bound on tracked attempts; the oldest is evicted (and counted) beyond it.
+    pub capacity: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            stall_after_ns: 3_000_000_000,
+            idle_final_ns: 10_000_000_000,
+            max_age_ns: 600_000_000_000,
+            capacity: 65_536,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// SYNs unanswered until the kernel (ETIMEDOUT) or the application gave up.
+    Timeout,
+    /// RST: nothing listening.
+    Refused,
+    /// ICMP unreachable.
+    Unreachable,
+    /// Connected, but only after retransmits or drops.
+    EstablishedLate,
+    /// The application closed the connect before any retransmit.
+    Abandoned,
+    /// An established flow's data retransmits stopped being acknowledged.
+    DataStalled,
+    /// Still connecting after --stall-after; a final record follows.
+    InProgress,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Timeout => "timeout",
+            Outcome::Refused => "refused",
+            Outcome::Unreachable => "unreachable",
+            Outcome::EstablishedLate => "established_late",
+            Outcome::Abandoned => "abandoned",
+            Outcome::DataStalled => "data_stalled",
+            Outcome::InProgress => "in_progress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DropTally {
+    pub reason: String,
+    pub location: String,
+    pub netns: u32,
+    pub count: u64,
+    /// What was dropped: "SYN", "SYN-ACK" or "data".
+    pub packet: &'static str,
+    /// The dropped packet's tuple (after NAT when it was rewritten).
+    pub flow: FlowKey,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Established,
+}
+
+#[derive(Debug, Clone)]
+struct Attempt {
+    key: FlowKey,
+    sk: Option<u64>,
+    started_ns: u64,
+    last_signal_ns: u64,
+    owner: Option<Owner>,
+    netns: u32,
+    phase: Phase,
+    syn_retransmits: u32,
+    data_retransmits: u32,
+    /// snd_una the current run of data retransmits is stuck at, and since when.
+    stuck_una: Option<(u32, u64)>,
+    drops: Vec<DropTally>,
+    ct: Option<CtSnapshot>,
+    server_saw_syn: bool,
+    reported_in_progress: bool,
+    reported_data_stall: bool,
+}
+
+/// One record to emit.
+#[derive(Debug, Clone)]
+pub struct Incident {
+    pub id: u64,
+    /// Client view, before NAT: src = client, dst = the address it connected to.
+    pub flow: FlowKey,
+    pub owner: Option<Owner>,
+    pub netns: u32,
+    pub started_ns: u64,
+    pub at_ns: u64,
+    pub syn_retransmits: u32,
+    pub data_retransmits: u32,
+    pub outcome: Outcome,
+    pub drops: Vec<DropTally>,
+    pub ct: Option<CtSnapshot>,
+    pub diagnosis: String,
+    /// sk_err at the end, when the kernel gave one.
+    pub errno: Option<i32>,
+}
+
+pub struct Correlator {
+    cfg: Config,
+    /// By id: ids grow with creation, so the first entry is the oldest.
+    attempts: BTreeMap<u64, Attempt>,
+    by_key: HashMap<FlowKey, u64>,
+    by_sk: HashMap<u64, u64>,
+    next_id: u64,
+    pub evicted: u64,
+    out: Vec<Incident>,
+}
+
+const ECONNREFUSED: i32 = 111;
+const ETIMEDOUT: i32 = 110;
+const EHOSTUNREACH: i32 = 113;
+const ENETUNREACH: i32 = 101;
+const EHOSTDOWN: i32 = 112;
+const ENETDOWN: i32 = 100;
+
+impl Correlator {
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            attempts: BTreeMap::new(),
+            by_key: HashMap::new(),
+            by_sk: HashMap::new(),
+            next_id: 1,
+            evicted: 0,
+            out: Vec::new(),
+        }
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.attempts.len()
+    }
+
+    /// Incidents produced since the last call.
+    pub fn drain(&mut self) -> std::vec::Drain<'_, Incident> {
+        self.out.drain(..)
+    }
+
+    fn insert(&mut self, a: Attempt) -> u64 {
+        if self.attempts.len() >= self.cfg.capacity
+            && let Some((&oldest, _)) = self.attempts.iter().next()
+        {
+            self.remove(oldest);
+            self.evicted += 1;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Some(old) = self.by_key.insert(a.key, id) {
+            // A new connect on the same 4-tuple supersedes the old record.
+            self.remove(old);
+            self.by_key.insert(a.key, id);
+        }
+        if let Some(sk) = a.sk {
+            self.by_sk.insert(sk, id);
+        }
+        self.attempts.insert(id, a);
+        id
+    }
+
+    fn remove(&mut self, id: u64) -> Option<Attempt> {
+        let a = self.attempts.remove(&id)?;
+        if self.by_key.get(&a.key) == Some(&id) {
+            self.by_key.remove(&a.key);
+        }
+        if let Some(sk) = a.sk
+            && self.by_sk.get(&sk) == Some(&id)
+        {
+            self.by_sk.remove(&sk);
+        }
+        Some(a)
+    }
+
+    fn find(&self, sk: Option<u64>, keys: &[FlowKey]) -> Option<u64> {
+        sk.and_then(|sk| self.by_sk.get(&sk).copied())
+            .or_else(|| keys.iter().find_map(|k| self.by_key.get(k).copied()))
+    }
+
+    fn new_attempt(key: FlowKey, ts: u64, owner: Option<Owner>, netns: u32) -> Attempt {
+        Attempt {
+            key,
+            sk: None,
+            started_ns: ts,
+            last_signal_ns: ts,
+            owner,
+            netns,
+            phase: Phase::Connecting,
+            syn_retransmits: 0,
+            data_retransmits: 0,
+            stuck_una: None,
+            drops: Vec::new(),
+            ct: None,
+            server_saw_syn: false,
+            reported_in_progress: false,
+            reported_data_stall: false,
+        }
+    }
+
+    pub fn on_state(&mut self, s: &StateSignal) {
+        let (old, new) = (s.old.name.as_str(), s.new.name.as_str());
+        match (old, new) {
+            (_, "SYN_SENT") => {
+                let mut a = Self::new_attempt(s.flow, s.ts_ns, s.owner.clone(), s.netns);
+                a.sk = Some(s.sk);
+                self.insert(a);
+            }
+            (_, "SYN_RECV") => {
+                // Server side on this node: the SYN arrived.
+                if let Some(id) = self.find(None, &[s.flow.reversed()])
+                    && let Some(a) = self.attempts.get_mut(&id)
+                {
+                    a.server_saw_syn = true;
+                    a.last_signal_ns = s.ts_ns;
+                }
+            }
+            ("SYN_SENT", "ESTABLISHED") => {
+                let Some(id) = self.find(Some(s.sk), &[s.flow]) else {
+                    return;
+                };
+                let Some(a) = self.attempts.get_mut(&id) else {
+                    return;
+                };
+                a.last_signal_ns = s.ts_ns;
+                if a.syn_retransmits > 0 || !a.drops.is_empty() || a.reported_in_progress {
+                    let inc = incident(id, a, Outcome::EstablishedLate, s.ts_ns, None);
+                    self.out.push(inc);
+                }
+                // Keep following it: a later data stall is the redirected-port failure mode.
+                a.phase = Phase::Established;
+                a.drops.clear();
+                a.reported_in_progress = false;
+            }
+            ("SYN_SENT", "CLOSE") => {
+                let Some(id) = self.find(Some(s.sk), &[s.flow]) else {
+                    return;
+                };
+                let Some(mut a) = self.remove(id) else { return };
+                a.last_signal_ns = s.ts_ns;
+                let outcome = match s.sk_err {
+                    ECONNREFUSED => Outcome::Refused,
+                    ETIMEDOUT => Outcome::Timeout,
+                    EHOSTUNREACH | ENETUNREACH | EHOSTDOWN | ENETDOWN => Outcome::Unreachable,
+                    // The application gave up (its own connect timeout): a timeout once the
+                    // kernel had to retransmit or something was dropped.
+                    _ if a.syn_retransmits > 0 || !a.drops.is_empty() => Outcome::Timeout,
+                    _ => Outcome::Abandoned,
+                };
+                let errno = (s.sk_err != 0).then_some(s.sk_err);
+                self.out.push(incident(id, &a, outcome, s.ts_ns, errno));
+            }
+            (_, "CLOSE") | ("ESTABLISHED", _) => {
+                if let Some(id) = self.find(Some(s.sk), &[s.flow])
+                    && self
+                        .attempts
+                        .get(&id)
+                        .is_some_and(|a| a.phase == Phase::Established)
+                {
+                    self.remove(id);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    pub fn on_retransmit(&mut self, r: &RetransmitSignal) {
+        let connecting = r.state.is("SYN_SENT");
+        let id = match self.find(Some(r.sk), &[r.flow]) {
+            Some(id) => id,
+            None => {
+                // Started before we attached: follow it from here.
+                let mut a = Self::new_attempt(r.flow, r.ts_ns, r.owner.clone(), r.netns);
+                a.sk = Some(r.sk);
+                if !connecting {
+                    a.phase = Phase::Established;
+                }
+                self.insert(a)
+            }
+        };
+        let Some(a) = self.attempts.get_mut(&id) else {
+            return;
+        };
+        a.last_signal_ns = r.ts_ns;
+        if a.owner.is_none() {
+            a.owner = r.owner.clone();
+        }
+        if connecting {
+            a.syn_retransmits += 1;
+            return;
+        }
+        if a.phase == Phase::Connecting {
+            a.phase = Phase::Established;
+        }
+        match a.stuck_una {
+            Some((una, _)) if una == r.snd_una => a.data_retransmits += 1,
+            _ => {
+                // New unacknowledged data: progress was made since the last run.
+                a.stuck_una = Some((r.snd_una, r.ts_ns));
+                a.data_retransmits = 1;
+                a.reported_data_stall = false;
+            }
+        }
+    }
+
+    pub fn on_drop(&mut self, d: &DropSignal) {
+        let mut keys = vec![d.flow, d.flow.reversed()];
+        if let Some(ct) = &d.ct {
+            keys.push(ct.original);
+            keys.push(ct.original.reversed());
+        }
+        let id = match self.find(None, &keys) {
+            Some(id) => id,
+            None if d.is_syn() => {
+                // A connect we have no socket for (client elsewhere, or routed through here).
+                let key = d.ct.as_ref().map(|c| c.original).unwrap_or(d.flow);
+                self.insert(Self::new_attempt(key, d.ts_ns, None, d.netns))
+            }
+            None => return,
+        };
+        let Some(a) = self.attempts.get_mut(&id) else {
+            return;
+        };
+        a.last_signal_ns = d.ts_ns;
+        if a.ct.is_none() {
+            a.ct.clone_from(&d.ct);
+        }
+        let packet = if d.is_syn() {
+            "SYN"
+        } else if d.is_syn_ack() {
+            "SYN-ACK"
+        } else {
+            "data"
+        };
+        match a.drops.iter_mut().find(|t| {
+            t.reason == d.reason
+                && t.location == d.location
+                && t.netns == d.netns
+                && t.packet == packet
+        }) {
+            Some(t) => t.count += d.count,
+            None => a.drops.push(DropTally {
+                reason: d.reason.clone(),
+                location: d.location.clone(),
+                netns: d.netns,
+                count: d.count,
+                packet,
+                flow: d.flow,
+            }),
+        }
+    }
+
+    pub fn on_conntrack(&mut self, c: &CtSignal) {
+        let key = c.ct.original;
+        if let Some(id) = self.find(None, &[key])
+            && let Some(a) = self.attempts.get_mut(&id)
+        {
+            a.ct = Some(c.ct.clone());
+            a.last_signal_ns = c.ts_ns;
+            return;
+        }
+        // The attempt is gone (or was never seen): the entry's removal is the only trace.
+        let mut a = Self::new_attempt(key, c.ts_ns, None, c.netns);
+        a.ct = Some(c.ct.clone());
+        let id = self.next_id;
+        self.next_id += 1;
+        self.out
+            .push(incident(id, &a, Outcome::Timeout, c.ts_ns, None));
+    }
+
+    /// Time passes: report attempts that stalled, end the ones nothing will end.
+    pub fn tick(&mut self, now_ns: u64) {
+        let mut finals = Vec::new();
+        for (&id, a) in self.attempts.iter_mut() {
+            let idle = now_ns.saturating_sub(a.last_signal_ns);
+            match a.phase {
+                Phase::Connecting => {
+                    if a.sk.is_none() && idle >= self.cfg.idle_final_ns {
+                        finals.push((id, Outcome::Timeout));
+                    } else if idle >= self.cfg.max_age_ns {
+                        finals.push((id, Outcome::Abandoned));
+                    } else if !a.reported_in_progress
+                        && now_ns.saturating_sub(a.started_ns) >= self.cfg.stall_after_ns
+                    {
+                        a.reported_in_progress = true;
+                        self.out
+                            .push(incident(id, a, Outcome::InProgress, now_ns, None));
+                    }
+                }
+                Phase::Established => {
+                    if let Some((_, since)) = a.stuck_una
+                        && !a.reported_data_stall
+                        && a.data_retransmits >= 2
+                        && now_ns.saturating_sub(since) >= self.cfg.stall_after_ns
+                    {
+                        a.reported_data_stall = true;
+                        self.out
+                            .push(incident(id, a, Outcome::DataStalled, now_ns, None));
+                    } else if idle >= self.cfg.max_age_ns {
+                        finals.push((id, Outcome::Abandoned));
+                    }
+                }
+            }
+        }
+        for (id, outcome) in finals {
+            if let Some(a) = self.remove(id)
+                && a.phase == Phase::Connecting
+            {
+                self.out.push(incident(id, &a, outcome, now_ns, None));
+            }
+        }
+    }
+}
+
+fn incident(id: u64, a: &Attempt, outcome: Outcome, at_ns: u64, errno: Option<i32>) -> Incident {
+    let mut inc = Incident {
+        id,
+        flow: a.key,
+        owner: a.owner.clone(),
+        netns: a.netns,
+        started_ns: a.started_ns,
+        at_ns,
+        syn_retransmits: a.syn_retransmits,
+        data_retransmits: a.data_retransmits,
+        outcome,
+        drops: a.drops.clone(),
+        ct: a.ct.clone(),
+        diagnosis: String::new(),
+        errno,
+    };
+    inc.diagnosis = diagnose(&inc, a.server_saw_syn);
+    inc
+}
+
+/// What dropped it, in words: "netfilter (NETFILTER_DROP at nf_hook_slow)".
+fn mechanism(t: &DropTally) -> String {
+    let by = match t.reason.as_str() {
+        "NETFILTER_DROP" => "netfilter",
+        "TC_INGRESS" | "TC_EGRESS" => "a tc filter",
+        "NO_SOCKET" => "the TCP stack (no socket)",
+        "XDP" => "an XDP program",
+        r if r.starts_with("QDISC") => "a qdisc",
+        r if r.starts_with("NEIGH") => "neighbour resolution",
+        _ => "the kernel",
+    };
+    let func = t.location.split('+').next().unwrap_or(&t.location);
+    format!("{by} ({} at {func})", t.reason)
+}
+
+fn times(n: u64) -> String {
+    if n == 1 {
+        "once".into()
+    } else {
+        format!("{n} times")
+    }
+}
+
+fn target(inc: &Incident) -> String {
+    let dst = inc.flow.dst;
+    match &inc.ct {
+        Some(ct) if ct.nat() == "dnat" || ct.nat() == "both" => {
+            format!("{dst} (DNAT to {})", ct.reply.src)
+        }
+        _ => dst.to_string(),
+    }
+}
+
+fn drop_clause(inc: &Incident) -> Option<String> {
+    if inc.drops.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = inc
+        .drops
+        .iter()
+        .map(|t| {
+            let what = match t.packet {
+                "SYN" => format!("SYN to {}", target(inc)),
+                "SYN-ACK" => format!("SYN-ACK from {}", t.flow.src),
+                _ => format!("data to {}", t.flow.dst),
+            };
+            format!(
+                "{what} dropped {} on this node by {} in netns {}",
+                times(t.count),
+                mechanism(t),
+                t.netns
+            )
+        })
+        .collect();
+    Some(parts.join("; "))
+}
+
+fn retransmits(n: u32) -> String {
+    match n {
+        0 => "no retransmit".into(),
+        1 => "1 retransmit".into(),
+        n => format!("{n} retransmits"),
+    }
+}
+
+fn diagnose(inc: &Incident, server_saw_syn: bool) -> String {
+    let dst = target(inc);
+    let drops = drop_clause(inc);
+    match inc.outcome {
+        Outcome::Refused => format!(
+            "connection refused: {dst} answered with RST, nothing listens on that port; \
+             the port is closed, not dropped"
+        ),
+        Outcome::Unreachable => format!(
+            "{dst} unreachable (ICMP error {}): a router or firewall rejected the SYN",
+            inc.errno.unwrap_or(0)
+        ),
+        Outcome::Abandoned => format!(
+            "the client gave up on {dst} before any retransmit; nothing dropped on this node"
+        ),
+        Outcome::EstablishedLate => match drops {
+            Some(d) => format!("connected after {}: {d}", retransmits(inc.syn_retransmits)),
+            None => format!(
+                "connected after {} with no drop seen on this node: loss on the path",
+                retransmits(inc.syn_retransmits)
+            ),
+        },
+        Outcome::DataStalled => {
+            let stuck = format!(
+                "established flow to {} stopped making progress: {} unacknowledged",
+                inc.flow.dst,
+                retransmits(inc.data_retransmits)
+            );
+            match drops {
+                Some(d) => format!("{stuck}; {d}"),
+                None => format!(
+                    "{stuck}; no drop seen on this node: suspect a policy on the destination node or the path"
+                ),
+            }
+        }
+        Outcome::Timeout | Outcome::InProgress => {
+            let waiting = if inc.outcome == Outcome::InProgress {
+                "still connecting; "
+            } else {
+                ""
+            };
+            match drops {
+                Some(d) => format!("{waiting}{d}"),
+                None if server_saw_syn => format!(
+                    "{waiting}the server on this node received the SYN but the client never \
+                     got an answer: its reply was lost"
+                ),
+                None if inc.ct.as_ref().is_some_and(|c| c.state == "UNREPLIED")
+                    && inc.owner.is_none() =>
+                {
+                    format!(
+                        "{waiting}no drop seen on this node; the conntrack entry for {} -> {dst} \
+                     expired without a reply: suspect a policy on the destination node or the path",
+                        inc.flow.src
+                    )
+                }
+                None => format!(
+                    "{waiting}no drop seen on this node; SYN unanswered after {}: suspect a \
+                     policy on the destination node or the path",
+                    retransmits(inc.syn_retransmits)
+                ),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signal::TcpState;
+
+    const MS: u64 = 1_000_000;
+
+    fn key(src: &str, dst: &str) -> FlowKey {
+        FlowKey {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        }
+    }
+
+    fn st(name: &str) -> TcpState {
+        TcpState {
+            value: 0,
+            name: name.into(),
+        }
+    }
+
+    fn owner() -> Owner {
+        Owner {
+            pid: 4242,
+            tgid: 4242,
+            comm: "python".into(),
+            cgroup_id: 7,
+            container_id: None,
+        }
+    }
+
+    fn state(ts: u64, sk: u64, flow: FlowKey, old: &str, new: &str, err: i32) -> StateSignal {
+        StateSignal {
+            ts_ns: ts,
+            sk,
+            flow,
+            old: st(old),
+            new: st(new),
+            sk_err: err,
+            netns: 100,
+            owner: Some(owner()),
+        }
+    }
+
+    fn retrans(ts: u64, sk: u64, flow: FlowKey, state: &str, una: u32) -> RetransmitSignal {
+        RetransmitSignal {
+            ts_ns: ts,
+            sk,
+            flow,
+            state: st(state),
+            snd_una: una,
+            netns: 100,
+            owner: None,
+        }
+    }
+
+    fn drop_(ts: u64, flow: FlowKey, flags: u8, reason: &str) -> DropSignal {
+        DropSignal {
+            ts_ns: ts,
+            flow,
+            tcp_flags: flags,
+            reason: reason.into(),
+            location: "nft_do_chain+0x46f".into(),
+            netns: 200,
+            count: 1,
+            ct: None,
+        }
+    }
+
+    fn cfg() -> Config {
+        Config::default()
+    }
+
+    #[test]
+    fn syn_dropped_by_netfilter_then_app_timeout_is_one_timeout_incident() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        c.on_drop(&drop_(1, f, 0x02, "NETFILTER_DROP"));
+        c.on_retransmit(&retrans(1000 * MS, 1, f, "SYN_SENT", 0));
+        c.on_drop(&drop_(1000 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.on_retransmit(&retrans(2000 * MS, 1, f, "SYN_SENT", 0));
+        c.on_drop(&drop_(2000 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.tick(2500 * MS);
+        assert_eq!(c.drain().count(), 0, "nothing before --stall-after");
+        c.on_state(&state(2900 * MS, 1, f, "SYN_SENT", "CLOSE", 0));
+        let out: Vec<_> = c.drain().collect();
+        assert_eq!(out.len(), 1);
+        let i = &out[0];
+        assert_eq!(i.outcome, Outcome::Timeout);
+        assert_eq!(i.syn_retransmits, 2);
+        assert_eq!(i.owner.as_ref().unwrap().comm, "python");
+        assert_eq!(i.drops.len(), 1);
+        assert_eq!(i.drops[0].count, 3);
+        assert_eq!(
+            i.diagnosis,
+            "SYN to 198.51.100.7:1521 dropped 3 times on this node by netfilter \
+             (NETFILTER_DROP at nft_do_chain) in netns 200"
+        );
+        assert_eq!(c.tracked(), 0);
+    }
+
+    #[test]
+    fn in_progress_after_stall_after_then_final_update_with_same_id() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        c.on_retransmit(&retrans(1000 * MS, 1, f, "SYN_SENT", 0));
+        c.tick(3000 * MS);
+        let first: Vec<_> = c.drain().collect();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].outcome, Outcome::InProgress);
+        c.tick(4000 * MS);
+        assert_eq!(c.drain().count(), 0, "reported once");
+        c.on_state(&state(7000 * MS, 1, f, "SYN_SENT", "CLOSE", ETIMEDOUT));
+        let last: Vec<_> = c.drain().collect();
+        assert_eq!(last[0].outcome, Outcome::Timeout);
+        assert_eq!(last[0].id, first[0].id);
+        assert!(
+            last[0]
+                .diagnosis
+                .starts_with("no drop seen on this node; SYN unanswered after 1 retransmit")
+        );
+    }
+
+    #[test]
+    fn rst_is_refused_not_dropped() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        // The server's stack discards the SYN (no socket) and answers RST.
+        c.on_drop(&drop_(1, f, 0x02, "NO_SOCKET"));
+        c.on_state(&state(2, 1, f, "SYN_SENT", "CLOSE", ECONNREFUSED));
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::Refused);
+        assert!(
+            i.diagnosis.contains("the port is closed, not dropped"),
+            "{}",
+            i.diagnosis
+        );
+    }
+
+    #[test]
+    fn icmp_error_is_unreachable() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        c.on_state(&state(5, 1, f, "SYN_SENT", "CLOSE", EHOSTUNREACH));
+        assert_eq!(c.drain().next().unwrap().outcome, Outcome::Unreachable);
+    }
+
+    #[test]
+    fn clean_connect_reports_nothing_late_connect_reports_established_late() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        c.on_state(&state(1, 1, f, "SYN_SENT", "ESTABLISHED", 0));
+        assert_eq!(c.drain().count(), 0);
+
+        let g = key("10.0.0.1:40001", "198.51.100.7:1521");
+        c.on_state(&state(0, 2, g, "CLOSE", "SYN_SENT", 0));
+        c.on_retransmit(&retrans(MS * 1000, 2, g, "SYN_SENT", 0));
+        c.on_state(&state(MS * 1100, 2, g, "SYN_SENT", "ESTABLISHED", 0));
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::EstablishedLate);
+        assert!(i.diagnosis.starts_with("connected after 1 retransmit"));
+    }
+
+    #[test]
+    fn dnat_drop_joins_the_attempt_through_the_conntrack_original_tuple() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "10.96.0.10:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        let mut d = drop_(
+            1,
+            key("10.0.0.1:40000", "10.244.1.5:1521"),
+            0x02,
+            "NETFILTER_DROP",
+        );
+        d.ct = Some(CtSnapshot {
+            state: "NEW".into(),
+            status: vec!["DNAT".into()],
+            original: f,
+            reply: key("10.244.1.5:1521", "10.0.0.1:40000"),
+            mark: 0,
+            zone: 0,
+        });
+        c.on_drop(&d);
+        c.on_state(&state(5, 1, f, "SYN_SENT", "CLOSE", 0));
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.flow, f);
+        assert!(
+            i.diagnosis
+                .starts_with("SYN to 10.96.0.10:1521 (DNAT to 10.244.1.5:1521) dropped once"),
+            "{}",
+            i.diagnosis
+        );
+        assert_eq!(i.ct.unwrap().nat(), "dnat");
+    }
+
+    #[test]
+    fn established_flow_with_unacked_retransmits_is_data_stalled_once() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        c.on_state(&state(1, 1, f, "SYN_SENT", "ESTABLISHED", 0));
+        for (i, t) in [200, 600, 1400, 3000].iter().enumerate() {
+            c.on_retransmit(&retrans(t * MS + 10 * MS, 1, f, "ESTABLISHED", 5000));
+            c.on_drop(&drop_(t * MS + 10 * MS, f, 0x18, "NETFILTER_DROP"));
+            c.tick(t * MS + 20 * MS);
+            assert_eq!(c.drain().count(), 0, "retransmit {i}: not yet stalled");
+        }
+        c.tick(3300 * MS);
+        let i = c.drain().next().expect("data stall reported");
+        assert_eq!(i.outcome, Outcome::DataStalled);
+        assert_eq!(i.data_retransmits, 4);
+        assert!(
+            i.diagnosis
+                .contains("data to 198.51.100.7:1521 dropped 4 times"),
+            "{}",
+            i.diagnosis
+        );
+        c.tick(9000 * MS);
+        assert_eq!(c.drain().count(), 0, "reported once");
+    }
+
+    #[test]
+    fn acknowledged_progress_resets_the_stall_clock() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_retransmit(&retrans(0, 1, f, "ESTABLISHED", 100));
+        c.on_retransmit(&retrans(2000 * MS, 1, f, "ESTABLISHED", 100));
+        c.on_retransmit(&retrans(2900 * MS, 1, f, "ESTABLISHED", 900));
+        c.tick(3500 * MS);
+        assert_eq!(c.drain().count(), 0);
+    }
+
+    #[test]
+    fn syn_drop_without_a_local_socket_ends_after_silence() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.9.0.1:40000", "198.51.100.7:1521");
+        c.on_drop(&drop_(0, f, 0x02, "TC_INGRESS"));
+        c.on_drop(&drop_(1000 * MS, f, 0x02, "TC_INGRESS"));
+        c.tick(3000 * MS);
+        assert_eq!(c.drain().next().unwrap().outcome, Outcome::InProgress);
+        c.tick(11_001 * MS);
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::Timeout);
+        assert!(i.owner.is_none());
+        assert!(
+            i.diagnosis
+                .contains("by a tc filter (TC_INGRESS at nft_do_chain)")
+        );
+        assert_eq!(c.tracked(), 0);
+    }
+
+    #[test]
+    fn conntrack_removal_without_an_attempt_is_its_own_incident() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_conntrack(&CtSignal {
+            ts_ns: 5,
+            netns: 300,
+            ct: CtSnapshot {
+                state: "UNREPLIED".into(),
+                status: vec!["CONFIRMED".into()],
+                original: f,
+                reply: f.reversed(),
+                mark: 0,
+                zone: 0,
+            },
+        });
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::Timeout);
+        assert!(
+            i.diagnosis.contains("expired without a reply"),
+            "{}",
+            i.diagnosis
+        );
+    }
+
+    #[test]
+    fn table_is_bounded_and_counts_evictions() {
+        let mut c = Correlator::new(Config {
+            capacity: 100,
+            ..cfg()
+        });
+        for p in 0..1000u16 {
+            let f = key(&format!("10.0.0.1:{}", 10000 + p), "198.51.100.7:1521");
+            c.on_state(&state(
+                u64::from(p),
+                u64::from(p) + 1,
+                f,
+                "CLOSE",
+                "SYN_SENT",
+                0,
+            ));
+        }
+        assert_eq!(c.tracked(), 100);
+        assert_eq!(c.evicted, 900);
+        assert!(c.by_sk.len() <= 100 && c.by_key.len() <= 100);
+    }
+}

@@ -1,0 +1,141 @@
+//! Decoded kernel records: the "decode" stage's output and the correlator's input. Numbers are
+//! already names here (drop reasons, TCP states, conntrack bits), resolved from this kernel.
+use std::net::{IpAddr, SocketAddr};
+
+/// A connection's two ends, as one side sees it (src = that side).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+impl FlowKey {
+    pub fn reversed(self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub tgid: u32,
+    pub comm: String,
+    pub cgroup_id: u64,
+    /// From the process's cgroup path when it runs in a container (filled by the daemon).
+    pub container_id: Option<String>,
+}
+
+/// A TCP state number with this kernel's name for it ("SYN_SENT", ...).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpState {
+    pub value: u32,
+    pub name: String,
+}
+
+impl TcpState {
+    pub fn is(&self, name: &str) -> bool {
+        self.name == name
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtSnapshot {
+    /// NEW, ESTABLISHED, RELATED, UNTRACKED (from the skb's ctinfo), or for removals UNREPLIED.
+    pub state: String,
+    pub status: Vec<String>,
+    pub original: FlowKey,
+    pub reply: FlowKey,
+    pub mark: u32,
+    pub zone: u16,
+}
+
+impl CtSnapshot {
+    /// "dnat", "snat", "both" or "none": what the reply tuple says was rewritten.
+    pub fn nat(&self) -> &'static str {
+        let dnat = self.original.dst != self.reply.src;
+        let snat = self.original.src != self.reply.dst;
+        match (dnat, snat) {
+            (true, true) => "both",
+            (true, false) => "dnat",
+            (false, true) => "snat",
+            (false, false) => "none",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct DropSignal {
+    pub ts_ns: u64,
+    pub flow: FlowKey,
+    pub tcp_flags: u8,
+    pub reason: String,
+    pub location: String,
+    pub netns: u32,
+    pub count: u64,
+    pub ct: Option<CtSnapshot>,
+}
+
+impl DropSignal {
+    pub fn is_syn(&self) -> bool {
+        self.tcp_flags & 0x02 != 0 && self.tcp_flags & 0x10 == 0
+    }
+
+    pub fn is_syn_ack(&self) -> bool {
+        self.tcp_flags & 0x12 == 0x12
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StateSignal {
+    pub ts_ns: u64,
+    pub sk: u64,
+    /// Local end as src.
+    pub flow: FlowKey,
+    pub old: TcpState,
+    pub new: TcpState,
+    pub sk_err: i32,
+    pub netns: u32,
+    pub owner: Option<Owner>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RetransmitSignal {
+    pub ts_ns: u64,
+    pub sk: u64,
+    /// Local end as src.
+    pub flow: FlowKey,
+    pub state: TcpState,
+    pub snd_una: u32,
+    pub netns: u32,
+    pub owner: Option<Owner>,
+}
+
+#[derive(Debug, Clone)]
+pub struct CtSignal {
+    pub ts_ns: u64,
+    pub ct: CtSnapshot,
+    pub netns: u32,
+}
+
+pub fn ip(family: u8, addr: &[u8; 16]) -> IpAddr {
+    if family == tracer_common::AF_INET6 {
+        IpAddr::from(*addr)
+    } else {
+        IpAddr::from([addr[0], addr[1], addr[2], addr[3]])
+    }
+}
+
+pub fn flow_key(f: &tracer_common::Flow) -> FlowKey {
+    FlowKey {
+        src: SocketAddr::new(ip(f.family, &f.saddr), f.sport),
+        dst: SocketAddr::new(ip(f.family, &f.daddr), f.dport),
+    }
+}
+
+pub fn comm(raw: &[u8; 16]) -> String {
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    String::from_utf8_lossy(&raw[..end]).into_owned()
+}
