@@ -4,6 +4,7 @@
 //! process. Everything a fixture creates is removed on drop, also when a test fails.
 pub mod netns;
 pub mod oracle_client;
+pub mod scenario;
 pub mod tracer;
 
 use std::path::PathBuf;

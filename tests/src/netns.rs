@@ -7,6 +7,25 @@ use std::{
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// A tag and a subnet number unique to this fixture: concurrent tests never share addresses.
+fn unique() -> (String, u32) {
+    let n = NEXT.fetch_add(1, Ordering::SeqCst);
+    (
+        format!("{}x{n}", std::process::id() % 100_000),
+        (std::process::id() % 200 + n) % 250,
+    )
+}
+
+/// A veth pair between two namespaces.
+fn veth(a: &Netns, a_dev: &str, b: &Netns, b_dev: &str) {
+    sh(&[
+        "ip", "link", "add", a_dev, "netns", &a.name, "type", "veth", "peer", "name", b_dev,
+        "netns", &b.name,
+    ]);
+    a.exec(&["ip", "link", "set", a_dev, "up"]);
+    b.exec(&["ip", "link", "set", b_dev, "up"]);
+}
+
 /// Runs a command and fails the test, with its output, when it does not succeed.
 pub fn sh(args: &[&str]) -> Output {
     let out = Command::new(args[0])
@@ -90,18 +109,12 @@ pub struct AppDb {
 impl AppDb {
     pub fn new(family: Family) -> Self {
         crate::require_root();
-        let n = NEXT.fetch_add(1, Ordering::SeqCst);
-        let tag = format!("{}x{n}", std::process::id() % 100_000);
+        let (tag, subnet) = unique();
         let app = Netns::new(format!("dt-app-{tag}"));
         let db = Netns::new(format!("dt-db-{tag}"));
         let app_dev = format!("dta{tag}");
         let db_dev = format!("dtd{tag}");
-        sh(&[
-            "ip", "link", "add", &app_dev, "netns", &app.name, "type", "veth", "peer", "name",
-            &db_dev, "netns", &db.name,
-        ]);
-        // Distinct subnets per fixture so concurrent tests never see each other's flows.
-        let subnet = (std::process::id() % 200 + n) % 250;
+        veth(&app, &app_dev, &db, &db_dev);
         let (app_ip, db_ip, plen) = match family {
             Family::V4 => (
                 format!("10.201.{subnet}.1"),
@@ -121,7 +134,6 @@ impl AppDb {
                 // nodad: usable at once, no duplicate address detection delay.
                 Family::V6 => ns.exec(&["ip", "addr", "add", &cidr, "dev", dev, "nodad"]),
             };
-            ns.exec(&["ip", "link", "set", dev, "up"]);
         }
         Self {
             app,
@@ -214,4 +226,121 @@ fn tc_drop_object(port: u16) -> std::path::PathBuf {
     ]);
     std::fs::rename(&tmp, &out).expect("rename compiled object");
     out
+}
+
+/// app -> router -> db, the router DNATs a "service" address to db (as kube-proxy does) and
+/// forwards between two veth links. Routes only for these subnets: no default route.
+pub struct Routed {
+    pub app: Netns,
+    pub router: Netns,
+    pub db: Netns,
+    pub app_ip: IpAddr,
+    pub db_ip: IpAddr,
+    pub service_ip: IpAddr,
+}
+
+impl Routed {
+    pub fn new() -> Self {
+        crate::require_root();
+        let (tag, n) = unique();
+        let app = Netns::new(format!("dt-app-{tag}"));
+        let router = Netns::new(format!("dt-rt-{tag}"));
+        let db = Netns::new(format!("dt-db-{tag}"));
+        let (a, ra, rd, d) = (
+            format!("dta{tag}"),
+            format!("dtra{tag}"),
+            format!("dtrd{tag}"),
+            format!("dtd{tag}"),
+        );
+        veth(&app, &a, &router, &ra);
+        veth(&router, &rd, &db, &d);
+        let app_net = format!("10.202.{n}");
+        let db_net = format!("10.203.{n}");
+        let service_ip = format!("10.204.{n}.10");
+        app.exec(&["ip", "addr", "add", &format!("{app_net}.1/24"), "dev", &a]);
+        router.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{app_net}.254/24"),
+            "dev",
+            &ra,
+        ]);
+        router.exec(&["ip", "addr", "add", &format!("{db_net}.254/24"), "dev", &rd]);
+        db.exec(&["ip", "addr", "add", &format!("{db_net}.2/24"), "dev", &d]);
+        app.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{db_net}.0/24"),
+            "via",
+            &format!("{app_net}.254"),
+        ]);
+        app.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{service_ip}/32"),
+            "via",
+            &format!("{app_net}.254"),
+        ]);
+        db.exec(&[
+            "ip",
+            "route",
+            "add",
+            &format!("{app_net}.0/24"),
+            "via",
+            &format!("{db_net}.254"),
+        ]);
+        router.exec(&["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]);
+        let db_ip = format!("{db_net}.2");
+        router.exec(&[
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            &service_ip,
+            "-p",
+            "tcp",
+            "--dport",
+            "1521",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{db_ip}:1521"),
+        ]);
+        Self {
+            app,
+            router,
+            db,
+            app_ip: format!("{app_net}.1").parse().expect("ip"),
+            db_ip: db_ip.parse().expect("ip"),
+            service_ip: service_ip.parse().expect("ip"),
+        }
+    }
+
+    /// Drops forwarded TCP to db:port on the router, after DNAT.
+    pub fn drop_forwarded(&self, port: u16) {
+        self.router.exec(&[
+            "iptables",
+            "-A",
+            "FORWARD",
+            "-d",
+            &self.db_ip.to_string(),
+            "-p",
+            "tcp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DROP",
+        ]);
+    }
+}
+
+impl Default for Routed {
+    fn default() -> Self {
+        Self::new()
+    }
 }

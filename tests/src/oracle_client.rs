@@ -33,6 +33,21 @@ except Exception as e:
     sys.exit(3)
 "#;
 
+/// Runs a python script inside `ns` (`ip netns exec` execs in place: the child's pid is
+/// python's), stdout and stderr piped.
+pub fn spawn_python(ns: &Netns, script: &str, args: &[&str]) -> Child {
+    Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(python())
+        .args(["-c", script])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start python")
+}
+
 /// A running `oracledb.connect` in a namespace.
 pub struct Connect {
     child: Child,
@@ -50,16 +65,16 @@ pub struct Outcome {
 
 impl Connect {
     pub fn start(ns: &Netns, host: IpAddr, port: u16, service: &str, timeout_s: f64) -> Self {
-        let py = python();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(py)
-            .args(["-c", CONNECT, &host.to_string(), &port.to_string(), service])
-            .arg(timeout_s.to_string())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start python-oracledb");
+        let child = spawn_python(
+            ns,
+            CONNECT,
+            &[
+                &host.to_string(),
+                &port.to_string(),
+                service,
+                &timeout_s.to_string(),
+            ],
+        );
         Self {
             child,
             started: Instant::now(),

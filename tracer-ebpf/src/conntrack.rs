@@ -1,7 +1,7 @@
 //! Conntrack: the entry attached to a dropped skb (NAT tuples, state), and removals of entries
-//! that never saw a reply (kprobe on nf_ct_delete), for flows whose SYN left this node and
+//! that never saw a reply (fentry on nf_ct_delete, found through BTF), for flows whose SYN left this node and
 //! vanished further along.
-use aya_ebpf::{macros::kprobe, programs::ProbeContext};
+use aya_ebpf::{macros::fentry, programs::FEntryContext};
 use tracer_common::{
     ABSENT, AF_INET, AF_INET6, CtEvent, CtInfo, CtTuple, IPPROTO_TCP, counter, kind,
 };
@@ -110,19 +110,19 @@ pub fn original_port_watched(skb: u64) -> bool {
     maps::port_watched(u16::from_be(sport), u16::from_be(dport))
 }
 
-#[kprobe]
-pub fn nf_ct_delete(ctx: ProbeContext) -> u32 {
+#[fentry(function = "nf_ct_delete")]
+pub fn nf_ct_delete(ctx: FEntryContext) -> u32 {
     if try_nf_ct_delete(&ctx).is_err() {
         maps::count(counter::TCP_UNREADABLE);
     }
     0
 }
 
-fn try_nf_ct_delete(ctx: &ProbeContext) -> Result<(), i64> {
+fn try_nf_ct_delete(ctx: &FEntryContext) -> Result<(), i64> {
     if ro(&L.valid) == 0 {
         return Ok(());
     }
-    let ct: u64 = ctx.arg(0).ok_or(-22i64)?;
+    let ct: u64 = ctx.arg(0);
     let orig = original_tuple(ct);
     let protonum: u8 = unsafe { read(at(orig, ro(&L.dst_protonum)))? };
     let status: u64 = unsafe { read(at(ct, ro(&L.ct_status)))? };

@@ -1,7 +1,10 @@
 //! The flow table: joins the signals of one connection attempt (state changes, SYN and data
 //! retransmits, drops, conntrack) into one `stall` incident. Pure: no I/O, time comes from the
 //! signals and from `tick`, so every rule is unit-tested with synthetic signals.
-use std::collections::{BTreeMap, HashMap};
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+};
 
 use crate::signal::{
     CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal,
@@ -126,6 +129,9 @@ pub struct Correlator {
     attempts: BTreeMap<u64, Attempt>,
     by_key: HashMap<FlowKey, u64>,
     by_sk: HashMap<u64, u64>,
+    /// Attempts whose source port is not known yet, by (client ip, server): the kernel enters
+    /// SYN_SENT before connect() picks the port, so the first state record has port 0.
+    portless: HashMap<(IpAddr, SocketAddr), Vec<u64>>,
     next_id: u64,
     pub evicted: u64,
     out: Vec<Incident>,
@@ -145,6 +151,7 @@ impl Correlator {
             attempts: BTreeMap::new(),
             by_key: HashMap::new(),
             by_sk: HashMap::new(),
+            portless: HashMap::new(),
             next_id: 1,
             evicted: 0,
             out: Vec::new(),
@@ -177,8 +184,41 @@ impl Correlator {
         if let Some(sk) = a.sk {
             self.by_sk.insert(sk, id);
         }
+        if a.key.src.port() == 0 {
+            self.portless
+                .entry((a.key.src.ip(), a.key.dst))
+                .or_default()
+                .push(id);
+        }
         self.attempts.insert(id, a);
         id
+    }
+
+    /// Gives a portless attempt its real source port once a signal shows it.
+    fn learn_port(&mut self, id: u64, flow: FlowKey) {
+        let Some(a) = self.attempts.get_mut(&id) else {
+            return;
+        };
+        if a.key.src.port() != 0 || flow.src.port() == 0 || a.key.dst != flow.dst {
+            return;
+        }
+        let old = a.key;
+        a.key = flow;
+        if self.by_key.get(&old) == Some(&id) {
+            self.by_key.remove(&old);
+        }
+        self.by_key.insert(flow, id);
+        self.forget_portless(old, id);
+    }
+
+    fn forget_portless(&mut self, key: FlowKey, id: u64) {
+        let slot = (key.src.ip(), key.dst);
+        if let Some(ids) = self.portless.get_mut(&slot) {
+            ids.retain(|&x| x != id);
+            if ids.is_empty() {
+                self.portless.remove(&slot);
+            }
+        }
     }
 
     fn remove(&mut self, id: u64) -> Option<Attempt> {
@@ -191,12 +231,35 @@ impl Correlator {
         {
             self.by_sk.remove(&sk);
         }
+        if a.key.src.port() == 0 {
+            self.forget_portless(a.key, id);
+        }
         Some(a)
     }
 
-    fn find(&self, sk: Option<u64>, keys: &[FlowKey]) -> Option<u64> {
-        sk.and_then(|sk| self.by_sk.get(&sk).copied())
-            .or_else(|| keys.iter().find_map(|k| self.by_key.get(k).copied()))
+    /// By socket, then by exact tuple, then the oldest portless attempt between the same
+    /// client address and server (which then learns its port from the matching key).
+    fn find(&mut self, sk: Option<u64>, keys: &[FlowKey]) -> Option<u64> {
+        let found = sk
+            .and_then(|sk| self.by_sk.get(&sk).copied())
+            .map(|id| (id, keys.first().copied()))
+            .or_else(|| {
+                keys.iter()
+                    .find_map(|k| self.by_key.get(k).map(|&id| (id, Some(*k))))
+            })
+            .or_else(|| {
+                keys.iter().find_map(|k| {
+                    self.portless
+                        .get(&(k.src.ip(), k.dst))
+                        .and_then(|ids| ids.first())
+                        .map(|&id| (id, Some(*k)))
+                })
+            });
+        let (id, key) = found?;
+        if let Some(k) = key {
+            self.learn_port(id, k);
+        }
+        Some(id)
     }
 
     fn new_attempt(key: FlowKey, ts: u64, owner: Option<Owner>, netns: u32) -> Attempt {
@@ -646,8 +709,10 @@ mod tests {
             flow,
             tcp_flags: flags,
             reason: reason.into(),
+            reason_code: 0,
             location: "nft_do_chain+0x46f".into(),
             netns: 200,
+            ifindex: 2,
             count: 1,
             ct: None,
         }
@@ -863,6 +928,41 @@ mod tests {
             "{}",
             i.diagnosis
         );
+    }
+
+    #[test]
+    fn syn_sent_without_a_port_learns_it_from_the_first_drop() {
+        // connect() enters SYN_SENT before the source port is chosen.
+        let mut c = Correlator::new(cfg());
+        let portless = key("10.0.0.1:0", "198.51.100.7:1521");
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, portless, "CLOSE", "SYN_SENT", 0));
+        c.on_drop(&drop_(1, f, 0x02, "NETFILTER_DROP"));
+        c.on_retransmit(&retrans(1000 * MS, 1, f, "SYN_SENT", 0));
+        c.on_drop(&drop_(1000 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.on_state(&state(2000 * MS, 1, f, "SYN_SENT", "CLOSE", 0));
+        let out: Vec<_> = c.drain().collect();
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].flow, f);
+        assert_eq!(out[0].drops[0].count, 2);
+        assert!(c.portless.is_empty() && c.by_key.is_empty());
+    }
+
+    #[test]
+    fn established_flow_learns_its_port_from_the_state_change() {
+        let mut c = Correlator::new(cfg());
+        let portless = key("10.0.0.1:0", "198.51.100.7:1521");
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, portless, "CLOSE", "SYN_SENT", 0));
+        c.on_state(&state(1, 1, f, "SYN_SENT", "ESTABLISHED", 0));
+        c.on_retransmit(&retrans(100 * MS, 1, f, "ESTABLISHED", 9));
+        c.on_drop(&drop_(100 * MS, f, 0x18, "NETFILTER_DROP"));
+        c.on_retransmit(&retrans(400 * MS, 1, f, "ESTABLISHED", 9));
+        c.tick(3500 * MS);
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::DataStalled);
+        assert_eq!(i.flow, f);
+        assert_eq!(i.drops.len(), 1);
     }
 
     #[test]

@@ -1,18 +1,20 @@
-//! `droptrace run`: kernel events -> decode -> encode -> sinks, until a signal, `--duration`
-//! or `--max-events`.
+//! `droptrace run`: kernel records -> decode -> correlate -> encode -> sinks, until a signal,
+//! `--duration` or `--max-events`.
 use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_common::{DropEvent, EventHeader, kind};
+use tracer_common::{CtEvent, DropEvent, EventHeader, RetransmitEvent, StateEvent, kind};
 
 use crate::{
+    cgroup,
     clock::{self, Clock},
-    collectors::{self, Symbols, skb_drop},
+    collectors::{self, Symbols, conntrack, skb_drop, tcp_state},
+    correlate::{self, Correlator},
     encode,
     event::{Event, Kind, Lost, LostSource},
-    kernel::{btf::KernelBtf, kallsyms::Kallsyms},
-    preflight, sinks,
+    kernel::btf::KernelBtf,
+    preflight, report, sinks,
     tracer::{Tracer, TracerOptions},
 };
 
@@ -26,6 +28,11 @@ pub struct RunOptions {
     pub max_events: Option<u64>,
     pub node: String,
     pub ringbuf_bytes: u32,
+    /// Also emit every per-signal record (tcp_state, retransmit, conntrack).
+    pub raw: bool,
+    pub stall_after: Duration,
+    /// Bound on connection attempts tracked at once.
+    pub flow_table: usize,
 }
 
 /// Totals printed to stderr at exit.
@@ -35,35 +42,37 @@ pub struct Summary {
     pub drops_by_reason: BTreeMap<String, u64>,
     pub lost_kernel: u64,
     pub undecodable: u64,
+    pub evicted: u64,
 }
 
 impl Summary {
     pub fn line(&self) -> String {
         let total: u64 = self.events.values().sum();
-        let kinds: Vec<_> = self
-            .events
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        let reasons: Vec<_> = self
-            .drops_by_reason
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
-        format!(
-            "droptrace: {total} events ({}), {} lost in kernel, {} undecodable; drops by reason: {}",
-            if kinds.is_empty() {
+        let list = |m: Vec<String>| {
+            if m.is_empty() {
                 "none".to_string()
             } else {
-                kinds.join(", ")
-            },
+                m.join(", ")
+            }
+        };
+        format!(
+            "droptrace: {total} events ({}), {} lost in kernel, {} undecodable, {} attempts \
+             evicted; drops by reason: {}",
+            list(
+                self.events
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect()
+            ),
             self.lost_kernel,
             self.undecodable,
-            if reasons.is_empty() {
-                "none".to_string()
-            } else {
-                reasons.join(", ")
-            },
+            self.evicted,
+            list(
+                self.drops_by_reason
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect()
+            ),
         )
     }
 }
@@ -78,12 +87,22 @@ pub fn hostname() -> String {
 struct Pipeline {
     clock: Clock,
     symbols: Symbols,
+    correlator: Correlator,
     node: String,
+    raw: bool,
     out: sinks::Stdout,
     buf: Vec<u8>,
     summary: Summary,
     max_events: Option<u64>,
     emitted: u64,
+    reported_evictions: u64,
+}
+
+/// Reads a plain-data record out of ring buffer bytes (8-byte aligned only, so unaligned).
+fn record<T: Copy>(bytes: &[u8]) -> Option<T> {
+    (bytes.len() >= size_of::<T>())
+        // SAFETY: length checked; T is a repr(C) plain-data kernel record.
+        .then(|| unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
 }
 
 impl Pipeline {
@@ -102,29 +121,94 @@ impl Pipeline {
         self.max_events.is_some_and(|m| self.emitted >= m)
     }
 
-    /// One ring buffer record.
+    /// One ring buffer record through decode and correlate.
     fn record(&mut self, bytes: &[u8]) {
         if bytes.len() < size_of::<EventHeader>() {
             self.summary.undecodable += 1;
             return;
         }
         match bytes[0] {
-            kind::DROP if bytes.len() >= size_of::<DropEvent>() => {
-                // SAFETY: length checked; DropEvent is plain data; the ring buffer only
-                // guarantees 8-byte alignment, so read unaligned.
-                let rec: DropEvent =
-                    unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) };
-                let event = skb_drop::decode(&rec, &self.symbols, &self.clock, &self.node);
-                if let Some(d) = &event.drop {
-                    *self
-                        .summary
-                        .drops_by_reason
-                        .entry(d.reason.clone())
-                        .or_default() += event.count;
+            kind::DROP => {
+                let Some(rec) = record::<DropEvent>(bytes) else {
+                    self.summary.undecodable += 1;
+                    return;
+                };
+                let d = skb_drop::decode(&rec, &self.symbols);
+                *self
+                    .summary
+                    .drops_by_reason
+                    .entry(d.reason.clone())
+                    .or_default() += d.count;
+                self.emit(&report::drop_event(&d, &self.clock, &self.node));
+                self.correlator.on_drop(&d);
+            }
+            kind::STATE => {
+                let Some(rec) = record::<StateEvent>(bytes) else {
+                    self.summary.undecodable += 1;
+                    return;
+                };
+                let mut s = tcp_state::decode_state(&rec, &self.symbols.tcp_states);
+                if s.new.is("SYN_SENT")
+                    && let Some(o) = s.owner.as_mut()
+                {
+                    // Read now, while the connecting process is alive.
+                    o.container_id = cgroup::container_id(o.tgid);
                 }
-                self.emit(&event);
+                if self.raw {
+                    self.emit(&report::state_event(&s, &self.clock, &self.node));
+                }
+                self.correlator.on_state(&s);
+            }
+            kind::RETRANSMIT => {
+                let Some(rec) = record::<RetransmitEvent>(bytes) else {
+                    self.summary.undecodable += 1;
+                    return;
+                };
+                let r = tcp_state::decode_retransmit(&rec, &self.symbols.tcp_states);
+                if self.raw {
+                    self.emit(&report::retransmit_event(&r, &self.clock, &self.node));
+                }
+                self.correlator.on_retransmit(&r);
+            }
+            kind::CT_UNREPLIED => {
+                let Some(c) = record::<CtEvent>(bytes)
+                    .and_then(|rec| conntrack::decode(&rec, &self.symbols.ct))
+                else {
+                    self.summary.undecodable += 1;
+                    return;
+                };
+                if self.raw {
+                    self.emit(&report::conntrack_event(&c, &self.clock, &self.node));
+                }
+                self.correlator.on_conntrack(&c);
             }
             _ => self.summary.undecodable += 1,
+        }
+        self.flush_incidents();
+    }
+
+    fn flush_incidents(&mut self) {
+        let incidents: Vec<_> = self.correlator.drain().collect();
+        for i in &incidents {
+            self.emit(&report::stall_event(i, &self.clock, &self.node));
+        }
+    }
+
+    fn tick(&mut self) {
+        self.correlator.tick(clock::monotonic_ns());
+        self.flush_incidents();
+        let evicted = self.correlator.evicted;
+        if evicted > self.reported_evictions {
+            let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
+            e.count = evicted - self.reported_evictions;
+            e.lost = Some(Lost {
+                source: LostSource::Correlation,
+                reason: "flow_table_full".to_string(),
+                sink: None,
+            });
+            self.reported_evictions = evicted;
+            self.summary.evicted = evicted;
+            self.emit(&e);
         }
     }
 
@@ -143,28 +227,66 @@ impl Pipeline {
     }
 }
 
-/// Everything before the first event: checks, layout, load, attach.
+/// Everything before the first event: checks, layouts, load, attach. Optional hooks that
+/// cannot run are reported and skipped.
 pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
-    let report = preflight::run();
+    let report = preflight::run(false);
     if let Some(fail) = report.first_failure() {
         anyhow::bail!("{}: {}", fail.name, fail.detail);
     }
     let root = report.tracefs.context("tracefs")?;
     let btf = KernelBtf::vmlinux()?;
-    let format = skb_drop::read_format(&root)?;
-    let layout = skb_drop::resolve_layout(&format, &btf)?;
-    let symbols = Symbols {
-        kallsyms: Kallsyms::load(),
-        drop_reasons: collectors::drop_reason_names(Some(&btf), &format.reason_symbols),
-    };
+    let r = collectors::resolve(&root, &btf)?;
     let mut tracer = Tracer::load(&TracerOptions {
-        layout,
+        layout: r.skb,
+        tcp: r.tcp.as_ref().ok().copied(),
+        ct: r.ct.as_ref().ok().copied(),
         ports: opts.ports.clone(),
         all_tcp: opts.all_tcp,
         ringbuf_bytes: opts.ringbuf_bytes,
     })?;
-    tracer.attach_all()?;
-    Ok((tracer, symbols))
+    tracer.attach_tracepoint(skb_drop::PROGRAM, skb_drop::CATEGORY, skb_drop::TRACEPOINT)?;
+    let optional = [
+        (
+            "TCP lifecycle",
+            r.tcp.as_ref().map(|_| ()).map_err(Clone::clone),
+            (
+                tcp_state::STATE_PROGRAM,
+                Some(tcp_state::STATE_CATEGORY),
+                tcp_state::STATE_TRACEPOINT,
+            ),
+        ),
+        (
+            "retransmits",
+            r.retransmit.clone(),
+            (
+                tcp_state::RETRANSMIT_PROGRAM,
+                Some(tcp_state::RETRANSMIT_CATEGORY),
+                tcp_state::RETRANSMIT_TRACEPOINT,
+            ),
+        ),
+        (
+            "conntrack removals",
+            r.ct_delete.clone(),
+            (conntrack::PROGRAM, None, conntrack::FUNCTION),
+        ),
+    ];
+    for (what, available, (prog, category, name)) in optional {
+        let attached = available.and_then(|()| {
+            match category {
+                Some(c) => tracer.attach_tracepoint(prog, c, name),
+                None => tracer.attach_fentry(prog, name),
+            }
+            .map_err(|e| e.to_string())
+        });
+        if let Err(why) = attached {
+            tracing::warn!("{what} not traced: {why}");
+        }
+    }
+    if let Err(why) = &r.ct {
+        tracing::warn!("conntrack entries of drops not read: {why}");
+    }
+    Ok((tracer, r.symbols))
 }
 
 pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
@@ -179,12 +301,19 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
     let mut p = Pipeline {
         clock: Clock::new(),
         symbols,
+        correlator: Correlator::new(correlate::Config {
+            stall_after_ns: opts.stall_after.as_nanos() as u64,
+            capacity: opts.flow_table,
+            ..correlate::Config::default()
+        }),
         node: opts.node.clone(),
+        raw: opts.raw,
         out: sinks::Stdout::default(),
         buf: Vec::with_capacity(1024),
         summary: Summary::default(),
         max_events: opts.max_events,
         emitted: 0,
+        reported_evictions: 0,
     };
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -197,6 +326,8 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
     };
     tokio::pin!(deadline);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
+    // Stall detection resolution: a fraction of --stall-after, at most 250 ms.
+    let mut ticker = tokio::time::interval((opts.stall_after / 4).min(Duration::from_millis(250)));
 
     loop {
         let Tracer {
@@ -227,6 +358,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
                 guard.get_inner_mut().flush();
                 guard.clear_ready();
             }
+            _ = ticker.tick() => {
+                p.tick();
+                let _ = p.out.flush();
+                if p.done() { break; }
+            }
             _ = poll.tick() => {
                 p.report_kernel_loss(counters.lost_in_kernel());
                 let _ = p.out.flush();
@@ -250,6 +386,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
     }
     tracer.flush_logs();
     p.report_kernel_loss(tracer.counters.lost_in_kernel());
+    p.summary.evicted = p.correlator.evicted;
     let _ = p.out.flush();
     drop(tracer);
     Ok(p.summary)

@@ -19,6 +19,12 @@ pub enum Kind {
     Stall,
     /// An Oracle Net packet seen on a listener port.
     Tns,
+    /// `--raw`: a TCP state change of a watched socket.
+    TcpState,
+    /// `--raw`: a TCP retransmission on a watched flow.
+    Retransmit,
+    /// `--raw`: a conntrack entry of a watched flow removed without a reply.
+    Conntrack,
 }
 
 impl Kind {
@@ -28,6 +34,9 @@ impl Kind {
             Kind::Lost => "lost",
             Kind::Stall => "stall",
             Kind::Tns => "tns",
+            Kind::TcpState => "tcp_state",
+            Kind::Retransmit => "retransmit",
+            Kind::Conntrack => "conntrack",
         }
     }
 }
@@ -54,6 +63,10 @@ pub struct Event {
     pub count: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost: Option<Lost>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_state: Option<StateChange>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retransmit: Option<Retransmit>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<Process>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -89,6 +102,8 @@ impl Event {
             ifindex: None,
             count: 1,
             lost: None,
+            tcp_state: None,
+            retransmit: None,
             process: None,
             attempt: None,
             drops: None,
@@ -145,6 +160,8 @@ pub enum LostSource {
     Sink,
     /// Input the daemon could not use (unparsable API object, malformed packet bytes, ...).
     Input,
+    /// Connection attempts evicted from the full flow table before they ended.
+    Correlation,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -168,7 +185,26 @@ pub struct Process {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateChange {
+    /// TCP state names of this kernel without the TCP_ prefix: SYN_SENT, ESTABLISHED, CLOSE, ...
+    pub old: String,
+    pub new: String,
+    /// sk_err at the transition (111 ECONNREFUSED, 110 ETIMEDOUT, 113 EHOSTUNREACH), 0 if none.
+    pub error: i32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retransmit {
+    /// The socket's TCP state: SYN_SENT for a SYN retransmit.
+    pub state: String,
+    /// Oldest unacknowledged sequence number.
+    pub snd_una: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attempt {
+    /// Same for the `in_progress` record and the final record of one attempt.
+    pub id: u64,
     /// RFC 3339 time of the first SYN (or the first signal seen).
     pub started: String,
     pub syn_retransmits: u32,
@@ -176,6 +212,13 @@ pub struct Attempt {
     /// timeout | refused | unreachable | established_late | abandoned | data_stalled |
     /// refused_by_listener | in_progress
     pub outcome: String,
+    /// Data retransmits without acknowledgement (data_stalled).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub data_retransmits: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

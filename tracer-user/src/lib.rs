@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode -> [`event`] ->
 //! [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time ([`kernel`]).
+pub mod cgroup;
 pub mod clock;
 pub mod collectors;
 pub mod correlate;
@@ -10,6 +11,7 @@ pub mod encode;
 pub mod event;
 pub mod kernel;
 pub mod preflight;
+pub mod report;
 pub mod signal;
 pub mod sinks;
 pub mod tracer;

@@ -51,6 +51,15 @@ struct RunArgs {
     /// Kernel ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf)]
     ringbuf_bytes: u32,
+    /// Also emit every per-signal record (tcp_state, retransmit, conntrack).
+    #[arg(long)]
+    raw: bool,
+    /// Report a connection attempt (or an established flow) that made no progress this long.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    stall_after: Duration,
+    /// Connection attempts tracked at once; the oldest are evicted (and reported) beyond it.
+    #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..))]
+    flow_table: u32,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -108,7 +117,16 @@ fn main() -> ExitCode {
 }
 
 fn check(json: bool) -> ExitCode {
-    let report = preflight::run();
+    let report = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt.block_on(async { preflight::run(true) }),
+        Err(e) => {
+            eprintln!("droptrace: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
     if json {
         println!(
             "{}",
@@ -122,7 +140,7 @@ fn check(json: bool) -> ExitCode {
                 (false, true) => "FAIL",
                 (false, false) => "warn",
             };
-            println!("{mark} {:<26} {}", c.name, c.detail);
+            println!("{mark} {:<36} {}", c.name, c.detail);
         }
     }
     match report.first_failure() {
@@ -146,6 +164,9 @@ fn run(args: RunArgs) -> ExitCode {
         max_events: args.max_events,
         node: args.node_name.unwrap_or_else(daemon::hostname),
         ringbuf_bytes: args.ringbuf_bytes,
+        raw: args.raw,
+        stall_after: args.stall_after,
+        flow_table: args.flow_table as usize,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

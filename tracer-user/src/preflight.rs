@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::{
-    collectors::skb_drop,
+    collectors::{self, skb_drop},
     kernel::{
         btf::{KernelBtf, VMLINUX},
         caps, tracefs,
@@ -57,7 +57,9 @@ pub fn missing_privileges() -> Option<String> {
     ))
 }
 
-pub fn run() -> Report {
+/// `probe_hooks`: also try to attach hooks whose availability BTF alone cannot tell (needs a
+/// tokio runtime). `run` skips it: it attaches them for real right after.
+pub fn run(probe_hooks: bool) -> Report {
     let mut checks = Vec::new();
     let mut push = |name: &str, ok: bool, required: bool, detail: String| {
         checks.push(Check {
@@ -121,13 +123,50 @@ pub fn run() -> Report {
                     },
                 );
                 if let Ok(b) = &btf {
-                    match skb_drop::resolve_layout(&format, b) {
-                        Ok(_) => push(
-                            "sk_buff layout",
-                            true,
-                            true,
-                            "offsets resolved from BTF".to_string(),
-                        ),
+                    match collectors::resolve(root, b) {
+                        Ok(r) => {
+                            push(
+                                "sk_buff layout",
+                                true,
+                                true,
+                                "offsets resolved from BTF".into(),
+                            );
+                            let optional = |r: &Result<(), String>, ok: &str| match r {
+                                Ok(()) => (true, ok.to_string()),
+                                Err(e) => (false, e.clone()),
+                            };
+                            for (name, (ok, detail)) in [
+                                (
+                                    "tracepoint sock:inet_sock_set_state",
+                                    optional(
+                                        &r.tcp.as_ref().map(|_| ()).map_err(Clone::clone),
+                                        "connect attempts and their outcome",
+                                    ),
+                                ),
+                                (
+                                    "tracepoint tcp:tcp_retransmit_skb",
+                                    optional(&r.retransmit, "SYN and data retransmits"),
+                                ),
+                                (
+                                    "conntrack layout",
+                                    optional(
+                                        &r.ct.as_ref().map(|_| ()).map_err(Clone::clone),
+                                        "NAT tuples of dropped packets",
+                                    ),
+                                ),
+                                (
+                                    "fentry nf_ct_delete",
+                                    optional(
+                                        &r.ct_delete.clone().and_then(|()| {
+                                            if probe_hooks { probe_fentry() } else { Ok(()) }
+                                        }),
+                                        "unreplied conntrack entries",
+                                    ),
+                                ),
+                            ] {
+                                push(name, ok, false, detail);
+                            }
+                        }
                         Err(e) => push("sk_buff layout", false, true, e.to_string()),
                     }
                 }
@@ -143,4 +182,26 @@ pub fn run() -> Report {
         checks,
         tracefs,
     }
+}
+
+/// Whether this kernel lets us attach the conntrack-removal fentry program (lockdown and
+/// kernels without trampolines refuse it even when BTF has the function).
+fn probe_fentry() -> Result<(), String> {
+    let mut t = crate::tracer::Tracer::load(&crate::tracer::TracerOptions {
+        layout: tracer_common::SkbLayout::UNSET,
+        tcp: None,
+        ct: None,
+        ports: Vec::new(),
+        all_tcp: false,
+        ringbuf_bytes: 4096,
+    })
+    .map_err(|e| e.to_string())?;
+    let result = t
+        .attach_fentry(
+            crate::collectors::conntrack::PROGRAM,
+            crate::collectors::conntrack::FUNCTION,
+        )
+        .map_err(|e| format!("this kernel refuses it: {e}"));
+    t.detach();
+    result
 }

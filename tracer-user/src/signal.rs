@@ -72,8 +72,10 @@ pub struct DropSignal {
     pub flow: FlowKey,
     pub tcp_flags: u8,
     pub reason: String,
+    pub reason_code: u32,
     pub location: String,
     pub netns: u32,
+    pub ifindex: u32,
     pub count: u64,
     pub ct: Option<CtSnapshot>,
 }

@@ -5,12 +5,10 @@ use std::{collections::HashSet, os::fd::AsRawFd as _};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::TracePoint,
+    programs::{FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
-use tracer_common::{FilterConfig, SkbLayout, counter};
-
-use crate::collectors::skb_drop;
+use tracer_common::{CtLayout, FilterConfig, SkbLayout, TcpLayout, counter};
 
 /// The compiled kernel programs (see build.rs; empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -38,10 +36,16 @@ pub enum TracerError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("kernel BTF for fentry: {0}")]
+    Btf(String),
 }
 
 pub struct TracerOptions {
     pub layout: SkbLayout,
+    /// None: the TCP lifecycle programs stay unattached.
+    pub tcp: Option<TcpLayout>,
+    /// None: drops carry no conntrack entry and nf_ct_delete stays unattached.
+    pub ct: Option<CtLayout>,
     pub ports: Vec<u16>,
     pub all_tcp: bool,
     pub ringbuf_bytes: u32,
@@ -77,7 +81,13 @@ pub struct Tracer {
     pub events: AsyncFd<RingBuf<MapData>>,
     pub counters: Counters,
     pub logger: Option<KernelLog>,
-    attached: Vec<&'static str>,
+    attached: Vec<(&'static str, Hook)>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Hook {
+    TracePoint,
+    FEntry,
 }
 
 impl Tracer {
@@ -88,8 +98,12 @@ impl Tracer {
         let filter = FilterConfig {
             all_tcp: u32::from(opts.all_tcp),
         };
+        let tcp = opts.tcp.unwrap_or(TcpLayout::UNSET);
+        let ct = opts.ct.unwrap_or(CtLayout::UNSET);
         let mut ebpf = EbpfLoader::new()
             .override_global("SKB_LAYOUT", &opts.layout, true)
+            .override_global("TCP_LAYOUT", &tcp, true)
+            .override_global("CT_LAYOUT", &ct, true)
             .override_global("FILTER", &filter, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .load(OBJECT)
@@ -146,29 +160,43 @@ impl Tracer {
         category: &str,
         name: &str,
     ) -> Result<(), TracerError> {
-        let p: &mut TracePoint = self
-            .ebpf
+        let p: &mut TracePoint = self.program(prog)?;
+        p.load()
+            .map_err(|source| TracerError::Program { prog, source })?;
+        p.attach(category, name)
+            .map_err(|source| TracerError::Program { prog, source })?;
+        self.attached.push((prog, Hook::TracePoint));
+        Ok(())
+    }
+
+    /// fentry on a kernel function found in the running kernel's BTF.
+    pub fn attach_fentry(&mut self, prog: &'static str, function: &str) -> Result<(), TracerError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
+        let p: &mut FEntry = self.program(prog)?;
+        p.load(function, &btf)
+            .map_err(|source| TracerError::Program { prog, source })?;
+        p.attach()
+            .map_err(|source| TracerError::Program { prog, source })?;
+        self.attached.push((prog, Hook::FEntry));
+        Ok(())
+    }
+
+    fn program<'a, P>(&'a mut self, prog: &'static str) -> Result<&'a mut P, TracerError>
+    where
+        &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+    {
+        self.ebpf
             .program_mut(prog)
             .ok_or(TracerError::Program {
                 prog,
                 source: aya::programs::ProgramError::UnexpectedProgramType,
             })?
             .try_into()
-            .map_err(|source| TracerError::Program { prog, source })?;
-        p.load()
-            .map_err(|source| TracerError::Program { prog, source })?;
-        p.attach(category, name)
-            .map_err(|source| TracerError::Program { prog, source })?;
-        self.attached.push(prog);
-        Ok(())
+            .map_err(|source| TracerError::Program { prog, source })
     }
 
-    pub fn attach_all(&mut self) -> Result<(), TracerError> {
-        self.attach_tracepoint(skb_drop::PROGRAM, skb_drop::CATEGORY, skb_drop::TRACEPOINT)
-    }
-
-    pub fn attached(&self) -> &[&'static str] {
-        &self.attached
+    pub fn attached(&self) -> Vec<&'static str> {
+        self.attached.iter().map(|(p, _)| *p).collect()
     }
 
     /// Forwards kernel-side aya-log records to `tracing`.
@@ -180,11 +208,15 @@ impl Tracer {
 
     /// Detaches every program now (also done on drop).
     pub fn detach(&mut self) {
-        for name in std::mem::take(&mut self.attached) {
-            if let Some(p) = self.ebpf.program_mut(name)
-                && let Ok(tp) = <&mut TracePoint>::try_from(p)
-                && let Err(e) = tp.unload()
-            {
+        for (name, hook) in std::mem::take(&mut self.attached) {
+            let Some(p) = self.ebpf.program_mut(name) else {
+                continue;
+            };
+            let result = match hook {
+                Hook::TracePoint => <&mut TracePoint>::try_from(p).and_then(|p| p.unload()),
+                Hook::FEntry => <&mut FEntry>::try_from(p).and_then(|p| p.unload()),
+            };
+            if let Err(e) = result {
                 tracing::warn!("detaching {name}: {e}");
             }
         }

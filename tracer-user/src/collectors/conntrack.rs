@@ -1,4 +1,4 @@
-//! Conntrack entries: at drop time (skb->_nfct) and on removal (kprobe nf_ct_delete).
+//! Conntrack entries: at drop time (skb->_nfct) and on removal (fentry nf_ct_delete).
 use std::{collections::HashMap, net::SocketAddr};
 
 use tracer_common::{ABSENT, CtEvent, CtInfo, CtLayout, CtTuple};
@@ -10,7 +10,8 @@ use crate::{
 };
 
 pub const PROGRAM: &str = "nf_ct_delete";
-pub const KPROBE: &str = "nf_ct_delete";
+/// Kernel function whose entry is traced; must exist as a BTF FUNC.
+pub const FUNCTION: &str = "nf_ct_delete";
 
 /// Names for ctinfo values and status bits, from BTF enums of this kernel.
 #[derive(Debug, Default, Clone)]

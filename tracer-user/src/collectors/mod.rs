@@ -16,15 +16,20 @@ pub enum LayoutError {
     Missing(String),
 }
 
-use std::collections::HashMap;
+use std::{collections::HashMap, path::Path};
+
+use tracer_common::{CtLayout, SkbLayout, TcpLayout};
 
 use crate::kernel::{btf::KernelBtf, kallsyms::Kallsyms};
 
 /// What decoding needs to turn kernel numbers into names.
+#[derive(Default)]
 pub struct Symbols {
     pub kallsyms: Kallsyms,
     /// Drop reason value -> name (without the SKB_DROP_REASON_ prefix).
     pub drop_reasons: HashMap<u32, String>,
+    pub tcp_states: tcp_state::StateNames,
+    pub ct: conntrack::CtNames,
 }
 
 impl Symbols {
@@ -58,4 +63,54 @@ pub fn drop_reason_names(
         .iter()
         .map(|(v, name)| (*v as u32, name.clone()))
         .collect()
+}
+
+/// Every collector's layout for this kernel. The drop collector is required; the others are
+/// optional and say why when they cannot run.
+pub struct Resolved {
+    pub skb: SkbLayout,
+    pub tcp: Result<TcpLayout, String>,
+    pub retransmit: Result<(), String>,
+    pub ct: Result<CtLayout, String>,
+    pub ct_delete: Result<(), String>,
+    pub symbols: Symbols,
+}
+
+pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError> {
+    let drop_format = skb_drop::read_format(tracefs)?;
+    let skb = skb_drop::resolve_layout(&drop_format, btf)?;
+    let mut symbols = Symbols {
+        kallsyms: Kallsyms::load(),
+        drop_reasons: drop_reason_names(Some(btf), &drop_format.reason_symbols),
+        ct: conntrack::CtNames::from_btf(btf),
+        ..Symbols::default()
+    };
+    let (state_format, retransmit_format) = tcp_state::read_formats(tracefs);
+    let tcp = state_format.and_then(|s| {
+        let (layout, names) = tcp_state::resolve_layout(&s, retransmit_format.as_ref(), btf)?;
+        symbols.tcp_states = names;
+        Ok(layout)
+    });
+    let retransmit = match (&tcp, &retransmit_format) {
+        (Ok(_), Some(_)) => Ok(()),
+        (Err(e), _) => Err(format!("needs sock:inet_sock_set_state: {e}")),
+        (_, None) => Err("tracepoint tcp:tcp_retransmit_skb does not exist on this kernel".into()),
+    };
+    let ct = conntrack::resolve_layout(btf, &symbols.ct).map_err(|e| e.to_string());
+    let ct_delete = match &ct {
+        Ok(_) if btf.has_func(conntrack::FUNCTION) => Ok(()),
+        Ok(_) => Err(format!(
+            "function {} not in this kernel's BTF (nf_conntrack not built in?)",
+            conntrack::FUNCTION
+        )),
+        Err(e) => Err(e.clone()),
+    };
+    Ok(Resolved {
+        skb,
+        tcp: tcp.map_err(|e| e.to_string()),
+        retransmit,
+        ct,
+        ct_delete,
+        symbols,
+    })
 }

@@ -1,16 +1,15 @@
 //! skb:kfree_skb: packets freed with a drop reason.
 use std::path::Path;
 
-use tracer_common::{ABSENT, AF_INET6, DropEvent, SkbLayout};
+use tracer_common::{ABSENT, DropEvent, SkbLayout};
 
-use super::{LayoutError, Symbols};
+use super::{LayoutError, Symbols, conntrack};
 use crate::{
-    clock::Clock,
-    event::{self, Event, Kind},
     kernel::{
         btf::KernelBtf,
         tracefs::{Format, TracefsError},
     },
+    signal::{self, DropSignal},
 };
 
 pub const CATEGORY: &str = "skb";
@@ -43,44 +42,19 @@ pub fn read_format(tracefs: &Path) -> Result<Format, TracefsError> {
     Format::read(tracefs, CATEGORY, TRACEPOINT)
 }
 
-/// Decoded flow of a kernel record.
-pub fn flow(f: &tracer_common::Flow) -> event::Flow {
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-    let (family, src_ip, dst_ip) = if f.family == AF_INET6 {
-        (
-            event::Family::Ipv6,
-            IpAddr::V6(Ipv6Addr::from(f.saddr)),
-            IpAddr::V6(Ipv6Addr::from(f.daddr)),
-        )
-    } else {
-        let v4 = |a: &[u8; 16]| IpAddr::V4(Ipv4Addr::new(a[0], a[1], a[2], a[3]));
-        (event::Family::Ipv4, v4(&f.saddr), v4(&f.daddr))
-    };
-    event::Flow {
-        proto: "tcp".to_string(),
-        family,
-        src_ip,
-        src_port: f.sport,
-        dst_ip,
-        dst_port: f.dport,
-    }
-}
-
-pub fn decode(rec: &DropEvent, symbols: &Symbols, clock: &Clock, node: &str) -> Event {
-    let mut e = Event::new(Kind::Drop, clock.rfc3339(rec.hdr.ts_ns), node);
-    e.flow = Some(flow(&rec.flow));
-    e.tcp = Some(event::Tcp {
-        flags: event::tcp_flags(rec.tcp_flags),
-    });
-    e.drop = Some(event::Drop {
+pub fn decode(rec: &DropEvent, symbols: &Symbols) -> DropSignal {
+    DropSignal {
+        ts_ns: rec.hdr.ts_ns,
+        flow: signal::flow_key(&rec.flow),
+        tcp_flags: rec.tcp_flags,
         reason: symbols.drop_reason(rec.reason),
         reason_code: rec.reason,
         location: symbols.kallsyms.symbolize(rec.location),
-    });
-    e.netns = Some(rec.netns);
-    e.ifindex = Some(rec.ifindex);
-    e.count = u64::from(rec.count.max(1));
-    e
+        netns: rec.netns,
+        ifindex: rec.ifindex,
+        count: u64::from(rec.count.max(1)),
+        ct: conntrack::snapshot(&rec.ct, &symbols.ct),
+    }
 }
 
 #[cfg(test)]
@@ -90,13 +64,14 @@ mod tests {
     use tracer_common::{AF_INET, EventHeader, Flow, IPPROTO_TCP};
 
     use super::*;
-    use crate::kernel::kallsyms::Kallsyms;
+    use crate::{clock::Clock, kernel::kallsyms::Kallsyms};
 
     #[test]
     fn encodes_a_netfilter_drop_as_the_documented_json() {
         let symbols = Symbols {
             kallsyms: Kallsyms::parse("ffffffff81f81c50 T nf_hook_slow\n"),
             drop_reasons: HashMap::from([(12, "NETFILTER_DROP".to_string())]),
+            ..Symbols::default()
         };
         let mut fl = Flow {
             sport: 40000,
@@ -123,7 +98,7 @@ mod tests {
             count: 1,
             ..Default::default()
         };
-        let e = decode(&rec, &symbols, &Clock::new(), "node-a");
+        let e = crate::report::drop_event(&decode(&rec, &symbols), &Clock::new(), "node-a");
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["schema"], "droptrace.v1");
         assert_eq!(v["kind"], "drop");
@@ -141,6 +116,10 @@ mod tests {
         assert_eq!(v["netns"], 4026532801u32);
         assert_eq!(v["ifindex"], 2);
         assert_eq!(v["count"], 1);
+        assert!(
+            v.get("conntrack").is_none(),
+            "no conntrack entry: no section"
+        );
     }
 
     #[test]
