@@ -28,6 +28,10 @@ pub mod counter {
     pub const SKB_UNREADABLE: u32 = 2;
     /// Tracepoint records or kernel structs of the TCP/conntrack hooks that could not be read.
     pub const TCP_UNREADABLE: u32 = 3;
+    /// Drops delivered one record each because the aggregation map was full.
+    pub const AGG_FULL: u32 = 4;
+    /// Drops counted into an existing aggregation entry (no record of their own).
+    pub const AGG_MERGED: u32 = 5;
     pub const MAX: u32 = 8;
 }
 
@@ -358,12 +362,40 @@ impl SkbLayout {
     };
 }
 
-/// Filter settings written as globals before load.
+/// Run-time settings written as globals before load.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FilterConfig {
+pub struct Settings {
     /// 1: watch every TCP port, ignore the port map.
     pub all_tcp: u32,
+    /// Wake the reader only once this many bytes wait in the ring buffer; below it records are
+    /// submitted without a wakeup and userspace drains on its timer (wakeups dominate the cost
+    /// of a record).
+    pub wakeup_bytes: u32,
+}
+
+/// Aggregation key of a drop: the same flow dropped for the same reason at the same place.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct DropKey {
+    pub flow: Flow,
+    pub reason: u32,
+    pub _pad: u32,
+    pub location: u64,
+}
+
+/// Per-key drop counts kept in the kernel between flushes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropAgg {
+    /// Drops of this key NOT delivered as their own ring buffer record. Only grows; userspace
+    /// reports the increase since its last flush.
+    pub repeats: u64,
+    pub last_ns: u64,
+    pub netns: u32,
+    pub ifindex: u32,
+    pub tcp_flags: u8,
+    pub _pad: [u8; 7],
 }
 
 #[cfg(feature = "user")]
@@ -384,7 +416,9 @@ mod pod {
     unsafe impl aya::Pod for HostPort {}
     unsafe impl aya::Pod for TcpLayout {}
     unsafe impl aya::Pod for CtLayout {}
-    unsafe impl aya::Pod for FilterConfig {}
+    unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for DropKey {}
+    unsafe impl aya::Pod for DropAgg {}
 }
 
 #[cfg(test)]
@@ -406,5 +440,7 @@ mod tests {
         assert_eq!(size_of::<CtEvent>(), 16 + 104 + 8);
         assert_eq!(size_of::<TcpLayout>(), 4 * 4 + 32 + 2 * 4 + 32 + 8 * 4);
         assert_eq!(size_of::<CtLayout>(), 18 * 4);
+        assert_eq!(size_of::<DropKey>(), 56);
+        assert_eq!(size_of::<DropAgg>(), 32);
     }
 }

@@ -148,7 +148,7 @@ fn try_nf_ct_delete(ctx: &FEntryContext) -> Result<(), i64> {
         read_ct(ct, 0, &mut (*ev).ct).is_ok()
     };
     if ok {
-        entry.submit(0);
+        entry.submit(maps::wakeup_flags());
     } else {
         entry.discard(0);
         maps::count(counter::TCP_UNREADABLE);

@@ -3,9 +3,11 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
-use tracer_common::{CtLayout, FilterConfig, Flow, HostPort, Owner, SkbLayout, TcpLayout, counter};
+use tracer_common::{
+    CtLayout, DropAgg, DropKey, Flow, HostPort, Owner, Settings, SkbLayout, TcpLayout, counter,
+};
 
 // Kernel layouts, written by userspace with `EbpfLoader::override_global`. Read each field
 // with `ro`: whole-struct copies would eat the 512-byte BPF stack.
@@ -16,7 +18,10 @@ pub static TCP_LAYOUT: TcpLayout = TcpLayout::UNSET;
 #[unsafe(no_mangle)]
 pub static CT_LAYOUT: CtLayout = CtLayout::UNSET;
 #[unsafe(no_mangle)]
-pub static FILTER: FilterConfig = FilterConfig { all_tcp: 0 };
+pub static SETTINGS: Settings = Settings {
+    all_tcp: 0,
+    wakeup_bytes: 0,
+};
 
 /// A field of a read-only global. Volatile: the value is patched into .rodata after
 /// compilation, so the compiler must not fold the initializer in.
@@ -37,6 +42,13 @@ pub static WATCH_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
 #[map]
 pub static WATCH_HOSTPORTS: HashMap<HostPort, u64> = HashMap::with_max_entries(4096, 0);
 
+/// Drop counts per (flow, reason, location): a storm costs one record per flow, not per packet.
+/// Per-CPU values: each CPU counts in its own slot, exactly and without atomics; userspace
+/// sums them. Not LRU: the kernel would evict silently and lose counts; userspace removes idle
+/// entries after flushing them instead, and a full map sends drops as records of their own.
+#[map]
+pub static DROP_AGG: PerCpuHashMap<DropKey, DropAgg> = PerCpuHashMap::with_max_entries(16384, 0);
+
 /// Socket -> the process that connected it.
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(16384, 0);
@@ -52,9 +64,22 @@ pub fn count(index: u32) {
     }
 }
 
+/// Submit flags: no wakeup until `wakeup_bytes` are waiting (userspace drains on a timer).
+#[inline(always)]
+pub fn wakeup_flags() -> u64 {
+    const BPF_RB_AVAIL_DATA: u64 = 0;
+    const BPF_RB_NO_WAKEUP: u64 = 1;
+    const BPF_RB_FORCE_WAKEUP: u64 = 2;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= ro(&SETTINGS.wakeup_bytes) as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
+
 #[inline(always)]
 pub fn port_watched(sport: u16, dport: u16) -> bool {
-    if ro(&FILTER.all_tcp) != 0 {
+    if ro(&SETTINGS.all_tcp) != 0 {
         return true;
     }
     unsafe { WATCH_PORTS.get(&dport).is_some() || WATCH_PORTS.get(&sport).is_some() }

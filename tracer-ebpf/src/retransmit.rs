@@ -54,6 +54,6 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
             }
         }
     }
-    entry.submit(0);
+    entry.submit(maps::wakeup_flags());
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! skb:kfree_skb: every freed-with-a-reason skb. Keeps TCP packets of watched flows, with the
 //! conntrack entry they carried.
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::warn;
-use tracer_common::{ABSENT, DropEvent, counter, kind};
+use tracer_common::{ABSENT, DropAgg, DropEvent, DropKey, counter, kind};
 
 use crate::{
     conntrack,
@@ -50,20 +50,53 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
     } else {
         field(ctx, reason_off)?
     };
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    // Aggregate: only the first drop of a (flow, reason, location) gets a record; repeats are
+    // counted in place and flushed by userspace.
+    let key = DropKey {
+        flow: pkt.flow,
+        reason,
+        _pad: 0,
+        location,
+    };
+    if add_repeat(&key, now) {
+        return Ok(());
+    }
+    let (ifindex, netns) = device_and_netns(skb);
+    let fresh = DropAgg {
+        repeats: 0,
+        last_ns: now,
+        netns,
+        ifindex,
+        tcp_flags: pkt.flags,
+        _pad: [0; 7],
+    };
+    const BPF_NOEXIST: u64 = 1;
+    if maps::DROP_AGG.insert(&key, &fresh, BPF_NOEXIST).is_err() {
+        // Another CPU inserted it first: count there. Map full: a record of its own.
+        if add_repeat(&key, now) {
+            return Ok(());
+        }
+        maps::count(counter::AGG_FULL);
+    }
 
     let Some(mut entry) = maps::EVENTS.reserve::<DropEvent>(0) else {
-        maps::count(counter::RINGBUF_FULL);
+        // Not lost while the aggregation entry exists: the next flush reports it.
+        if !add_repeat(&key, now) {
+            maps::count(counter::RINGBUF_FULL);
+        }
         return Ok(());
     };
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points at a reserved, writable record of the right size.
     unsafe {
         (*ev).hdr = header(kind::DROP);
+        (*ev).hdr.ts_ns = now;
         (*ev).location = location;
         (*ev).flow = pkt.flow;
         (*ev).reason = reason;
         (*ev).len = read(at(skb, ro(&L.skb_len))).unwrap_or(0);
-        let (ifindex, netns) = device_and_netns(skb);
         (*ev).ifindex = ifindex;
         (*ev).netns = netns;
         (*ev).tcp_flags = pkt.flags;
@@ -71,8 +104,24 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
         (*ev).count = 1;
         conntrack::of_skb(skb, &mut (*ev).ct);
     }
-    entry.submit(0);
+    entry.submit(maps::wakeup_flags());
     Ok(())
+}
+
+/// Counts one more drop into an existing aggregation entry; false when there is none.
+#[inline(always)]
+fn add_repeat(key: &DropKey, now: u64) -> bool {
+    let Some(agg) = maps::DROP_AGG.get_ptr_mut(key) else {
+        return false;
+    };
+    // SAFETY: this CPU's slot of a per-CPU map value, valid for this program run; no other
+    // CPU writes it, so a plain add is exact.
+    unsafe {
+        (*agg).repeats += 1;
+        (*agg).last_ns = now;
+    }
+    maps::count(counter::AGG_MERGED);
+    true
 }
 
 /// ifindex and netns inode of skb->dev; without a device (early local output) the netns of

@@ -75,7 +75,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     if newstate as u32 == ro(&L.close) {
         let _ = maps::OWNERS.remove(&sk);
     }
-    entry.submit(0);
+    entry.submit(maps::wakeup_flags());
     Ok(())
 }
 

@@ -101,6 +101,9 @@ struct Attempt {
     server_saw_syn: bool,
     reported_in_progress: bool,
     reported_data_stall: bool,
+    /// How and when it ended; reported at the next `tick`, after the drop counts the kernel
+    /// still holds have been flushed in.
+    ended: Option<(Outcome, u64, Option<i32>)>,
 }
 
 /// One record to emit.
@@ -135,6 +138,8 @@ pub struct Correlator {
     next_id: u64,
     pub evicted: u64,
     out: Vec<Incident>,
+    /// Attempts with `ended` set.
+    ended: usize,
 }
 
 const ECONNREFUSED: i32 = 111;
@@ -155,6 +160,7 @@ impl Correlator {
             next_id: 1,
             evicted: 0,
             out: Vec::new(),
+            ended: 0,
         }
     }
 
@@ -223,6 +229,9 @@ impl Correlator {
 
     fn remove(&mut self, id: u64) -> Option<Attempt> {
         let a = self.attempts.remove(&id)?;
+        if a.ended.is_some() {
+            self.ended -= 1;
+        }
         if self.by_key.get(&a.key) == Some(&id) {
             self.by_key.remove(&a.key);
         }
@@ -279,7 +288,13 @@ impl Correlator {
             server_saw_syn: false,
             reported_in_progress: false,
             reported_data_stall: false,
+            ended: None,
         }
+    }
+
+    /// Some attempt ended and waits for `tick` to report it.
+    pub fn has_ended(&self) -> bool {
+        self.ended > 0
     }
 
     pub fn on_state(&mut self, s: &StateSignal) {
@@ -320,7 +335,12 @@ impl Correlator {
                 let Some(id) = self.find(Some(s.sk), &[s.flow]) else {
                     return;
                 };
-                let Some(mut a) = self.remove(id) else { return };
+                let Some(a) = self.attempts.get_mut(&id) else {
+                    return;
+                };
+                if a.ended.is_some() {
+                    return;
+                }
                 a.last_signal_ns = s.ts_ns;
                 let outcome = match s.sk_err {
                     ECONNREFUSED => Outcome::Refused,
@@ -332,7 +352,8 @@ impl Correlator {
                     _ => Outcome::Abandoned,
                 };
                 let errno = (s.sk_err != 0).then_some(s.sk_err);
-                self.out.push(incident(id, &a, outcome, s.ts_ns, errno));
+                a.ended = Some((outcome, s.ts_ns, errno));
+                self.ended += 1;
             }
             (_, "CLOSE") | ("ESTABLISHED", _) => {
                 if let Some(id) = self.find(Some(s.sk), &[s.flow])
@@ -452,8 +473,23 @@ impl Correlator {
             .push(incident(id, &a, Outcome::Timeout, c.ts_ns, None));
     }
 
-    /// Time passes: report attempts that stalled, end the ones nothing will end.
+    /// Time passes: report attempts that ended or stalled, end the ones nothing will end.
     pub fn tick(&mut self, now_ns: u64) {
+        if self.ended > 0 {
+            let ended: Vec<u64> = self
+                .attempts
+                .iter()
+                .filter(|(_, a)| a.ended.is_some())
+                .map(|(&id, _)| id)
+                .collect();
+            for id in ended {
+                if let Some(a) = self.remove(id)
+                    && let Some((outcome, at, errno)) = a.ended
+                {
+                    self.out.push(incident(id, &a, outcome, at, errno));
+                }
+            }
+        }
         let mut finals = Vec::new();
         for (&id, a) in self.attempts.iter_mut() {
             let idle = now_ns.saturating_sub(a.last_signal_ns);
@@ -491,6 +527,18 @@ impl Correlator {
                 && a.phase == Phase::Connecting
             {
                 self.out.push(incident(id, &a, outcome, now_ns, None));
+            }
+        }
+    }
+
+    /// At exit: report what ended, and every attempt still connecting as in progress.
+    pub fn finish(&mut self, now_ns: u64) {
+        self.tick(now_ns);
+        for (&id, a) in self.attempts.iter_mut() {
+            if a.phase == Phase::Connecting && !a.reported_in_progress {
+                a.reported_in_progress = true;
+                self.out
+                    .push(incident(id, a, Outcome::InProgress, now_ns, None));
             }
         }
     }
@@ -735,6 +783,9 @@ mod tests {
         c.tick(2500 * MS);
         assert_eq!(c.drain().count(), 0, "nothing before --stall-after");
         c.on_state(&state(2900 * MS, 1, f, "SYN_SENT", "CLOSE", 0));
+        // Reported at the next tick, once the kernel's drop counts are flushed in.
+        c.on_drop(&drop_(2950 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.tick(2960 * MS);
         let out: Vec<_> = c.drain().collect();
         assert_eq!(out.len(), 1);
         let i = &out[0];
@@ -742,10 +793,10 @@ mod tests {
         assert_eq!(i.syn_retransmits, 2);
         assert_eq!(i.owner.as_ref().unwrap().comm, "python");
         assert_eq!(i.drops.len(), 1);
-        assert_eq!(i.drops[0].count, 3);
+        assert_eq!(i.drops[0].count, 4);
         assert_eq!(
             i.diagnosis,
-            "SYN to 198.51.100.7:1521 dropped 3 times on this node by netfilter \
+            "SYN to 198.51.100.7:1521 dropped 4 times on this node by netfilter \
              (NETFILTER_DROP at nft_do_chain) in netns 200"
         );
         assert_eq!(c.tracked(), 0);
@@ -764,6 +815,7 @@ mod tests {
         c.tick(4000 * MS);
         assert_eq!(c.drain().count(), 0, "reported once");
         c.on_state(&state(7000 * MS, 1, f, "SYN_SENT", "CLOSE", ETIMEDOUT));
+        c.tick(7001 * MS);
         let last: Vec<_> = c.drain().collect();
         assert_eq!(last[0].outcome, Outcome::Timeout);
         assert_eq!(last[0].id, first[0].id);
@@ -782,6 +834,7 @@ mod tests {
         // The server's stack discards the SYN (no socket) and answers RST.
         c.on_drop(&drop_(1, f, 0x02, "NO_SOCKET"));
         c.on_state(&state(2, 1, f, "SYN_SENT", "CLOSE", ECONNREFUSED));
+        c.tick(3);
         let i = c.drain().next().unwrap();
         assert_eq!(i.outcome, Outcome::Refused);
         assert!(
@@ -797,6 +850,7 @@ mod tests {
         let f = key("10.0.0.1:40000", "198.51.100.7:1521");
         c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
         c.on_state(&state(5, 1, f, "SYN_SENT", "CLOSE", EHOSTUNREACH));
+        c.tick(6);
         assert_eq!(c.drain().next().unwrap().outcome, Outcome::Unreachable);
     }
 
@@ -838,6 +892,7 @@ mod tests {
         });
         c.on_drop(&d);
         c.on_state(&state(5, 1, f, "SYN_SENT", "CLOSE", 0));
+        c.tick(6);
         let i = c.drain().next().unwrap();
         assert_eq!(i.flow, f);
         assert!(
@@ -941,6 +996,7 @@ mod tests {
         c.on_retransmit(&retrans(1000 * MS, 1, f, "SYN_SENT", 0));
         c.on_drop(&drop_(1000 * MS, f, 0x02, "NETFILTER_DROP"));
         c.on_state(&state(2000 * MS, 1, f, "SYN_SENT", "CLOSE", 0));
+        c.tick(2001 * MS);
         let out: Vec<_> = c.drain().collect();
         assert_eq!(out.len(), 1, "{out:#?}");
         assert_eq!(out[0].flow, f);

@@ -7,6 +7,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use tracer_common::{CtEvent, DropEvent, EventHeader, RetransmitEvent, StateEvent, kind};
 
 use crate::{
+    aggregate::DropAggregator,
     cgroup,
     clock::{self, Clock},
     collectors::{self, Symbols, conntrack, skb_drop, tcp_state},
@@ -14,7 +15,9 @@ use crate::{
     encode,
     event::{Event, Kind, Lost, LostSource},
     kernel::btf::KernelBtf,
-    preflight, report, sinks,
+    preflight, report,
+    signal::DropSignal,
+    sinks,
     tracer::{Tracer, TracerOptions},
 };
 
@@ -33,6 +36,10 @@ pub struct RunOptions {
     pub stall_after: Duration,
     /// Bound on connection attempts tracked at once.
     pub flow_table: usize,
+    /// How often drop counts aggregated in the kernel are flushed into the stream.
+    pub flush: Duration,
+    /// Capacity of the in-kernel drop aggregation map.
+    pub agg_entries: u32,
 }
 
 /// Totals printed to stderr at exit.
@@ -88,6 +95,8 @@ struct Pipeline {
     clock: Clock,
     symbols: Symbols,
     correlator: Correlator,
+    aggregator: Option<DropAggregator>,
+    flushed: Vec<DropSignal>,
     node: String,
     raw: bool,
     out: sinks::Stdout,
@@ -187,6 +196,30 @@ impl Pipeline {
         self.flush_incidents();
     }
 
+    fn drop_signal(&mut self, d: &DropSignal) {
+        *self
+            .summary
+            .drops_by_reason
+            .entry(d.reason.clone())
+            .or_default() += d.count;
+        self.emit(&report::drop_event(d, &self.clock, &self.node));
+        self.correlator.on_drop(d);
+    }
+
+    /// Drop counts the kernel aggregated since the last flush, into the stream.
+    fn flush_drops(&mut self) {
+        let Some(agg) = self.aggregator.as_mut() else {
+            return;
+        };
+        let mut flushed = std::mem::take(&mut self.flushed);
+        agg.flush(clock::monotonic_ns(), &self.symbols, &mut flushed);
+        for d in flushed.drain(..) {
+            self.drop_signal(&d);
+        }
+        self.flushed = flushed;
+        self.flush_incidents();
+    }
+
     fn flush_incidents(&mut self) {
         let incidents: Vec<_> = self.correlator.drain().collect();
         for i in &incidents {
@@ -195,6 +228,10 @@ impl Pipeline {
     }
 
     fn tick(&mut self) {
+        if self.correlator.has_ended() {
+            // Ended attempts report complete drop counts.
+            self.flush_drops();
+        }
         self.correlator.tick(clock::monotonic_ns());
         self.flush_incidents();
         let evicted = self.correlator.evicted;
@@ -244,6 +281,7 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         ports: opts.ports.clone(),
         all_tcp: opts.all_tcp,
         ringbuf_bytes: opts.ringbuf_bytes,
+        agg_entries: opts.agg_entries,
     })?;
     tracer.attach_tracepoint(skb_drop::PROGRAM, skb_drop::CATEGORY, skb_drop::TRACEPOINT)?;
     let optional = [
@@ -298,9 +336,15 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
         "attached; tracing"
     );
 
+    let aggregator = tracer
+        .drop_agg
+        .take()
+        .map(|m| DropAggregator::new(m, 2 * opts.flush.as_nanos() as u64));
     let mut p = Pipeline {
         clock: Clock::new(),
         symbols,
+        aggregator,
+        flushed: Vec::new(),
         correlator: Correlator::new(correlate::Config {
             stall_after_ns: opts.stall_after.as_nanos() as u64,
             capacity: opts.flow_table,
@@ -326,6 +370,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
     };
     tokio::pin!(deadline);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let mut flush = tokio::time::interval(opts.flush);
+    // Records below the wakeup threshold are submitted without waking us: drain on a timer.
+    let mut drain = tokio::time::interval(Duration::from_millis(100));
     // Stall detection resolution: a fraction of --stall-after, at most 250 ms.
     let mut ticker = tokio::time::interval((opts.stall_after / 4).min(Duration::from_millis(250)));
 
@@ -345,6 +392,20 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
                     if p.done() { break; }
                 }
                 guard.clear_ready();
+                let _ = p.out.flush();
+                if p.done() { break; }
+            }
+            _ = drain.tick() => {
+                let ring = events.get_mut();
+                while let Some(item) = ring.next() {
+                    p.record(&item);
+                    if p.done() { break; }
+                }
+                let _ = p.out.flush();
+                if p.done() { break; }
+            }
+            _ = flush.tick() => {
+                p.flush_drops();
                 let _ = p.out.flush();
                 if p.done() { break; }
             }
@@ -385,6 +446,11 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
         }
     }
     tracer.flush_logs();
+    if !p.done() {
+        p.flush_drops();
+        p.correlator.finish(clock::monotonic_ns());
+        p.flush_incidents();
+    }
     p.report_kernel_loss(tracer.counters.lost_in_kernel());
     p.summary.evicted = p.correlator.evicted;
     let _ = p.out.flush();

@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode -> [`event`] ->
 //! [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time ([`kernel`]).
+pub mod aggregate;
 pub mod cgroup;
 pub mod clock;
 pub mod collectors;

@@ -55,11 +55,17 @@ struct RunArgs {
     #[arg(long)]
     raw: bool,
     /// Report a connection attempt (or an established flow) that made no progress this long.
-    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = parse_period)]
     stall_after: Duration,
     /// Connection attempts tracked at once; the oldest are evicted (and reported) beyond it.
     #[arg(long, default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(16..))]
     flow_table: u32,
+    /// How often drop counts aggregated in the kernel are flushed into the stream.
+    #[arg(long, default_value = "1s", value_parser = parse_period)]
+    flush: Duration,
+    /// Flows the kernel aggregates at once; beyond it each drop is a record of its own.
+    #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
+    agg_entries: u32,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -73,6 +79,15 @@ fn parse_port(s: &str) -> Result<u16, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// A duration that drives a timer: zero would spin.
+fn parse_period(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d < Duration::from_millis(10) {
+        return Err(format!("`{s}` is too short (at least 10ms)"));
+    }
+    Ok(d)
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
@@ -167,6 +182,8 @@ fn run(args: RunArgs) -> ExitCode {
         raw: args.raw,
         stall_after: args.stall_after,
         flow_table: args.flow_table as usize,
+        flush: args.flush,
+        agg_entries: args.agg_entries,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -194,6 +194,7 @@ fn probe_fentry() -> Result<(), String> {
         ports: Vec::new(),
         all_tcp: false,
         ringbuf_bytes: 4096,
+        agg_entries: 1,
     })
     .map_err(|e| e.to_string())?;
     let result = t

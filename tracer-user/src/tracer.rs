@@ -4,11 +4,11 @@ use std::{collections::HashSet, os::fd::AsRawFd as _};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
-use tracer_common::{CtLayout, FilterConfig, SkbLayout, TcpLayout, counter};
+use tracer_common::{CtLayout, DropAgg, DropKey, Settings, SkbLayout, TcpLayout, counter};
 
 /// The compiled kernel programs (see build.rs; empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -49,6 +49,8 @@ pub struct TracerOptions {
     pub ports: Vec<u16>,
     pub all_tcp: bool,
     pub ringbuf_bytes: u32,
+    /// Capacity of the in-kernel drop aggregation map.
+    pub agg_entries: u32,
 }
 
 /// Registers a map-backed reader with the reactor for readability.
@@ -80,6 +82,8 @@ pub struct Tracer {
     ebpf: Ebpf,
     pub events: AsyncFd<RingBuf<MapData>>,
     pub counters: Counters,
+    /// Taken by the daemon's aggregator.
+    pub drop_agg: Option<PerCpuHashMap<MapData, DropKey, DropAgg>>,
     pub logger: Option<KernelLog>,
     attached: Vec<(&'static str, Hook)>,
 }
@@ -95,8 +99,10 @@ impl Tracer {
         if OBJECT.is_empty() {
             return Err(TracerError::StubObject);
         }
-        let filter = FilterConfig {
+        let settings = Settings {
             all_tcp: u32::from(opts.all_tcp),
+            // Wake the reader at 1/8 full; below that it drains on its timer.
+            wakeup_bytes: opts.ringbuf_bytes / 8,
         };
         let tcp = opts.tcp.unwrap_or(TcpLayout::UNSET);
         let ct = opts.ct.unwrap_or(CtLayout::UNSET);
@@ -104,8 +110,9 @@ impl Tracer {
             .override_global("SKB_LAYOUT", &opts.layout, true)
             .override_global("TCP_LAYOUT", &tcp, true)
             .override_global("CT_LAYOUT", &ct, true)
-            .override_global("FILTER", &filter, true)
+            .override_global("SETTINGS", &settings, true)
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
+            .map_max_entries("DROP_AGG", opts.agg_entries.max(1))
             .load(OBJECT)
             .map_err(TracerError::Load)?;
 
@@ -145,10 +152,17 @@ impl Tracer {
                     map: "COUNTERS",
                     source,
                 })?;
+        let drop_agg =
+            PerCpuHashMap::try_from(ebpf.take_map("DROP_AGG").expect("object defines DROP_AGG"))
+                .map_err(|source| TracerError::Map {
+                    map: "DROP_AGG",
+                    source,
+                })?;
         Ok(Self {
             ebpf,
             events: readable(events)?,
             counters: Counters(counters),
+            drop_agg: Some(drop_agg),
             logger,
             attached: Vec::new(),
         })

@@ -19,6 +19,7 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables"),
     ("nft", "nftables"),
     ("clang", "clang"),
+    ("hping3", "hping3"),
 ];
 
 pub struct Options {

@@ -1,0 +1,114 @@
+//! Drop storms: the kernel aggregates per (flow, reason, location), so a flood costs a record
+//! per flow and the sum of `count` over the stream equals the firewall's own counter exactly.
+use std::process::Command;
+
+use droptrace_tests::{
+    netns::{AppDb, Family},
+    tracer::{Droptrace, at, str_at},
+};
+use serde_json::Value;
+
+fn hping3(topo: &AppDb, args: &[&str]) {
+    let mut cmd = Command::new("ip");
+    cmd.args([
+        "netns",
+        "exec",
+        &topo.app.name,
+        "hping3",
+        "-q",
+        "-S",
+        "-p",
+        "1521",
+    ]);
+    cmd.args(args).arg(topo.db_ip.to_string());
+    let out = cmd
+        .output()
+        .expect("hping3 (Debian package hping3; `cargo xtask setup` installs it)");
+    // hping3 exits 1 when nothing answered, which is the point here.
+    assert!(
+        matches!(out.status.code(), Some(0) | Some(1)),
+        "hping3 failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn drops_to_db(events: &[Value], topo: &AppDb) -> Vec<Value> {
+    events
+        .iter()
+        .filter(|v| {
+            str_at(v, "kind") == "drop"
+                && str_at(v, "flow.dst_ip") == topo.db_ip.to_string()
+                && at(v, "flow.dst_port") == 1521
+        })
+        .cloned()
+        .collect()
+}
+
+fn sum(events: &[Value]) -> u64 {
+    events
+        .iter()
+        .map(|v| at(v, "count").as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn storm_of_50000_syns_counts_exactly() {
+    let topo = AppDb::new(Family::V4);
+    topo.iptables_drop_ingress(1521);
+    let tracer = Droptrace::start(&["--flush", "500ms"]);
+
+    // One flow (fixed source port), 50,000 SYNs as fast as hping3 sends them.
+    hping3(&topo, &["-s", "40000", "-k", "-c", "50000", "-i", "u10"]);
+    let fin = tracer.stop();
+
+    let firewall = topo.iptables_drop_count(1521);
+    assert_eq!(firewall, 50_000, "the firewall saw every SYN");
+    let drops = drops_to_db(&fin.events, &topo);
+    assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
+    // One first record, then at most one flush record per flush period (plus the final one).
+    assert!(
+        drops.len() <= 2 + 60 * 2,
+        "{} records for one flow",
+        drops.len()
+    );
+    assert!(drops.len() < 200, "aggregated: {} records", drops.len());
+    let lost: Vec<_> = fin
+        .events
+        .iter()
+        .filter(|v| str_at(v, "kind") == "lost")
+        .collect();
+    assert!(lost.is_empty(), "nothing lost: {lost:?}");
+    println!(
+        "50000 SYNs -> {} drop records, sum {}",
+        drops.len(),
+        sum(&drops)
+    );
+}
+
+#[test]
+fn more_flows_than_the_aggregation_map_holds_still_count_exactly() {
+    let topo = AppDb::new(Family::V4);
+    topo.iptables_drop_ingress(1521);
+    // 64 entries; hping3 moves the source port every packet: 5,000 distinct flows.
+    let tracer = Droptrace::start(&["--agg-entries", "64", "--flush", "200ms"]);
+    hping3(&topo, &["-s", "20000", "-c", "5000", "-i", "u100"]);
+    // Every flow dropped twice: the repeats of the first 64 are aggregated, the rest arrive
+    // one record each.
+    hping3(&topo, &["-s", "20000", "-c", "5000", "-i", "u100"]);
+    let fin = tracer.stop();
+
+    let firewall = topo.iptables_drop_count(1521);
+    assert_eq!(firewall, 10_000);
+    let drops = drops_to_db(&fin.events, &topo);
+    assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
+    let flows: std::collections::HashSet<u64> = drops
+        .iter()
+        .map(|v| at(v, "flow.src_port").as_u64().unwrap())
+        .collect();
+    assert_eq!(flows.len(), 5000);
+    println!(
+        "10000 SYNs over 5000 flows -> {} records, sum {}",
+        drops.len(),
+        sum(&drops)
+    );
+}
