@@ -82,7 +82,7 @@ pub fn port_watched(sport: u16, dport: u16) -> bool {
     if ro(&SETTINGS.all_tcp) != 0 {
         return true;
     }
-    unsafe { WATCH_PORTS.get(&dport).is_some() || WATCH_PORTS.get(&sport).is_some() }
+    unsafe { WATCH_PORTS.get(dport).is_some() || WATCH_PORTS.get(sport).is_some() }
 }
 
 #[inline(always)]
@@ -93,7 +93,7 @@ pub fn host_port_watched(family: u8, addr: &[u8; 16], port: u16) -> bool {
         family,
         _pad: [0; 5],
     };
-    match unsafe { WATCH_HOSTPORTS.get(&key) } {
+    match unsafe { WATCH_HOSTPORTS.get(key) } {
         Some(&expires) => expires == 0 || unsafe { bpf_ktime_get_ns() } < expires,
         None => false,
     }

@@ -43,7 +43,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
         (*ev).snd_una = read(at(sk, ro(&L.snd_una))).unwrap_or(0);
         let net: u64 = read(at(sk, ro(&L.sk_net))).unwrap_or(0);
         (*ev).netns = net_inum(net, ro(&L.net_inum));
-        match maps::OWNERS.get(&sk) {
+        match maps::OWNERS.get(sk) {
             Some(owner) => {
                 (*ev).owner = *owner;
                 (*ev).has_owner = 1;

@@ -73,7 +73,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
         _pad: [0; 7],
     };
     const BPF_NOEXIST: u64 = 1;
-    if maps::DROP_AGG.insert(&key, &fresh, BPF_NOEXIST).is_err() {
+    if maps::DROP_AGG.insert(key, fresh, BPF_NOEXIST).is_err() {
         // Another CPU inserted it first: count there. Map full: a record of its own.
         if add_repeat(&key, now) {
             return Ok(());

@@ -63,8 +63,8 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
                 comm: ctx.command().unwrap_or([0; 16]),
             };
             (*ev).has_owner = 1;
-            let _ = maps::OWNERS.insert(&sk, &(*ev).owner, 0);
-        } else if let Some(owner) = maps::OWNERS.get(&sk) {
+            let _ = maps::OWNERS.insert(sk, (*ev).owner, 0);
+        } else if let Some(owner) = maps::OWNERS.get(sk) {
             (*ev).owner = *owner;
             (*ev).has_owner = 1;
         } else {
@@ -73,7 +73,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
         }
     }
     if newstate as u32 == ro(&L.close) {
-        let _ = maps::OWNERS.remove(&sk);
+        let _ = maps::OWNERS.remove(sk);
     }
     entry.submit(maps::wakeup_flags());
     Ok(())
