@@ -135,7 +135,27 @@ fn lint() -> anyhow::Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    // The kernel programs only compile for the BPF target; lint them there.
+    step("clippy on the kernel programs (bpfel-unknown-none)");
+    status(
+        Command::new("cargo")
+            .current_dir(workspace_root().join("tracer-ebpf"))
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .args([
+                "+nightly",
+                "clippy",
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )
 }
 
 fn test(args: &[String]) -> anyhow::Result<()> {
