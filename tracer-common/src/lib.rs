@@ -16,6 +16,22 @@ pub mod kind {
     pub const RETRANSMIT: u8 = 3;
     /// Conntrack entry of a watched flow removed without ever seeing a reply.
     pub const CT_UNREPLIED: u8 = 4;
+    /// Bounded prefix of an Oracle Net (TNS) packet on a watched flow.
+    pub const TNS: u8 = 5;
+}
+
+/// Bytes of a TNS packet copied to userspace: enough for a REDIRECT address, a REFUSE text or
+/// a CONNECT descriptor, without copying whole payloads.
+pub const TNS_CAPTURE: usize = 512;
+
+/// TNS packet types the kernel copies (Oracle Net header byte 4).
+pub mod tns {
+    pub const CONNECT: u8 = 1;
+    pub const ACCEPT: u8 = 2;
+    pub const REFUSE: u8 = 4;
+    pub const REDIRECT: u8 = 5;
+    pub const DATA: u8 = 6;
+    pub const RESEND: u8 = 11;
 }
 
 /// Indices into the per-CPU `COUNTERS` array.
@@ -32,6 +48,8 @@ pub mod counter {
     pub const AGG_FULL: u32 = 4;
     /// Drops counted into an existing aggregation entry (no record of their own).
     pub const AGG_MERGED: u32 = 5;
+    /// TNS packets of watched flows that could not be read.
+    pub const TNS_UNREADABLE: u32 = 6;
     pub const MAX: u32 = 8;
 }
 
@@ -175,6 +193,25 @@ pub struct CtEvent {
     pub ct: CtInfo,
     pub netns: u32,
     pub _pad: u32,
+}
+
+/// A TNS packet seen by the cgroup_skb programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TnsEvent {
+    pub hdr: EventHeader,
+    /// Sender as src.
+    pub flow: Flow,
+    /// TCP sequence number: the same packet seen leaving one local socket and arriving at
+    /// another is deduplicated with it.
+    pub seq: u32,
+    /// TCP payload length of the packet.
+    pub payload_len: u32,
+    /// Bytes of `data` that are valid.
+    pub captured: u32,
+    /// 0: ingress (to a local socket), 1: egress (from one).
+    pub direction: u32,
+    pub data: [u8; TNS_CAPTURE],
 }
 
 /// A learned (address, port) to watch, e.g. the target of an Oracle listener REDIRECT.
@@ -419,6 +456,7 @@ mod pod {
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for DropKey {}
     unsafe impl aya::Pod for DropAgg {}
+    unsafe impl aya::Pod for TnsEvent {}
 }
 
 #[cfg(test)]

@@ -18,6 +18,8 @@ mod retransmit;
 mod skb_drop;
 #[cfg(target_arch = "bpf")]
 mod tcp_state;
+#[cfg(target_arch = "bpf")]
+mod tns;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -49,6 +49,11 @@ pub static WATCH_HOSTPORTS: HashMap<HostPort, u64> = HashMap::with_max_entries(4
 #[map]
 pub static DROP_AGG: PerCpuHashMap<DropKey, DropAgg> = PerCpuHashMap::with_max_entries(16384, 0);
 
+/// Flows (sender as src) whose next TNS DATA packet carries a REDIRECT address or a CONNECT
+/// descriptor, and so is copied.
+#[map]
+pub static TNS_EXPECT_DATA: LruHashMap<Flow, u32> = LruHashMap::with_max_entries(4096, 0);
+
 /// Socket -> the process that connected it.
 #[map]
 pub static OWNERS: LruHashMap<u64, Owner> = LruHashMap::with_max_entries(16384, 0);

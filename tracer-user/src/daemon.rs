@@ -10,11 +10,10 @@ use crate::{
     aggregate::DropAggregator,
     cgroup,
     clock::{self, Clock},
-    collectors::{self, Symbols, conntrack, skb_drop, tcp_state},
+    collectors::{Symbols, conntrack, skb_drop, tcp_state},
     correlate::{self, Correlator},
     encode,
     event::{Event, Kind, Lost, LostSource},
-    kernel::btf::KernelBtf,
     preflight, report,
     signal::DropSignal,
     sinks,
@@ -267,13 +266,13 @@ impl Pipeline {
 /// Everything before the first event: checks, layouts, load, attach. Optional hooks that
 /// cannot run are reported and skipped.
 pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
+    let t0 = std::time::Instant::now();
     let report = preflight::run(false);
+    tracing::debug!(elapsed = ?t0.elapsed(), "preflight");
     if let Some(fail) = report.first_failure() {
         anyhow::bail!("{}: {}", fail.name, fail.detail);
     }
-    let root = report.tracefs.context("tracefs")?;
-    let btf = KernelBtf::vmlinux()?;
-    let r = collectors::resolve(&root, &btf)?;
+    let r = report.resolved.context("kernel layouts")?;
     let mut tracer = Tracer::load(&TracerOptions {
         layout: r.skb,
         tcp: r.tcp.as_ref().ok().copied(),
@@ -283,6 +282,7 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         ringbuf_bytes: opts.ringbuf_bytes,
         agg_entries: opts.agg_entries,
     })?;
+    tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
     tracer.attach_tracepoint(skb_drop::PROGRAM, skb_drop::CATEGORY, skb_drop::TRACEPOINT)?;
     let optional = [
         (

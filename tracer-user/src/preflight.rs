@@ -23,13 +23,16 @@ pub struct Check {
     pub detail: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Serialize)]
 pub struct Report {
     pub kernel: String,
     pub ok: bool,
     pub checks: Vec<Check>,
     #[serde(skip)]
     pub tracefs: Option<PathBuf>,
+    /// Every layout and name table, when the required checks passed: `run` starts from it.
+    #[serde(skip)]
+    pub resolved: Option<collectors::Resolved>,
 }
 
 impl Report {
@@ -61,6 +64,7 @@ pub fn missing_privileges() -> Option<String> {
 /// tokio runtime). `run` skips it: it attaches them for real right after.
 pub fn run(probe_hooks: bool) -> Report {
     let mut checks = Vec::new();
+    let mut resolved = None;
     let mut push = |name: &str, ok: bool, required: bool, detail: String| {
         checks.push(Check {
             name: name.to_string(),
@@ -125,6 +129,7 @@ pub fn run(probe_hooks: bool) -> Report {
                 if let Ok(b) = &btf {
                     match collectors::resolve(root, b) {
                         Ok(r) => {
+                            let r = resolved.insert(r);
                             push(
                                 "sk_buff layout",
                                 true,
@@ -181,6 +186,7 @@ pub fn run(probe_hooks: bool) -> Report {
         ok,
         checks,
         tracefs,
+        resolved: if ok { resolved } else { None },
     }
 }
 

@@ -5,7 +5,7 @@ use std::{collections::HashSet, os::fd::AsRawFd as _};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{FEntry, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use tracer_common::{CtLayout, DropAgg, DropKey, Settings, SkbLayout, TcpLayout, counter};
@@ -92,6 +92,7 @@ pub struct Tracer {
 enum Hook {
     TracePoint,
     FEntry,
+    CgroupSkb,
 }
 
 impl Tracer {
@@ -183,6 +184,29 @@ impl Tracer {
         Ok(())
     }
 
+    /// cgroup_skb program on a cgroup v2 directory (the root sees every local socket).
+    /// AllowMultiple: other programs on the root (systemd's, another droptrace) keep running.
+    pub fn attach_cgroup_skb(
+        &mut self,
+        prog: &'static str,
+        cgroup: &std::path::Path,
+        ingress: bool,
+    ) -> Result<(), TracerError> {
+        let dir = std::fs::File::open(cgroup)?;
+        let p: &mut CgroupSkb = self.program(prog)?;
+        p.load()
+            .map_err(|source| TracerError::Program { prog, source })?;
+        let ty = if ingress {
+            CgroupSkbAttachType::Ingress
+        } else {
+            CgroupSkbAttachType::Egress
+        };
+        p.attach(&dir, ty, CgroupAttachMode::AllowMultiple)
+            .map_err(|source| TracerError::Program { prog, source })?;
+        self.attached.push((prog, Hook::CgroupSkb));
+        Ok(())
+    }
+
     /// fentry on a kernel function found in the running kernel's BTF.
     pub fn attach_fentry(&mut self, prog: &'static str, function: &str) -> Result<(), TracerError> {
         let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
@@ -229,6 +253,7 @@ impl Tracer {
             let result = match hook {
                 Hook::TracePoint => <&mut TracePoint>::try_from(p).and_then(|p| p.unload()),
                 Hook::FEntry => <&mut FEntry>::try_from(p).and_then(|p| p.unload()),
+                Hook::CgroupSkb => <&mut CgroupSkb>::try_from(p).and_then(|p| p.unload()),
             };
             if let Err(e) = result {
                 tracing::warn!("detaching {name}: {e}");

@@ -77,10 +77,12 @@ pub struct Resolved {
 }
 
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError> {
+    // /proc/kallsyms takes ~150 ms to read: overlap it with the BTF lookups.
+    let kallsyms = std::thread::spawn(Kallsyms::load);
     let drop_format = skb_drop::read_format(tracefs)?;
     let skb = skb_drop::resolve_layout(&drop_format, btf)?;
     let mut symbols = Symbols {
-        kallsyms: Kallsyms::load(),
+        kallsyms: Kallsyms::default(),
         drop_reasons: drop_reason_names(Some(btf), &drop_format.reason_symbols),
         ct: conntrack::CtNames::from_btf(btf),
         ..Symbols::default()
@@ -105,6 +107,7 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError>
         )),
         Err(e) => Err(e.clone()),
     };
+    symbols.kallsyms = kallsyms.join().unwrap_or_default();
     Ok(Resolved {
         skb,
         tcp: tcp.map_err(|e| e.to_string()),

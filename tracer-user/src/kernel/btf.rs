@@ -41,9 +41,12 @@ impl KernelBtf {
         Self::from_file(VMLINUX)
     }
 
+    /// Mmapped, parsed on demand: the cached backend spends ~400 ms indexing all of vmlinux at
+    /// start-up for the few dozen lookups droptrace makes.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, BtfError> {
         let path = path.as_ref();
-        Btf::from_file(path)
+        Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
+            .or_else(|_| Btf::from_file(path))
             .map(|btf| Self { btf })
             .map_err(|source| BtfError::Open {
                 path: path.display().to_string(),
