@@ -60,6 +60,7 @@ fn storm_of_50000_syns_counts_exactly() {
     // One flow (fixed source port), 50,000 SYNs as fast as hping3 sends them.
     hping3(&topo, &["-s", "40000", "-k", "-c", "50000", "-i", "u10"]);
     let fin = tracer.stop();
+    assert_eq!(fin.code, Some(0), "droptrace exit: {}", fin.stderr);
 
     let firewall = topo.iptables_drop_count(1521);
     assert_eq!(firewall, 50_000, "the firewall saw every SYN");
@@ -89,13 +90,22 @@ fn storm_of_50000_syns_counts_exactly() {
 fn more_flows_than_the_aggregation_map_holds_still_count_exactly() {
     let topo = AppDb::new(Family::V4);
     topo.iptables_drop_ingress(1521);
-    // 64 entries; hping3 moves the source port every packet: 5,000 distinct flows.
-    let tracer = Droptrace::start(&["--agg-entries", "64", "--flush", "200ms"]);
+    // 64 entries; hping3 moves the source port every packet: 5,000 distinct flows, each
+    // reported on its own (no storm folding).
+    let tracer = Droptrace::start(&[
+        "--agg-entries",
+        "64",
+        "--flush",
+        "200ms",
+        "--new-flows-per-sec",
+        "0",
+    ]);
     hping3(&topo, &["-s", "20000", "-c", "5000", "-i", "u100"]);
     // Every flow dropped twice: the repeats of the first 64 are aggregated, the rest arrive
     // one record each.
     hping3(&topo, &["-s", "20000", "-c", "5000", "-i", "u100"]);
     let fin = tracer.stop();
+    assert_eq!(fin.code, Some(0), "droptrace exit: {}", fin.stderr);
 
     let firewall = topo.iptables_drop_count(1521);
     assert_eq!(firewall, 10_000);
@@ -108,6 +118,37 @@ fn more_flows_than_the_aggregation_map_holds_still_count_exactly() {
     assert_eq!(flows.len(), 5000);
     println!(
         "10000 SYNs over 5000 flows -> {} records, sum {}",
+        drops.len(),
+        sum(&drops)
+    );
+}
+
+#[test]
+fn syn_flood_with_rotating_ports_is_folded_per_destination() {
+    let topo = AppDb::new(Family::V4);
+    topo.iptables_drop_ingress(1521);
+    let tracer = Droptrace::start(&["--new-flows-per-sec", "200"]);
+    // 30,000 SYNs, a new source port each: a flood no per-flow table absorbs.
+    hping3(&topo, &["-s", "1025", "-c", "30000", "-i", "u20"]);
+    let fin = tracer.stop();
+    assert_eq!(fin.code, Some(0), "droptrace exit: {}", fin.stderr);
+
+    let firewall = topo.iptables_drop_count(1521);
+    assert_eq!(firewall, 30_000);
+    let drops = drops_to_db(&fin.events, &topo);
+    assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
+    let folded: u64 = drops
+        .iter()
+        .filter(|v| at(v, "flow.src_port") == 0)
+        .map(|v| at(v, "count").as_u64().unwrap())
+        .sum();
+    assert!(folded > 0, "the flood was folded into src_port 0 records");
+    // The budget bounds per-flow records: 200 per second per CPU for the flood's duration.
+    let cpus = std::thread::available_parallelism().unwrap().get() as u64;
+    let per_flow = drops.iter().filter(|v| at(v, "flow.src_port") != 0).count() as u64;
+    assert!(per_flow <= 200 * cpus * 20, "{per_flow} per-flow records");
+    println!(
+        "30000 SYNs on rotating ports -> {} records ({per_flow} per-flow, {folded} drops folded), sum {}",
         drops.len(),
         sum(&drops)
     );

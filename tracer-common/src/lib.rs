@@ -50,6 +50,8 @@ pub mod counter {
     pub const AGG_MERGED: u32 = 5;
     /// TNS packets of watched flows that could not be read.
     pub const TNS_UNREADABLE: u32 = 6;
+    /// Drops folded into a per-destination aggregate because new flows exceeded the budget.
+    pub const STORM_FOLDED: u32 = 7;
     pub const MAX: u32 = 8;
 }
 
@@ -409,6 +411,19 @@ pub struct Settings {
     /// submitted without a wakeup and userspace drains on its timer (wakeups dominate the cost
     /// of a record).
     pub wakeup_bytes: u32,
+    /// New-flow drop records per second per CPU before a storm of distinct flows (e.g. a SYN
+    /// flood rotating source ports) is folded into one aggregate per destination, with the
+    /// ephemeral port written as 0. 0: no limit.
+    pub new_flows_per_sec: u32,
+    pub _pad: u32,
+}
+
+/// Per-CPU window counting new-flow drop records (see `Settings::new_flows_per_sec`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RateWindow {
+    pub start_ns: u64,
+    pub count: u64,
 }
 
 /// Aggregation key of a drop: the same flow dropped for the same reason at the same place.
@@ -457,6 +472,7 @@ mod pod {
     unsafe impl aya::Pod for DropKey {}
     unsafe impl aya::Pod for DropAgg {}
     unsafe impl aya::Pod for TnsEvent {}
+    unsafe impl aya::Pod for RateWindow {}
 }
 
 #[cfg(test)]

@@ -6,7 +6,8 @@ use aya_ebpf::{
     maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    CtLayout, DropAgg, DropKey, Flow, HostPort, Owner, Settings, SkbLayout, TcpLayout, counter,
+    CtLayout, DropAgg, DropKey, Flow, HostPort, Owner, RateWindow, Settings, SkbLayout, TcpLayout,
+    counter,
 };
 
 // Kernel layouts, written by userspace with `EbpfLoader::override_global`. Read each field
@@ -21,7 +22,13 @@ pub static CT_LAYOUT: CtLayout = CtLayout::UNSET;
 pub static SETTINGS: Settings = Settings {
     all_tcp: 0,
     wakeup_bytes: 0,
+    new_flows_per_sec: 0,
+    _pad: 0,
 };
+
+/// New-flow drop records in the current one-second window, per CPU.
+#[map]
+pub static NEW_FLOWS: PerCpuArray<RateWindow> = PerCpuArray::with_max_entries(1, 0);
 
 /// A field of a read-only global. Volatile: the value is patched into .rodata after
 /// compilation, so the compiler must not fold the initializer in.
@@ -90,6 +97,12 @@ pub fn port_watched(sport: u16, dport: u16) -> bool {
     unsafe { WATCH_PORTS.get(dport).is_some() || WATCH_PORTS.get(sport).is_some() }
 }
 
+/// In the port map (ignoring --all-tcp).
+#[inline(always)]
+pub fn port_watched_strict(port: u16) -> bool {
+    unsafe { WATCH_PORTS.get(port).is_some() }
+}
+
 #[inline(always)]
 pub fn host_port_watched(family: u8, addr: &[u8; 16], port: u16) -> bool {
     let key = HostPort {
@@ -102,6 +115,30 @@ pub fn host_port_watched(family: u8, addr: &[u8; 16], port: u16) -> bool {
         Some(&expires) => expires == 0 || unsafe { bpf_ktime_get_ns() } < expires,
         None => false,
     }
+}
+
+/// Takes one new-flow record from this CPU's budget; false once the second's budget is spent.
+#[inline(always)]
+pub fn new_flow_allowed(now: u64) -> bool {
+    let budget = ro(&SETTINGS.new_flows_per_sec) as u64;
+    if budget == 0 {
+        return true;
+    }
+    let Some(w) = NEW_FLOWS.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: this CPU's slot of a per-CPU array.
+    unsafe {
+        if now.wrapping_sub((*w).start_ns) >= 1_000_000_000 {
+            (*w).start_ns = now;
+            (*w).count = 0;
+        }
+        if (*w).count >= budget {
+            return false;
+        }
+        (*w).count += 1;
+    }
+    true
 }
 
 /// A watched port at either end, or a learned (address, port) at either end.

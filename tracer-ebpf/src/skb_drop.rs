@@ -54,7 +54,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
 
     // Aggregate: only the first drop of a (flow, reason, location) gets a record; repeats are
     // counted in place and flushed by userspace.
-    let key = DropKey {
+    let mut key = DropKey {
         flow: pkt.flow,
         reason,
         _pad: 0,
@@ -62,6 +62,15 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
     };
     if add_repeat(&key, now) {
         return Ok(());
+    }
+    if !maps::new_flow_allowed(now) {
+        // A storm of distinct flows: fold it into one aggregate per destination by zeroing
+        // the ephemeral port, so records stay bounded and the counts stay exact.
+        fold_ephemeral_port(&mut key);
+        maps::count(counter::STORM_FOLDED);
+        if add_repeat(&key, now) {
+            return Ok(());
+        }
     }
     let (ifindex, netns) = device_and_netns(skb);
     let fresh = DropAgg {
@@ -94,7 +103,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
         (*ev).hdr = header(kind::DROP);
         (*ev).hdr.ts_ns = now;
         (*ev).location = location;
-        (*ev).flow = pkt.flow;
+        (*ev).flow = key.flow;
         (*ev).reason = reason;
         (*ev).len = read(at(skb, ro(&L.skb_len))).unwrap_or(0);
         (*ev).ifindex = ifindex;
@@ -106,6 +115,19 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
     }
     entry.submit(maps::wakeup_flags());
     Ok(())
+}
+
+/// Zeroes the port that is not the service's: the unwatched one, or the higher of two.
+#[inline(always)]
+fn fold_ephemeral_port(key: &mut DropKey) {
+    let f = &mut key.flow;
+    let s_watched = maps::port_watched_strict(f.sport);
+    let d_watched = maps::port_watched_strict(f.dport);
+    if d_watched && !s_watched || (d_watched == s_watched && f.sport >= f.dport) {
+        f.sport = 0;
+    } else {
+        f.dport = 0;
+    }
 }
 
 /// Counts one more drop into an existing aggregation entry; false when there is none.

@@ -409,6 +409,10 @@ impl Correlator {
     }
 
     pub fn on_drop(&mut self, d: &DropSignal) {
+        if d.flow.src.port() == 0 || d.flow.dst.port() == 0 {
+            // A storm folded per destination (ephemeral port zeroed): no single attempt.
+            return;
+        }
         let mut keys = vec![d.flow, d.flow.reversed()];
         if let Some(ct) = &d.ct {
             keys.push(ct.original);
@@ -1019,6 +1023,30 @@ mod tests {
         assert_eq!(i.outcome, Outcome::DataStalled);
         assert_eq!(i.flow, f);
         assert_eq!(i.drops.len(), 1);
+    }
+
+    #[test]
+    fn storm_aggregates_with_a_zeroed_port_join_no_attempt() {
+        let mut c = Correlator::new(cfg());
+        let portless = key("10.0.0.1:0", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, portless, "CLOSE", "SYN_SENT", 0));
+        c.on_drop(&drop_(
+            1,
+            key("10.0.0.1:0", "198.51.100.7:1521"),
+            0x02,
+            "NETFILTER_DROP",
+        ));
+        c.on_drop(&drop_(
+            1,
+            key("10.0.0.9:0", "198.51.100.7:1521"),
+            0x02,
+            "NETFILTER_DROP",
+        ));
+        assert_eq!(c.tracked(), 1);
+        assert!(
+            c.portless
+                .contains_key(&("10.0.0.1".parse().unwrap(), portless.dst))
+        );
     }
 
     #[test]

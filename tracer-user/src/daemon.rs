@@ -39,6 +39,8 @@ pub struct RunOptions {
     pub flush: Duration,
     /// Capacity of the in-kernel drop aggregation map.
     pub agg_entries: u32,
+    /// New-flow drop records per second per CPU before a storm is folded per destination.
+    pub new_flows_per_sec: u32,
 }
 
 /// Totals printed to stderr at exit.
@@ -281,6 +283,7 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         all_tcp: opts.all_tcp,
         ringbuf_bytes: opts.ringbuf_bytes,
         agg_entries: opts.agg_entries,
+        new_flows_per_sec: opts.new_flows_per_sec,
     })?;
     tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
     tracer.attach_tracepoint(skb_drop::PROGRAM, skb_drop::CATEGORY, skb_drop::TRACEPOINT)?;

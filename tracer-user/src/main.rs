@@ -66,6 +66,10 @@ struct RunArgs {
     /// Flows the kernel aggregates at once; beyond it each drop is a record of its own.
     #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     agg_entries: u32,
+    /// New-flow drop records per second per CPU; beyond it a storm of distinct flows is
+    /// counted in one record per destination with the ephemeral port shown as 0 (0: no limit).
+    #[arg(long, default_value_t = 1000)]
+    new_flows_per_sec: u32,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -184,6 +188,7 @@ fn run(args: RunArgs) -> ExitCode {
         flow_table: args.flow_table as usize,
         flush: args.flush,
         agg_entries: args.agg_entries,
+        new_flows_per_sec: args.new_flows_per_sec,
     };
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -201,6 +201,7 @@ fn probe_fentry() -> Result<(), String> {
         all_tcp: false,
         ringbuf_bytes: 4096,
         agg_entries: 1,
+        new_flows_per_sec: 0,
     })
     .map_err(|e| e.to_string())?;
     let result = t

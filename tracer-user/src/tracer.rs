@@ -51,6 +51,8 @@ pub struct TracerOptions {
     pub ringbuf_bytes: u32,
     /// Capacity of the in-kernel drop aggregation map.
     pub agg_entries: u32,
+    /// New-flow drop records per second per CPU before storms are folded (0: no limit).
+    pub new_flows_per_sec: u32,
 }
 
 /// Registers a map-backed reader with the reactor for readability.
@@ -104,6 +106,8 @@ impl Tracer {
             all_tcp: u32::from(opts.all_tcp),
             // Wake the reader at 1/8 full; below that it drains on its timer.
             wakeup_bytes: opts.ringbuf_bytes / 8,
+            new_flows_per_sec: opts.new_flows_per_sec,
+            _pad: 0,
         };
         let tcp = opts.tcp.unwrap_or(TcpLayout::UNSET);
         let ct = opts.ct.unwrap_or(CtLayout::UNSET);

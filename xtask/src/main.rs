@@ -1,5 +1,7 @@
 //! `cargo xtask`: the project's own build chain. A fresh clone needs only these commands:
 //! `cargo xtask run` and `cargo xtask test` (both run `setup` first).
+mod bench;
+mod bench_criterion;
 mod setup;
 
 use std::{
@@ -44,6 +46,18 @@ enum Cmd {
     },
     /// rustfmt check and clippy with warnings as errors.
     Lint,
+    /// Overhead, storm and userspace benchmarks; writes BENCHMARKS.md (needs root).
+    Bench {
+        /// Seconds of each drop storm.
+        #[arg(long, default_value_t = 10)]
+        storm_secs: u64,
+        /// Seconds of each iperf3 run.
+        #[arg(long, default_value_t = 5)]
+        iperf_secs: u64,
+        /// Alternating traced/untraced iperf3 rounds.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -61,6 +75,23 @@ fn main() -> ExitCode {
             setup::run(&setup::Options { test_tools: true }).and_then(|()| test(&args))
         }
         Cmd::Lint => lint(),
+        Cmd::Bench {
+            storm_secs,
+            iperf_secs,
+            rounds,
+        } => setup::run(&setup::Options { test_tools: true })
+            .and_then(|()| bench::ensure_tools())
+            .and_then(|()| build(true))
+            .and_then(|bin| {
+                bench::run(
+                    &bench::Options {
+                        storm_secs,
+                        iperf_secs,
+                        rounds,
+                    },
+                    &bin,
+                )
+            }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -210,4 +241,22 @@ pub fn is_root() -> bool {
 
 pub fn step(what: &str) {
     eprintln!("==> {what}");
+}
+
+/// Today's date (UTC), for reports.
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let z = secs.div_euclid(86_400) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
 }

@@ -177,7 +177,7 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
 }
 
-fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(cmd, _)| !on_path(cmd))
