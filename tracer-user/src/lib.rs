@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod encode;
 pub mod event;
 pub mod kernel;
+pub mod oracle;
 pub mod preflight;
 pub mod sinks;
 pub mod tracer;
