@@ -5,26 +5,34 @@
 //! version, or be garbage. The parser never fails: it keeps every `(KEY=value)` it saw closed,
 //! keeps lists that were cut off with the children completed so far, and drops a text value
 //! whose closing paren is missing (its end is unknown, so reporting it would invent a value).
-//! Keywords are matched case-insensitively (stored upper-cased); values keep their case.
+//! Keywords are matched case-insensitively; values keep their case. Keys and values borrow from
+//! the input unless they had escapes or invalid UTF-8, so parsing allocates little more than the
+//! lists.
+use std::borrow::Cow;
 
 /// Nesting deeper than this is skipped, not parsed: real descriptors nest 5-6 levels, and a
 /// bound keeps hostile input from exhausting the stack.
 const MAX_DEPTH: usize = 32;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Value {
-    Text(String),
-    List(Vec<Param>),
+pub enum Value<'a> {
+    Text(Cow<'a, str>),
+    List(Vec<Param<'a>>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Param {
-    /// Upper-cased keyword, e.g. `SERVICE_NAME`.
-    pub key: String,
-    pub value: Value,
+pub struct Param<'a> {
+    /// The keyword as written (trimmed), e.g. `SERVICE_NAME` or `service_name`.
+    pub key: Cow<'a, str>,
+    pub value: Value<'a>,
 }
 
-impl Param {
+impl<'a> Param<'a> {
+    /// Case-insensitive keyword match.
+    pub fn is(&self, key: &str) -> bool {
+        self.key.eq_ignore_ascii_case(key)
+    }
+
     pub fn text(&self) -> Option<&str> {
         match &self.value {
             Value::Text(t) => Some(t),
@@ -32,7 +40,7 @@ impl Param {
         }
     }
 
-    pub fn children(&self) -> &[Param] {
+    pub fn children(&self) -> &[Param<'a>] {
         match &self.value {
             Value::List(l) => l,
             Value::Text(_) => &[],
@@ -51,17 +59,17 @@ pub struct Address {
 
 /// A parsed name-value string: the top-level parameters in input order.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Descriptor {
-    pub params: Vec<Param>,
+pub struct Descriptor<'a> {
+    pub params: Vec<Param<'a>>,
 }
 
-impl Descriptor {
-    pub fn parse(input: &str) -> Self {
+impl<'a> Descriptor<'a> {
+    pub fn parse(input: &'a str) -> Self {
         Self::parse_bytes(input.as_bytes())
     }
 
     /// Non-UTF-8 bytes inside values are replaced (U+FFFD), never rejected.
-    pub fn parse_bytes(input: &[u8]) -> Self {
+    pub fn parse_bytes(input: &'a [u8]) -> Self {
         let mut p = Parser { s: input, pos: 0 };
         let mut params = Vec::new();
         // The top level may hold several parameters and stray text (a REDIRECT's NUL, a CONNECT's
@@ -74,8 +82,8 @@ impl Descriptor {
     }
 
     /// Every parameter, depth-first in input order.
-    pub fn iter(&self) -> impl Iterator<Item = &Param> {
-        let mut stack: Vec<&Param> = self.params.iter().rev().collect();
+    pub fn iter(&self) -> impl Iterator<Item = &Param<'a>> {
+        let mut stack: Vec<&Param<'a>> = self.params.iter().rev().collect();
         std::iter::from_fn(move || {
             let p = stack.pop()?;
             stack.extend(p.children().iter().rev());
@@ -83,17 +91,17 @@ impl Descriptor {
         })
     }
 
-    /// The first text value of `key` (upper-case) anywhere.
+    /// The first text value of `key` (any case) anywhere.
     pub fn find(&self, key: &str) -> Option<&str> {
-        self.iter().filter(|p| p.key == key).find_map(Param::text)
+        self.iter().filter(|p| p.is(key)).find_map(Param::text)
     }
 
     /// The first text value of `key` directly inside a `parent` list.
     pub fn find_in(&self, parent: &str, key: &str) -> Option<&str> {
         self.iter()
-            .filter(|p| p.key == parent)
+            .filter(|p| p.is(parent))
             .flat_map(|p| p.children())
-            .filter(|c| c.key == key)
+            .filter(|c| c.is(key))
             .find_map(Param::text)
     }
 
@@ -128,12 +136,12 @@ impl Descriptor {
     /// Every ADDRESS, in input order (ADDRESS_LIST and DESCRIPTION_LIST are walked through).
     pub fn addresses(&self) -> Vec<Address> {
         self.iter()
-            .filter(|p| p.key == "ADDRESS")
+            .filter(|p| p.is("ADDRESS"))
             .map(|p| {
                 let get = |k: &str| {
                     p.children()
                         .iter()
-                        .filter(|c| c.key == k)
+                        .filter(|c| c.is(k))
                         .find_map(Param::text)
                 };
                 Address {
@@ -205,7 +213,7 @@ struct Parser<'a> {
     pos: usize,
 }
 
-impl Parser<'_> {
+impl<'a> Parser<'a> {
     fn peek(&self) -> Option<u8> {
         self.s.get(self.pos).copied()
     }
@@ -217,7 +225,7 @@ impl Parser<'_> {
     }
 
     /// A run of `(param)`s up to an unmatched `)` (left for the caller) or the end.
-    fn params(&mut self, depth: usize) -> Vec<Param> {
+    fn params(&mut self, depth: usize) -> Vec<Param<'a>> {
         let mut out = Vec::new();
         loop {
             self.skip_ws();
@@ -236,7 +244,7 @@ impl Parser<'_> {
     }
 
     /// After a `(`: `KEY=text)`, `KEY=(...)...)`, `KEY)` or `KEY(...)...)`.
-    fn param(&mut self, depth: usize) -> Option<Param> {
+    fn param(&mut self, depth: usize) -> Option<Param<'a>> {
         if depth >= MAX_DEPTH {
             self.skip_balanced();
             return None;
@@ -248,15 +256,13 @@ impl Parser<'_> {
         {
             self.pos += 1;
         }
-        let key = lossy(self.s.get(start..self.pos)?)
-            .trim()
-            .to_ascii_uppercase();
+        let key = trim(String::from_utf8_lossy(self.s.get(start..self.pos)?));
         match self.peek()? {
             b')' => {
                 self.pos += 1;
                 Some(Param {
                     key,
-                    value: Value::Text(String::new()),
+                    value: Value::Text(Cow::Borrowed("")),
                 })
             }
             b'(' => Some(self.list(key, depth)),
@@ -288,7 +294,7 @@ impl Parser<'_> {
                         self.pos += 1;
                         Some(Param {
                             key,
-                            value: Value::Text(v.trim().to_string()),
+                            value: Value::Text(trim(v)),
                         })
                     }
                 }
@@ -297,7 +303,7 @@ impl Parser<'_> {
     }
 
     /// Children up to the closing paren; a list cut off by the end keeps what it has.
-    fn list(&mut self, key: String, depth: usize) -> Param {
+    fn list(&mut self, key: Cow<'a, str>, depth: usize) -> Param<'a> {
         let children = self.params(depth + 1);
         if self.peek() == Some(b')') {
             self.pos += 1;
@@ -310,12 +316,23 @@ impl Parser<'_> {
 
     /// Text up to (not including) the first byte matching `end`, honouring backslash escapes;
     /// `None` when the input ends first.
-    fn until(&mut self, end: impl Fn(u8) -> bool) -> Option<String> {
-        let mut out = Vec::new();
+    fn until(&mut self, end: impl Fn(u8) -> bool) -> Option<Cow<'a, str>> {
+        let start = self.pos;
+        let rest = self.s.get(start..)?;
+        let stop = rest.iter().position(|&b| end(b) || b == b'\\')?;
+        self.pos += stop;
+        if self.peek().is_some_and(|b| b != b'\\') {
+            // No escapes: borrow.
+            return Some(String::from_utf8_lossy(rest.get(..stop)?));
+        }
+        let mut out = rest.get(..stop)?.to_vec();
         loop {
             let b = self.peek()?;
             if end(b) {
-                return Some(lossy(&out));
+                return Some(Cow::Owned(match String::from_utf8(out) {
+                    Ok(s) => s,
+                    Err(e) => String::from_utf8_lossy(e.as_bytes()).into_owned(),
+                }));
             }
             // Backslash escapes only the syntax characters: Windows paths in CID PROGRAM are sent
             // with bare backslashes.
@@ -349,8 +366,12 @@ impl Parser<'_> {
     }
 }
 
-fn lossy(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+fn trim(s: Cow<'_, str>) -> Cow<'_, str> {
+    match s {
+        Cow::Borrowed(b) => Cow::Borrowed(b.trim()),
+        Cow::Owned(o) if o.trim().len() == o.len() => Cow::Owned(o),
+        Cow::Owned(o) => Cow::Owned(o.trim().to_string()),
+    }
 }
 
 #[cfg(test)]
