@@ -39,37 +39,26 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
     }
     maps::count(counter::SKB_SEEN);
 
-    let skb: u64 = unsafe {
-        ctx.read_at(layout.tp_skbaddr as usize & 0xfff)
-            .map_err(|e| e as i64)?
-    };
-    let protocol: u16 = unsafe {
-        ctx.read_at(layout.tp_protocol as usize & 0xfff)
-            .map_err(|e| e as i64)?
-    };
+    let skb: u64 = unsafe { ctx.read_at(layout.tp_skbaddr as usize & 0xfff).map_err(|e| e as i64)? };
+    let protocol: u16 = unsafe { ctx.read_at(layout.tp_protocol as usize & 0xfff).map_err(|e| e as i64)? };
     let head: u64 = unsafe { kread(at(skb, layout.skb_head))? };
     let nh: u16 = unsafe { kread(at(skb, layout.skb_network_header))? };
     if head == 0 || nh == u16::MAX {
         return Ok(());
     }
     let Some(pkt) = packet::parse_tcp(head + nh as u64, protocol)? else {
+
         return Ok(());
     };
     if !maps::port_watched(pkt.flow.sport, pkt.flow.dport) {
         return Ok(());
     }
 
-    let location: u64 = unsafe {
-        ctx.read_at(layout.tp_location as usize & 0xfff)
-            .map_err(|e| e as i64)?
-    };
+    let location: u64 = unsafe { ctx.read_at(layout.tp_location as usize & 0xfff).map_err(|e| e as i64)? };
     let reason: u32 = if layout.tp_reason == ABSENT {
         0
     } else {
-        unsafe {
-            ctx.read_at(layout.tp_reason as usize & 0xfff)
-                .map_err(|e| e as i64)?
-        }
+        unsafe { ctx.read_at(layout.tp_reason as usize & 0xfff).map_err(|e| e as i64)? }
     };
     let len: u32 = unsafe { kread(at(skb, layout.skb_len)).unwrap_or(0) };
     let (ifindex, netns) = device_and_netns(skb, &layout);

@@ -6,11 +6,7 @@ use clap::{Args, Parser, Subcommand};
 use droptrace::{daemon, preflight};
 
 #[derive(Parser)]
-#[command(
-    name = "droptrace",
-    version,
-    about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)"
-)]
+#[command(name = "droptrace", version, about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)")]
 struct Cli {
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info", env = "DROPTRACE_LOG")]
@@ -67,9 +63,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
-    let v: u32 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a size in bytes"))?;
     if v < 4096 || !v.is_power_of_two() {
         return Err(format!("{v} must be a power of two and at least 4096"));
     }
@@ -110,10 +104,7 @@ fn main() -> ExitCode {
 fn check(json: bool) -> ExitCode {
     let report = preflight::run();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
         println!("kernel {}", report.kernel);
         for c in &report.checks {
@@ -147,10 +138,7 @@ fn run(args: RunArgs) -> ExitCode {
         node: args.node_name.unwrap_or_else(daemon::hostname),
         ringbuf_bytes: args.ringbuf_bytes,
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("droptrace: cannot start the runtime: {e}");
