@@ -279,13 +279,13 @@ fn serve(
             Behavior::Redirect { host, port } => {
                 let data =
                     format!("(ADDRESS=(PROTOCOL=TCP)(HOST={host})(PORT={port}))\0{connect_data}");
-                let raw = redirect_split(data.as_bytes());
+                let raw = redirect_split(data.as_bytes())?;
                 stream.write_all(&raw)?;
                 shared.record(|s| s.sent.push(Sent::Redirect { host, port, raw }));
                 return hold(&mut stream, shared);
             }
             Behavior::Refuse { err } => {
-                let raw = refuse(err);
+                let raw = refuse(err)?;
                 stream.write_all(&raw)?;
                 shared.record(|s| s.sent.push(Sent::Refuse { err, raw }));
                 // Half-close and drain: closing with unread input would send a RST that can
@@ -294,7 +294,7 @@ fn serve(
                 return hold(&mut stream, shared);
             }
             Behavior::ResendThen(next) => {
-                stream.write_all(&packet(TYPE_RESEND, 0, &[]))?;
+                stream.write_all(&packet(TYPE_RESEND, 0, &[])?)?;
                 shared.record(|s| s.sent.push(Sent::Resend));
                 behavior = *next;
             }
@@ -409,32 +409,38 @@ fn be16(p: &[u8], at: usize) -> u16 {
     u16::from_be_bytes([byte(p, at), byte(p, at + 1)])
 }
 
-fn packet(ptype: u8, flags: u8, body: &[u8]) -> Vec<u8> {
-    let len = u16::try_from(8 + body.len()).expect("handshake packets stay below 64 KiB");
+fn packet(ptype: u8, flags: u8, body: &[u8]) -> io::Result<Vec<u8>> {
+    let len = u16_len(8 + body.len())?;
     let mut p = Vec::with_capacity(8 + body.len());
     p.extend_from_slice(&len.to_be_bytes());
     p.extend_from_slice(&[0, 0, ptype, flags, 0, 0]);
     p.extend_from_slice(body);
-    p
+    Ok(p)
+}
+
+/// Packets before the ACCEPT have a 2-byte length; a client can send connect data that
+/// would not fit once echoed in a REDIRECT.
+fn u16_len(n: usize) -> io::Result<u16> {
+    u16::try_from(n).map_err(|_| io::Error::other(format!("{n} bytes do not fit a TNS packet")))
 }
 
 /// REDIRECT `00 0A 00 00 05 02 00 00 N_hi N_lo`, then DATA `L_hi L_lo 00 00 06 00 00 00 00 00`
 /// + data: the form real listeners send and the only one python-oracledb reads.
-pub fn redirect_split(data: &[u8]) -> Vec<u8> {
-    let n = u16::try_from(data.len()).expect("redirect data below 64 KiB");
-    let mut p = packet(TYPE_REDIRECT, FLAG_REDIRECT_DATA, &n.to_be_bytes());
+pub fn redirect_split(data: &[u8]) -> io::Result<Vec<u8>> {
+    let n = u16_len(data.len())?;
+    let mut p = packet(TYPE_REDIRECT, FLAG_REDIRECT_DATA, &n.to_be_bytes())?;
     let mut body = vec![0, 0];
     body.extend_from_slice(data);
-    p.extend_from_slice(&packet(TYPE_DATA, 0, &body));
-    p
+    p.extend_from_slice(&packet(TYPE_DATA, 0, &body)?);
+    Ok(p)
 }
 
 /// REFUSE as a listener sends it for an unknown service (12514) or SID (12505).
-pub fn refuse(err: u32) -> Vec<u8> {
+pub fn refuse(err: u32) -> io::Result<Vec<u8>> {
     let text = format!(
         "(DESCRIPTION=(TMP=)(VSNNUM=318767104)(ERR={err})(ERROR_STACK=(ERROR=(CODE={err})(EMFI=4))))"
     );
-    let n = u16::try_from(text.len()).expect("short text");
+    let n = u16_len(text.len())?;
     // The reason bytes are informational; python-oracledb reads only the text.
     let mut body = vec![0x22, 0];
     body.extend_from_slice(&n.to_be_bytes());
