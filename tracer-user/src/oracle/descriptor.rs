@@ -256,7 +256,7 @@ impl<'a> Parser<'a> {
         {
             self.pos += 1;
         }
-        let key = trim(String::from_utf8_lossy(self.s.get(start..self.pos)?));
+        let key = trim(text(self.s.get(start..self.pos)?));
         match self.peek()? {
             b')' => {
                 self.pos += 1;
@@ -323,7 +323,7 @@ impl<'a> Parser<'a> {
         self.pos += stop;
         if self.peek().is_some_and(|b| b != b'\\') {
             // No escapes: borrow.
-            return Some(String::from_utf8_lossy(rest.get(..stop)?));
+            return Some(text(rest.get(..stop)?));
         }
         let mut out = rest.get(..stop)?.to_vec();
         loop {
@@ -363,6 +363,14 @@ impl<'a> Parser<'a> {
                 _ => {}
             }
         }
+    }
+}
+
+/// `from_utf8_lossy` without its slower chunked scan in the usual all-valid case.
+fn text(b: &[u8]) -> Cow<'_, str> {
+    match std::str::from_utf8(b) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(b),
     }
 }
 
