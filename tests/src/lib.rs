@@ -4,7 +4,9 @@
 //! process. Everything a fixture creates is removed on drop, also when a test fails.
 pub mod netns;
 pub mod oracle_client;
+pub mod oracledb_client;
 pub mod scenario;
+pub mod tns_listener;
 pub mod tracer;
 
 use std::path::PathBuf;

@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod encode;
 pub mod event;
 pub mod kernel;
+pub mod oracle;
 pub mod preflight;
 pub mod report;
 pub mod signal;
