@@ -3,7 +3,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use droptrace::{daemon, preflight};
+use droptrace::{daemon, explain, preflight};
 
 #[derive(Parser)]
 #[command(name = "droptrace", version, about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)")]
@@ -25,6 +25,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Evaluate a connection against the NetworkPolicies of a cluster snapshot.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(Args)]
@@ -98,6 +100,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { json } => check(json),
         Cmd::Run(args) => run(args),
+        Cmd::Explain(args) => explain(&args),
     }
 }
 
@@ -153,6 +156,23 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("droptrace: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn explain(args: &explain::ExplainArgs) -> ExitCode {
+    match explain::run(args) {
+        Ok(e) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&e.json()).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(e) => {
+            print!("{}", e.text());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("droptrace: {e}");
+            ExitCode::from(2)
         }
     }
 }
