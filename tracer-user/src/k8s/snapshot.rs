@@ -82,16 +82,22 @@ impl Snapshot {
     pub fn parse(text: &str, mode: Mode) -> Result<Self, String> {
         let mut out = Snapshot::default();
         let trimmed = text.trim_start();
-        if trimmed.starts_with('{') || trimmed.starts_with('[') {
-            let doc: Value = serde_json::from_str(text)
-                .map_err(|e| one_line(&format!("not valid JSON: {e}")))?;
-            out.document(doc, None, mode)?;
-        } else {
-            for (i, de) in serde_yaml::Deserializer::from_str(text).enumerate() {
-                let doc = Value::deserialize(de)
-                    .map_err(|e| one_line(&format!("document {}: not valid YAML: {e}", i + 1)))?;
-                out.document(doc, Some(i + 1), mode)?;
+        let docs = if trimmed.starts_with('{') || trimmed.starts_with('[') {
+            match serde_json::from_str::<Value>(text) {
+                Ok(doc) => {
+                    out.document(doc, None, mode)?;
+                    return Ok(out);
+                }
+                // YAML documents may start with a flow mapping too; if that fails as well,
+                // the JSON error is the one that explains the file.
+                Err(json) => yaml_documents(text)
+                    .map_err(|_| one_line(&format!("not valid JSON: {json}")))?,
             }
+        } else {
+            yaml_documents(text)?
+        };
+        for (i, doc) in docs.into_iter().enumerate() {
+            out.document(doc, Some(i + 1), mode)?;
         }
         Ok(out)
     }
@@ -189,6 +195,16 @@ impl Snapshot {
             }
         }
     }
+}
+
+fn yaml_documents(text: &str) -> Result<Vec<Value>, String> {
+    serde_yaml::Deserializer::from_str(text)
+        .enumerate()
+        .map(|(i, de)| {
+            Value::deserialize(de)
+                .map_err(|e| one_line(&format!("document {}: not valid YAML: {e}", i + 1)))
+        })
+        .collect()
 }
 
 fn is_list(kind: Option<&Value>) -> bool {
