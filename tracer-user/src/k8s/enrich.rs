@@ -163,8 +163,6 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
     }
     let Some(flow) = &event.flow else { return };
     let at = Timestamp::from_str(&event.time).ok();
-    event.source = Some(endpoint(cluster, flow.src_ip, at));
-    event.destination = Some(endpoint(cluster, flow.dst_ip, at));
     let protocol = Protocol::from_str(&flow.proto).unwrap_or_default();
     // Policies judge connections, not packets: evaluate the initiating direction.
     let (src, dst, port) = if let Some(ct) = &event.conntrack {
@@ -182,7 +180,20 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
         at,
     };
     let report = evaluate_flow(cluster, &q, &opts.extra_ports);
-    if report.source.pod.is_some() || report.destination.pod.is_some() || report.backend.is_some() {
+    let involves_pod =
+        report.source.pod.is_some() || report.destination.pod.is_some() || report.backend.is_some();
+    // Endpoints stay in the packet's direction.
+    let (flow_src, flow_dst) = (flow.src_ip.to_canonical(), flow.dst_ip.to_canonical());
+    let (source, destination) = if report.source.ip == Some(flow_src) && report.destination.ip == Some(flow_dst) {
+        (report.source, report.destination)
+    } else if report.source.ip == Some(flow_dst) && report.destination.ip == Some(flow_src) {
+        (report.destination, report.source)
+    } else {
+        (endpoint(cluster, flow_src, at), endpoint(cluster, flow_dst, at))
+    };
+    event.source = Some(source);
+    event.destination = Some(destination);
+    if involves_pod {
         event.policy = Some(report.policy);
     }
 }
