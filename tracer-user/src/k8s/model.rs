@@ -83,6 +83,7 @@ impl FromStr for Protocol {
     /// Lenient spelling for people typing it: tcp, TCP, Udp, ...
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Protocol::from_api(Some(s.to_ascii_uppercase().as_str()))
+            .map_err(|_| format!("unsupported protocol {s:?} (TCP, UDP or SCTP)"))
     }
 }
 
