@@ -112,7 +112,10 @@ fn json_output_is_one_object() {
     assert_eq!(v["policy"]["direction"], "egress");
     assert_eq!(v["policy"]["policies"][0]["name"], "default-deny-egress");
     let fix = v["policy"]["suggested_fix"].as_str().unwrap();
-    assert!(fix.contains("port: 1521") && fix.contains("port: 1522"), "{fix}");
+    assert!(
+        fix.contains("port: 1521") && fix.contains("port: 1522"),
+        "{fix}"
+    );
 }
 
 #[test]
@@ -121,25 +124,65 @@ fn bad_input_is_one_line_and_exit_2() {
     let f = f.to_str().unwrap();
     let cases: [(&[&str], String); 4] = [
         (
-            &["--k8s-snapshot", f, "--from", "app/nope", "--to", "db/oracle-0", "--port", "1521"],
+            &[
+                "--k8s-snapshot",
+                f,
+                "--from",
+                "app/nope",
+                "--to",
+                "db/oracle-0",
+                "--port",
+                "1521",
+            ],
             format!("droptrace: {f}: no pod app/nope in the snapshot\n"),
         ),
         (
-            &["--k8s-snapshot", f, "--from", "app/client-7d9f8b6c5d-x2k4p", "--to", "db/oracle-0", "--port", "15x"],
+            &[
+                "--k8s-snapshot",
+                f,
+                "--from",
+                "app/client-7d9f8b6c5d-x2k4p",
+                "--to",
+                "db/oracle-0",
+                "--port",
+                "15x",
+            ],
             "droptrace: --port: \"15x\" is not a port (1-65535)\n".to_string(),
         ),
         (
-            &["--k8s-snapshot", f, "--from", "client", "--to", "db/oracle-0", "--port", "1521"],
+            &[
+                "--k8s-snapshot",
+                f,
+                "--from",
+                "client",
+                "--to",
+                "db/oracle-0",
+                "--port",
+                "1521",
+            ],
             "droptrace: \"client\" is neither NAMESPACE/POD nor an IP address\n".to_string(),
         ),
         (
-            &["--k8s-snapshot", "/nonexistent.json", "--from", "a/b", "--to", "c/d", "--port", "1"],
+            &[
+                "--k8s-snapshot",
+                "/nonexistent.json",
+                "--from",
+                "a/b",
+                "--to",
+                "c/d",
+                "--port",
+                "1",
+            ],
             "droptrace: /nonexistent.json: No such file or directory (os error 2)\n".to_string(),
         ),
     ];
     for (args, want) in cases {
         let (code, out, err) = explain(args);
-        assert_eq!((code, out.as_str(), err.as_str()), (2, "", want.as_str()), "{args:?}");
+        assert_eq!(
+            (code, out.as_str(), err.as_str()),
+            (2, "", want.as_str()),
+            "{args:?}"
+        );
     }
 }
 
@@ -155,7 +198,16 @@ fn malformed_snapshot_is_one_line_and_exit_2() {
     )
     .unwrap();
     let p = path.to_str().unwrap();
-    let (code, _, err) = explain(&["--k8s-snapshot", p, "--from", "a/b", "--to", "c/d", "--port", "1521"]);
+    let (code, _, err) = explain(&[
+        "--k8s-snapshot",
+        p,
+        "--from",
+        "a/b",
+        "--to",
+        "c/d",
+        "--port",
+        "1521",
+    ]);
     assert_eq!(code, 2);
     assert_eq!(
         err,

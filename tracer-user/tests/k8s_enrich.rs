@@ -8,8 +8,8 @@ use common::{allowed, apply_json, pod_ip, world};
 use droptrace::{
     event::{Conntrack, Event, Family, Flow, Kind, Tcp, Tuple},
     k8s::{
-        Cluster, DEFAULT_IP_HISTORY, EnrichOptions, FlowQuery, Object, ObjectKind, ObjectRef, enrich,
-        evaluate_flow,
+        Cluster, DEFAULT_IP_HISTORY, EnrichOptions, FlowQuery, Object, ObjectKind, ObjectRef,
+        enrich, evaluate_flow,
         model::{Labels, ObjectKey, Protocol, now},
         snapshot::{Mode, Snapshot},
     },
@@ -56,15 +56,20 @@ fn drop_event(time: &str, src: &str, sport: u16, dst: &str, dport: u16, flags: &
         dst_ip: ip(dst),
         dst_port: dport,
     });
-    e.tcp = Some(Tcp { flags: flags.into() });
+    e.tcp = Some(Tcp {
+        flags: flags.into(),
+    });
     e
 }
 
 #[test]
 fn address_reused_after_delete_is_attributed_by_time() {
     let mut c = Cluster::new(Duration::from_secs(600));
-    c.apply(&pod_object("old", "uid-old", "10.1.0.5", "2026-01-01T10:00:00Z"), ts("2026-01-01T10:00:01Z"))
-        .unwrap();
+    c.apply(
+        &pod_object("old", "uid-old", "10.1.0.5", "2026-01-01T10:00:00Z"),
+        ts("2026-01-01T10:00:01Z"),
+    )
+    .unwrap();
     c.delete(
         &ObjectRef {
             kind: ObjectKind::Pod,
@@ -72,9 +77,15 @@ fn address_reused_after_delete_is_attributed_by_time() {
         },
         ts("2026-01-01T10:05:00Z"),
     );
-    c.apply(&pod_object("new", "uid-new", "10.1.0.5", "2026-01-01T10:06:00Z"), ts("2026-01-01T10:06:01Z"))
-        .unwrap();
-    let name_at = |c: &Cluster, t: &str| c.pod_at(ip("10.1.0.5"), Some(ts(t))).map(|p| p.name.clone());
+    c.apply(
+        &pod_object("new", "uid-new", "10.1.0.5", "2026-01-01T10:06:00Z"),
+        ts("2026-01-01T10:06:01Z"),
+    )
+    .unwrap();
+    let name_at = |c: &Cluster, t: &str| {
+        c.pod_at(ip("10.1.0.5"), Some(ts(t)))
+            .map(|p| p.name.clone())
+    };
     let at = |t: &str| name_at(&c, t);
     assert_eq!(at("2026-01-01T10:04:59Z").as_deref(), Some("old"));
     assert_eq!(at("2026-01-01T10:06:30Z").as_deref(), Some("new"));
@@ -86,8 +97,11 @@ fn address_reused_after_delete_is_attributed_by_time() {
     assert_eq!(c.pod_by_uid("uid-old"), None);
 
     // Past the history window the old pod is forgotten.
-    c.apply(&pod_object("other", "uid-o", "10.1.0.9", "2026-01-01T10:20:00Z"), ts("2026-01-01T10:20:00Z"))
-        .unwrap();
+    c.apply(
+        &pod_object("other", "uid-o", "10.1.0.9", "2026-01-01T10:20:00Z"),
+        ts("2026-01-01T10:20:00Z"),
+    )
+    .unwrap();
     assert_eq!(name_at(&c, "2026-01-01T10:04:59Z"), None);
     assert_eq!(name_at(&c, "2026-01-01T10:19:00Z").as_deref(), Some("new"));
 }
@@ -97,11 +111,20 @@ fn pod_recreated_under_the_same_name_is_attributed_by_time() {
     // A StatefulSet replaces oracle-0 (new uid, same name, same address) without our seeing
     // the delete, as between two snapshots.
     let mut c = Cluster::default();
-    c.apply(&pod_object("oracle-0", "uid-1", "10.1.0.7", "2026-01-01T09:00:00Z"), ts("2026-01-01T09:00:00Z"))
-        .unwrap();
-    c.apply(&pod_object("oracle-0", "uid-2", "10.1.0.7", "2026-01-01T09:30:00Z"), ts("2026-01-01T09:31:00Z"))
-        .unwrap();
-    let uid = |t: &str| c.pod_at(ip("10.1.0.7"), Some(ts(t))).and_then(|p| p.uid.clone());
+    c.apply(
+        &pod_object("oracle-0", "uid-1", "10.1.0.7", "2026-01-01T09:00:00Z"),
+        ts("2026-01-01T09:00:00Z"),
+    )
+    .unwrap();
+    c.apply(
+        &pod_object("oracle-0", "uid-2", "10.1.0.7", "2026-01-01T09:30:00Z"),
+        ts("2026-01-01T09:31:00Z"),
+    )
+    .unwrap();
+    let uid = |t: &str| {
+        c.pod_at(ip("10.1.0.7"), Some(ts(t)))
+            .and_then(|p| p.uid.clone())
+    };
     assert_eq!(uid("2026-01-01T09:29:00Z").as_deref(), Some("uid-1"));
     assert_eq!(uid("2026-01-01T09:30:30Z").as_deref(), Some("uid-2"));
     assert_eq!(c.pod_by_uid("uid-1"), None);
@@ -114,8 +137,16 @@ fn pods_seen_out_of_order_still_attribute_by_creation() {
     // (observed within the history window of the job's end).
     let mut c = Cluster::default();
     let t = ts("2026-01-01T11:05:00Z");
-    c.apply(&pod_object("web", "uid-web", "10.1.0.8", "2026-01-01T11:00:00Z"), t).unwrap();
-    c.apply(&pod_object("job", "uid-job", "10.1.0.8", "2026-01-01T10:00:00Z"), t).unwrap();
+    c.apply(
+        &pod_object("web", "uid-web", "10.1.0.8", "2026-01-01T11:00:00Z"),
+        t,
+    )
+    .unwrap();
+    c.apply(
+        &pod_object("job", "uid-job", "10.1.0.8", "2026-01-01T10:00:00Z"),
+        t,
+    )
+    .unwrap();
     assert_eq!(c.pod_at(ip("10.1.0.8"), None).unwrap().name, "web");
     let at = |s: &str| c.pod_at(ip("10.1.0.8"), Some(ts(s))).unwrap().name.clone();
     assert_eq!(at("2026-01-01T10:30:00Z"), "job");
@@ -125,13 +156,28 @@ fn pods_seen_out_of_order_still_attribute_by_creation() {
 #[test]
 fn enrich_fills_source_destination_and_denying_policy() {
     let c = fixture_cluster();
-    let mut e = drop_event(&droptrace::clock::now_rfc3339(), "10.244.1.15", 40312, "10.244.2.7", 1521, "SYN");
+    let mut e = drop_event(
+        &droptrace::clock::now_rfc3339(),
+        "10.244.1.15",
+        40312,
+        "10.244.2.7",
+        1521,
+        "SYN",
+    );
     enrich(&c, &mut e, &EnrichOptions::default());
     let src = e.source.as_ref().unwrap();
     assert_eq!(src.namespace.as_deref(), Some("app"));
     assert_eq!(src.pod.as_deref(), Some("client-7d9f8b6c5d-x2k4p"));
-    assert_eq!(src.pod_uid.as_deref(), Some("5f0c6f7e-2a41-4d3b-9c8e-1b2a3c4d5e6f"));
-    assert_eq!(src.workload.as_ref().map(|w| (w.kind.as_str(), w.name.as_str())), Some(("Deployment", "client")));
+    assert_eq!(
+        src.pod_uid.as_deref(),
+        Some("5f0c6f7e-2a41-4d3b-9c8e-1b2a3c4d5e6f")
+    );
+    assert_eq!(
+        src.workload
+            .as_ref()
+            .map(|w| (w.kind.as_str(), w.name.as_str())),
+        Some(("Deployment", "client"))
+    );
     assert_eq!(src.node.as_deref(), Some("worker-1"));
     assert_eq!(src.labels["app"], "client");
     let dst = e.destination.as_ref().unwrap();
@@ -143,7 +189,13 @@ fn enrich_fills_source_destination_and_denying_policy() {
     assert_eq!(p.verdict, "denied");
     assert_eq!(p.direction, "egress");
     assert_eq!(p.policies.len(), 1);
-    assert_eq!((p.policies[0].namespace.as_str(), p.policies[0].name.as_str()), ("app", "default-deny-egress"));
+    assert_eq!(
+        (
+            p.policies[0].namespace.as_str(),
+            p.policies[0].name.as_str()
+        ),
+        ("app", "default-deny-egress")
+    );
     assert_eq!(p.policies[0].rule, None);
     assert_eq!(
         p.explanation,
@@ -195,14 +247,24 @@ spec:
 #[test]
 fn service_address_is_judged_against_its_backends() {
     let c = fixture_cluster();
-    let mut e = drop_event("2026-11-25T12:00:00.000000Z", "10.244.1.15", 40312, "10.96.12.34", 1521, "SYN");
+    let mut e = drop_event(
+        "2026-11-25T12:00:00.000000Z",
+        "10.244.1.15",
+        40312,
+        "10.96.12.34",
+        1521,
+        "SYN",
+    );
     enrich(&c, &mut e, &EnrichOptions::default());
     let dst = e.destination.as_ref().unwrap();
     assert_eq!(dst.ip, Some(ip("10.96.12.34")));
     assert_eq!(dst.service.as_deref(), Some("oracle"));
     assert_eq!(dst.pod.as_deref(), Some("oracle-0"));
     let p = e.policy.unwrap();
-    assert_eq!((p.verdict.as_str(), p.direction.as_str()), ("denied", "egress"));
+    assert_eq!(
+        (p.verdict.as_str(), p.direction.as_str()),
+        ("denied", "egress")
+    );
 }
 
 #[test]
@@ -254,7 +316,10 @@ spec:
     let mut syn = drop_event(t, &xa, 40000, &yb, 80, "SYN");
     enrich(&c, &mut syn, &EnrichOptions::default());
     let p = syn.policy.unwrap();
-    assert_eq!((p.verdict.as_str(), p.direction.as_str()), ("denied", "egress"));
+    assert_eq!(
+        (p.verdict.as_str(), p.direction.as_str()),
+        ("denied", "egress")
+    );
 
     // With conntrack, its original tuple says who opened the connection.
     let mut data = drop_event(t, &xa, 80, &yb, 40000, "ACK|PSH");
@@ -283,16 +348,33 @@ fn enrich_leaves_other_kinds_and_unknown_addresses_alone() {
     let mut tns = Event::new(Kind::Tns, "2026-11-25T12:00:00.000000Z".into(), "n");
     enrich(&c, &mut tns, &EnrichOptions::default());
     assert!(tns.source.is_none() && tns.policy.is_none());
-    let mut e = drop_event("2026-11-25T12:00:00.000000Z", "203.0.113.9", 5000, "198.51.100.1", 1521, "SYN");
+    let mut e = drop_event(
+        "2026-11-25T12:00:00.000000Z",
+        "203.0.113.9",
+        5000,
+        "198.51.100.1",
+        1521,
+        "SYN",
+    );
     enrich(&c, &mut e, &EnrichOptions::default());
     assert_eq!(e.source.as_ref().unwrap().ip, Some(ip("203.0.113.9")));
     assert_eq!(e.source.as_ref().unwrap().pod, None);
     assert!(e.policy.is_none(), "no pod involved, no policy verdict");
     // A node address is the node, host network.
-    let mut e = drop_event("2026-11-25T12:00:00.000000Z", "192.168.10.11", 5000, "10.244.2.7", 1521, "SYN");
+    let mut e = drop_event(
+        "2026-11-25T12:00:00.000000Z",
+        "192.168.10.11",
+        5000,
+        "10.244.2.7",
+        1521,
+        "SYN",
+    );
     enrich(&c, &mut e, &EnrichOptions::default());
     let s = e.source.unwrap();
-    assert_eq!((s.node.as_deref(), s.host_network, s.pod), (Some("worker-1"), true, None));
+    assert_eq!(
+        (s.node.as_deref(), s.host_network, s.pod),
+        (Some("worker-1"), true, None)
+    );
     let p = e.policy.unwrap();
     assert_eq!(p.verdict, "denied");
     assert_eq!(p.direction, "ingress");
@@ -345,7 +427,10 @@ fn traffic_from_the_pods_own_node_is_always_allowed() {
         at: None,
     };
     let r = evaluate_flow(&c, &q, &[]);
-    assert_eq!(r.verdict.ingress.explanation, "192.168.0.1 is the node of x/a: always allowed");
+    assert_eq!(
+        r.verdict.ingress.explanation,
+        "192.168.0.1 is the node of x/a: always allowed"
+    );
 }
 
 #[test]
@@ -388,7 +473,10 @@ fn suggested_fix_parses_and_flips_the_verdict() {
     assert!(r.verdict.allowed(), "{:?}", r.policy);
     assert_eq!(r.policy.verdict, "allowed");
     assert_eq!(r.policy.suggested_fix, None);
-    assert_eq!(r.verdict.egress.policies[0].name, "allow-egress-client-to-oracle-tcp-1521");
+    assert_eq!(
+        r.verdict.egress.policies[0].name,
+        "allow-egress-client-to-oracle-tcp-1521"
+    );
 }
 
 #[test]
@@ -434,10 +522,34 @@ spec:
     }
     assert!(evaluate_flow(&c, &q, &[]).verdict.allowed());
     // Exactly this flow: another port or another pod stays denied.
-    assert!(!allowed(&c, pod_ip("y/a"), pod_ip("x/a"), Protocol::Udp, 80));
-    assert!(!allowed(&c, pod_ip("y/a"), pod_ip("x/a"), Protocol::Tcp, 81));
-    assert!(!allowed(&c, pod_ip("y/b"), pod_ip("x/a"), Protocol::Udp, 81));
-    assert!(!allowed(&c, pod_ip("y/a"), pod_ip("x/b"), Protocol::Udp, 81));
+    assert!(!allowed(
+        &c,
+        pod_ip("y/a"),
+        pod_ip("x/a"),
+        Protocol::Udp,
+        80
+    ));
+    assert!(!allowed(
+        &c,
+        pod_ip("y/a"),
+        pod_ip("x/a"),
+        Protocol::Tcp,
+        81
+    ));
+    assert!(!allowed(
+        &c,
+        pod_ip("y/b"),
+        pod_ip("x/a"),
+        Protocol::Udp,
+        81
+    ));
+    assert!(!allowed(
+        &c,
+        pod_ip("y/a"),
+        pod_ip("x/b"),
+        Protocol::Udp,
+        81
+    ));
 }
 
 #[test]
@@ -460,18 +572,36 @@ spec:
         at: None,
     };
     let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
-    assert!(fix.contains("name: allow-egress-b-to-203-0-113-20-tcp-1521"), "{fix}");
-    assert!(fix.contains("- ipBlock:\n        cidr: 203.0.113.20/32"), "{fix}");
+    assert!(
+        fix.contains("name: allow-egress-b-to-203-0-113-20-tcp-1521"),
+        "{fix}"
+    );
+    assert!(
+        fix.contains("- ipBlock:\n        cidr: 203.0.113.20/32"),
+        "{fix}"
+    );
 }
 
 #[test]
 fn stable_selector_prefers_workload_labels() {
-    let l = |pairs: &[(&str, &str)]| -> Labels { pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() };
+    let l = |pairs: &[(&str, &str)]| -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
     assert_eq!(
-        stable_selector(&l(&[("app.kubernetes.io/name", "db"), ("app", "legacy"), ("pod-template-hash", "x")])),
+        stable_selector(&l(&[
+            ("app.kubernetes.io/name", "db"),
+            ("app", "legacy"),
+            ("pod-template-hash", "x")
+        ])),
         l(&[("app.kubernetes.io/name", "db")])
     );
-    assert_eq!(stable_selector(&l(&[("app", "web"), ("version", "2")])), l(&[("app", "web")]));
+    assert_eq!(
+        stable_selector(&l(&[("app", "web"), ("version", "2")])),
+        l(&[("app", "web")])
+    );
     assert_eq!(
         stable_selector(&l(&[
             ("tier", "db"),

@@ -16,7 +16,9 @@ use droptrace::{
 };
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/k8s").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/k8s")
+        .join(name)
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -45,10 +47,15 @@ fn kubectl_list_loads_every_kind() {
     assert_eq!(c.pod_count(), 4);
     assert_eq!(c.policies().len(), 3);
 
-    let client = c.pod(&ObjectKey::new("app", "client-7d9f8b6c5d-x2k4p")).unwrap();
+    let client = c
+        .pod(&ObjectKey::new("app", "client-7d9f8b6c5d-x2k4p"))
+        .unwrap();
     assert_eq!(client.ips, [ip("10.244.1.15")]);
     assert_eq!(client.node.as_deref(), Some("worker-1"));
-    assert_eq!(client.uid.as_deref(), Some("5f0c6f7e-2a41-4d3b-9c8e-1b2a3c4d5e6f"));
+    assert_eq!(
+        client.uid.as_deref(),
+        Some("5f0c6f7e-2a41-4d3b-9c8e-1b2a3c4d5e6f")
+    );
     assert_eq!(
         client.workload,
         Some(Workload {
@@ -57,10 +64,15 @@ fn kubectl_list_loads_every_kind() {
         })
     );
     let oracle = c.pod_at(ip("10.244.2.7"), None).unwrap();
-    assert_eq!((oracle.namespace.as_str(), oracle.name.as_str()), ("db", "oracle-0"));
+    assert_eq!(
+        (oracle.namespace.as_str(), oracle.name.as_str()),
+        ("db", "oracle-0")
+    );
     assert_eq!(oracle.workload.as_ref().unwrap().kind, "StatefulSet");
     assert_eq!(oracle.ports[0].name.as_deref(), Some("listener"));
-    let job = c.pod(&ObjectKey::new("app", "nightly-export-29010240-7xk2q")).unwrap();
+    let job = c
+        .pod(&ObjectKey::new("app", "nightly-export-29010240-7xk2q"))
+        .unwrap();
     assert_eq!(job.workload.as_ref().unwrap().kind, "Job");
     assert_eq!(job.phase.as_deref(), Some("Succeeded"));
 
@@ -68,7 +80,11 @@ fn kubectl_list_loads_every_kind() {
     assert_eq!(c.pod_at(ip("192.168.10.11"), None), None);
     assert_eq!(c.node_of_ip(ip("192.168.10.11")), Some("worker-1"));
     assert_eq!(c.node_ips("worker-2"), [ip("192.168.10.12")]);
-    assert!(c.pod_by_uid("c1d2e3f4-a5b6-4c7d-8e9f-0a1b2c3d4e5f").unwrap().host_network);
+    assert!(
+        c.pod_by_uid("c1d2e3f4-a5b6-4c7d-8e9f-0a1b2c3d4e5f")
+            .unwrap()
+            .host_network
+    );
 
     let svc = c.service_at_ip(ip("10.96.12.34")).unwrap();
     assert_eq!(svc.name, "oracle");
@@ -79,9 +95,15 @@ fn kubectl_list_loads_every_kind() {
     // targetPort "listener" resolves on the pod.
     let backends = c.backends(svc, 1521, droptrace::k8s::model::Protocol::Tcp);
     assert_eq!(backends.len(), 1);
-    assert_eq!((backends[0].0.name.as_str(), backends[0].1), ("oracle-0", 1521));
     assert_eq!(
-        c.namespace_labels("app").unwrap().get("team").map(String::as_str),
+        (backends[0].0.name.as_str(), backends[0].1),
+        ("oracle-0", 1521)
+    );
+    assert_eq!(
+        c.namespace_labels("app")
+            .unwrap()
+            .get("team")
+            .map(String::as_str),
         Some("payments")
     );
 }
@@ -153,8 +175,13 @@ fn malformed_object_names_the_field() {
         e,
         "items[0] (Pod app/x): spec.containers[0].ports[0].containerPort: invalid type: string \"http\", expected i32"
     );
-    let e = strict_error("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nstatus: {podIP: 10.0.0.300}\n");
-    assert_eq!(e, "document 1 (Pod x): status.podIP: \"10.0.0.300\" is not an IP address");
+    let e = strict_error(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nstatus: {podIP: 10.0.0.300}\n",
+    );
+    assert_eq!(
+        e,
+        "document 1 (Pod x): status.podIP: \"10.0.0.300\" is not an IP address"
+    );
     let e = strict_error("apiVersion: v1\nkind: Pod\nmetadata: {namespace: a}\n");
     assert_eq!(e, "document 1 (Pod): metadata.name: missing");
     let e = strict_error("- just\n- a list\n");
@@ -208,7 +235,9 @@ fn invalid_policies_are_errors_at_load() {
         "document 1 (NetworkPolicy n/p): spec.ingress[0].ports[0].protocol: unsupported protocol \"ICMP\" (TCP, UDP or SCTP)"
     );
     assert_eq!(
-        policy("  podSelector: {}\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}\n"),
+        policy(
+            "  podSelector: {}\n  egress:\n  - to:\n    - ipBlock: {cidr: 10.0.0.0/8, except: [192.168.0.0/16]}\n"
+        ),
         "document 1 (NetworkPolicy n/p): spec.egress[0].to[0].ipBlock.except[0]: 192.168.0.0/16 is outside the cidr 10.0.0.0/8"
     );
     assert_eq!(
@@ -247,11 +276,16 @@ fn file_errors_start_with_the_file_name() {
     let e = Snapshot::read(&path, Mode::Strict).unwrap_err();
     assert_eq!(
         e.to_string(),
-        format!("{}: not valid JSON: EOF while parsing a list at line 2 column 0", path.display())
+        format!(
+            "{}: not valid JSON: EOF while parsing a list at line 2 column 0",
+            path.display()
+        )
     );
     let missing = Path::new("/nonexistent/snap.json");
     assert_eq!(
-        Snapshot::read(missing, Mode::Strict).unwrap_err().to_string(),
+        Snapshot::read(missing, Mode::Strict)
+            .unwrap_err()
+            .to_string(),
         "/nonexistent/snap.json: No such file or directory (os error 2)"
     );
     let path = temp_file("a: [\nb: c\n");
@@ -296,7 +330,8 @@ fn watcher_reloads_on_change_and_keeps_history_of_removed_pods() {
     };
     let path = temp_file(&pod("one", "10.1.0.1"));
     let t0 = now();
-    let (mut watcher, mut cluster) = SnapshotWatcher::start(&path, t0, Duration::from_secs(600)).unwrap();
+    let (mut watcher, mut cluster) =
+        SnapshotWatcher::start(&path, t0, Duration::from_secs(600)).unwrap();
     assert_eq!(cluster.pod_at(ip("10.1.0.1"), None).unwrap().name, "one");
     // Nothing changed: nothing to do.
     assert!(watcher.poll(&mut cluster, t0).unwrap().is_none());
@@ -315,12 +350,19 @@ fn watcher_reloads_on_change_and_keeps_history_of_removed_pods() {
     let reload = watcher.poll(&mut cluster, t1).unwrap().unwrap();
     assert_eq!(reload.objects, 1);
     assert_eq!(reload.skipped.len(), 1);
-    assert!(reload.skipped[0].to_string().starts_with("document 2 (ConfigMap cm): unknown kind"));
+    assert!(
+        reload.skipped[0]
+            .to_string()
+            .starts_with("document 2 (ConfigMap cm): unknown kind")
+    );
     assert_eq!(cluster.pod(&ObjectKey::new("app", "one")), None);
     assert_eq!(cluster.pod_at(ip("10.1.0.2"), None).unwrap().name, "two");
     // A late event from before the reload still finds pod one.
     let before = t1.checked_sub(Duration::from_secs(1)).unwrap();
-    assert_eq!(cluster.pod_at(ip("10.1.0.1"), Some(before)).unwrap().name, "one");
+    assert_eq!(
+        cluster.pod_at(ip("10.1.0.1"), Some(before)).unwrap().name,
+        "one"
+    );
 
     // A broken file keeps the cluster as it was.
     std::fs::write(&path, "{ broken").unwrap();

@@ -808,7 +808,10 @@ spec:
 ",
     );
     assert_table(&c, Tcp, 80, ALL_ALLOWED);
-    apply_json(&mut c, pod_json("x/b", json!({"pod": "b", "quarantine": "true"})));
+    apply_json(
+        &mut c,
+        pod_json("x/b", json!({"pod": "b", "quarantine": "true"})),
+    );
     assert_table(
         &c,
         Tcp,
@@ -844,7 +847,10 @@ spec:
 ",
     );
     assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
-    apply_json(&mut c, common::namespace_json("y", json!({"ns": "y", "team": "blue"})));
+    apply_json(
+        &mut c,
+        common::namespace_json("y", json!({"ns": "y", "team": "blue"})),
+    );
     assert_table(
         &c,
         Tcp,
@@ -867,7 +873,10 @@ spec:
 
 #[test]
 fn policy_stops_applying_when_deleted() {
-    use droptrace::k8s::{ObjectKind, ObjectRef, model::{ObjectKey, now}};
+    use droptrace::k8s::{
+        ObjectKind, ObjectRef,
+        model::{ObjectKey, now},
+    };
     let mut c = world(
         "
 apiVersion: networking.k8s.io/v1

@@ -184,13 +184,17 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
         report.source.pod.is_some() || report.destination.pod.is_some() || report.backend.is_some();
     // Endpoints stay in the packet's direction.
     let (flow_src, flow_dst) = (flow.src_ip.to_canonical(), flow.dst_ip.to_canonical());
-    let (source, destination) = if report.source.ip == Some(flow_src) && report.destination.ip == Some(flow_dst) {
-        (report.source, report.destination)
-    } else if report.source.ip == Some(flow_dst) && report.destination.ip == Some(flow_src) {
-        (report.destination, report.source)
-    } else {
-        (endpoint(cluster, flow_src, at), endpoint(cluster, flow_dst, at))
-    };
+    let (source, destination) =
+        if report.source.ip == Some(flow_src) && report.destination.ip == Some(flow_dst) {
+            (report.source, report.destination)
+        } else if report.source.ip == Some(flow_dst) && report.destination.ip == Some(flow_src) {
+            (report.destination, report.source)
+        } else {
+            (
+                endpoint(cluster, flow_src, at),
+                endpoint(cluster, flow_dst, at),
+            )
+        };
     event.source = Some(source);
     event.destination = Some(destination);
     if involves_pod {

@@ -56,14 +56,20 @@ pub struct IpHistory {
     /// The addresses each live pod holds, to release them on delete or change.
     held: HashMap<ObjectKey, Vec<IpAddr>>,
     retention: SignedDuration,
+    /// Pruning walks every address: do it at most this often, not on every update.
+    prune_every: SignedDuration,
+    last_prune: Option<Timestamp>,
 }
 
 impl IpHistory {
     pub fn new(retention: Duration) -> Self {
+        let retention = SignedDuration::try_from(retention).unwrap_or(SignedDuration::MAX);
         Self {
             by_ip: HashMap::new(),
             held: HashMap::new(),
-            retention: SignedDuration::try_from(retention).unwrap_or(SignedDuration::MAX),
+            retention,
+            prune_every: (retention / 10).min(SignedDuration::from_secs(60)),
+            last_prune: None,
         }
     }
 
@@ -105,7 +111,7 @@ impl IpHistory {
         } else {
             self.held.insert(key, ips.to_vec());
         }
-        self.prune(now);
+        self.maybe_prune(now);
     }
 
     /// The pod is gone (deleted, or no longer in the snapshot) as of `at`.
@@ -113,7 +119,7 @@ impl IpHistory {
         for ip in self.held.remove(key).unwrap_or_default() {
             self.close(ip, key, at);
         }
-        self.prune(at);
+        self.maybe_prune(at);
     }
 
     fn close(&mut self, ip: IpAddr, key: &ObjectKey, at: Timestamp) {
@@ -145,8 +151,18 @@ impl IpHistory {
             .map(|(_, x)| &x.pod)
     }
 
+    fn maybe_prune(&mut self, now: Timestamp) {
+        let due = self
+            .last_prune
+            .is_none_or(|last| now.duration_since(last) >= self.prune_every);
+        if due {
+            self.prune(now);
+        }
+    }
+
     /// Forget tenancies that ended longer than the retention ago.
     pub fn prune(&mut self, now: Timestamp) {
+        self.last_prune = Some(now);
         let Ok(horizon) = now.checked_sub(self.retention) else {
             return;
         };

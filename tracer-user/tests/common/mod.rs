@@ -13,7 +13,9 @@ use droptrace::k8s::{
 };
 use serde_json::{Value, json};
 
-pub const PODS: [&str; 9] = ["x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c"];
+pub const PODS: [&str; 9] = [
+    "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
+];
 
 pub fn pod_ip(pod: &str) -> IpAddr {
     let (ns, name) = pod.split_once('/').unwrap();
@@ -37,7 +39,11 @@ pub fn namespace_json(ns: &str, labels: Value) -> Value {
 pub fn pod_json(pod: &str, labels: Value) -> Value {
     let (ns, name) = pod.split_once('/').unwrap();
     let node = if name == "a" { "n1" } else { "n2" };
-    let host_ip = if name == "a" { "192.168.0.1" } else { "192.168.0.2" };
+    let host_ip = if name == "a" {
+        "192.168.0.1"
+    } else {
+        "192.168.0.2"
+    };
     let mut ports = Vec::new();
     for port in [80, 81] {
         for proto in ["TCP", "UDP", "SCTP"] {
@@ -85,7 +91,9 @@ pub fn apply_json(cluster: &mut Cluster, value: Value) {
     let object = match value["kind"].as_str() {
         Some("Pod") => Object::Pod(Box::new(serde_json::from_value(value).unwrap())),
         Some("Namespace") => Object::Namespace(Box::new(serde_json::from_value(value).unwrap())),
-        Some("NetworkPolicy") => Object::NetworkPolicy(Box::new(serde_json::from_value(value).unwrap())),
+        Some("NetworkPolicy") => {
+            Object::NetworkPolicy(Box::new(serde_json::from_value(value).unwrap()))
+        }
         other => panic!("apply_json: {other:?}"),
     };
     cluster.apply(&object, now()).unwrap();
@@ -125,7 +133,10 @@ pub fn assert_table(cluster: &Cluster, protocol: Protocol, port: u16, expected: 
                 other => panic!("bad cell {other:?}"),
             };
             if got != want {
-                wrong.push(format!("{from} -> {to}: expected {}", if want { "allowed" } else { "denied" }));
+                wrong.push(format!(
+                    "{from} -> {to}: expected {}",
+                    if want { "allowed" } else { "denied" }
+                ));
             }
         }
         actual_table.push('\n');
