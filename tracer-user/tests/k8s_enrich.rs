@@ -4,12 +4,12 @@ mod common;
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use common::{allowed, apply_json, pod_ip, world};
+use common::{allowed, apply_json, pod_ip, query, world};
 use droptrace::{
     event::{Conntrack, Event, Family, Flow, Kind, Tcp, Tuple},
     k8s::{
-        Cluster, DEFAULT_IP_HISTORY, EnrichOptions, FlowQuery, Object, ObjectKind, ObjectRef,
-        enrich, evaluate_flow,
+        Cluster, DEFAULT_IP_HISTORY, EnrichOptions, Object, ObjectKind, ObjectRef, enrich,
+        evaluate_flow,
         model::{Labels, ObjectKey, Protocol, now},
         snapshot::{Mode, Snapshot},
     },
@@ -231,13 +231,7 @@ spec:
         )
     );
     // The ingress side (db/allow-app-to-oracle, named port "listener") would let it in.
-    let q = FlowQuery {
-        src: ip("10.244.1.15"),
-        dst: ip("10.244.2.7"),
-        protocol: Protocol::Tcp,
-        port: 1521,
-        at: None,
-    };
+    let q = query(ip("10.244.1.15"), ip("10.244.2.7"), Protocol::Tcp, 1521);
     let r = evaluate_flow(&c, &q, &[]);
     assert!(r.verdict.ingress.allowed);
     assert_eq!(r.verdict.ingress.policies[0].name, "allow-app-to-oracle");
@@ -271,13 +265,7 @@ fn service_address_is_judged_against_its_backends() {
 fn egress_allowed_by_a_rule_ingress_denied() {
     let c = fixture_cluster();
     // The job pod's egress rule 1 admits namespace db on 1522; db admits only app=client.
-    let q = FlowQuery {
-        src: ip("10.244.2.31"),
-        dst: ip("10.244.2.7"),
-        protocol: Protocol::Tcp,
-        port: 1522,
-        at: None,
-    };
+    let q = query(ip("10.244.2.31"), ip("10.244.2.7"), Protocol::Tcp, 1522);
     let r = evaluate_flow(&c, &q, &[]);
     assert!(r.verdict.egress.allowed);
     assert_eq!(r.verdict.egress.policies[0].name, "default-deny-egress");
@@ -419,13 +407,7 @@ fn traffic_from_the_pods_own_node_is_always_allowed() {
     // Egress to the own node too, even with every egress denied.
     assert!(allowed(&c, pod_ip("x/a"), n1, Protocol::Tcp, 10250));
     assert!(!allowed(&c, pod_ip("x/a"), n2, Protocol::Tcp, 10250));
-    let q = FlowQuery {
-        src: n1,
-        dst: pod_ip("x/a"),
-        protocol: Protocol::Tcp,
-        port: 80,
-        at: None,
-    };
+    let q = query(n1, pod_ip("x/a"), Protocol::Tcp, 80);
     let r = evaluate_flow(&c, &q, &[]);
     assert_eq!(
         r.verdict.ingress.explanation,
@@ -457,13 +439,7 @@ fn host_network_pods_are_outside_selectors() {
 #[test]
 fn suggested_fix_parses_and_flips_the_verdict() {
     let mut c = fixture_cluster();
-    let q = FlowQuery {
-        src: ip("10.244.1.15"),
-        dst: ip("10.244.2.7"),
-        protocol: Protocol::Tcp,
-        port: 1521,
-        at: None,
-    };
+    let q = query(ip("10.244.1.15"), ip("10.244.2.7"), Protocol::Tcp, 1521);
     let fix = evaluate_flow(&c, &q, &[1522]).policy.suggested_fix.unwrap();
     assert!(fix.contains("port: 1522"));
     for o in Snapshot::parse(&fix, Mode::Strict).unwrap().objects {
@@ -498,13 +474,7 @@ spec:
   podSelector: {}
 ",
     );
-    let q = FlowQuery {
-        src: pod_ip("y/a"),
-        dst: pod_ip("x/a"),
-        protocol: Protocol::Udp,
-        port: 81,
-        at: None,
-    };
+    let q = query(pod_ip("y/a"), pod_ip("x/a"), Protocol::Udp, 81);
     let r = evaluate_flow(&c, &q, &[]);
     assert_eq!(r.policy.verdict, "denied");
     assert_eq!(r.policy.direction, "egress");
@@ -564,13 +534,7 @@ spec:
   policyTypes: [Egress]
 ",
     );
-    let q = FlowQuery {
-        src: pod_ip("x/b"),
-        dst: ip("203.0.113.20"),
-        protocol: Protocol::Tcp,
-        port: 1521,
-        at: None,
-    };
+    let q = query(pod_ip("x/b"), ip("203.0.113.20"), Protocol::Tcp, 1521);
     let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
     assert!(
         fix.contains("name: allow-egress-b-to-203-0-113-20-tcp-1521"),

@@ -99,15 +99,21 @@ pub fn apply_json(cluster: &mut Cluster, value: Value) {
     cluster.apply(&object, now()).unwrap();
 }
 
-pub fn allowed(cluster: &Cluster, from: IpAddr, to: IpAddr, protocol: Protocol, port: u16) -> bool {
-    let q = FlowQuery {
-        src: from,
-        dst: to,
+/// A connection now.
+pub fn query(src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> FlowQuery {
+    FlowQuery {
+        src,
+        dst,
         protocol,
         port,
         at: None,
-    };
-    evaluate_flow(cluster, &q, &[]).verdict.allowed()
+    }
+}
+
+pub fn allowed(cluster: &Cluster, from: IpAddr, to: IpAddr, protocol: Protocol, port: u16) -> bool {
+    evaluate_flow(cluster, &query(from, to, protocol, port), &[])
+        .verdict
+        .allowed()
 }
 
 /// Compare every pod pair with a hand-written table: rows are sources, columns destinations,
