@@ -576,3 +576,63 @@ fn stable_selector_prefers_workload_labels() {
         l(&[("tier", "db")])
     );
 }
+
+#[test]
+fn fix_does_not_isolate_pods_that_were_not_isolated() {
+    // x/a and x/b share app=web; only x/a is isolated for egress. A fix selecting app=web
+    // would cut x/b off from everything else, so it selects x/a's workload labels instead.
+    let mut c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+",
+    );
+    apply_json(&mut c, common::pod_json("x/a", json!({"pod": "a", "app": "web"})));
+    apply_json(&mut c, common::pod_json("x/b", json!({"pod": "b", "app": "web"})));
+    let q = query(pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80);
+    let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
+    assert!(
+        fix.contains("  podSelector:\n    matchLabels:\n      app: web\n      pod: a\n"),
+        "{fix}"
+    );
+    assert!(!fix.contains("Caution"), "{fix}");
+    for o in Snapshot::parse(&fix, Mode::Strict).unwrap().objects {
+        c.apply(&o, now()).unwrap();
+    }
+    assert!(allowed(&c, pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80));
+    // x/b keeps all its egress.
+    assert!(allowed(&c, pod_ip("x/b"), pod_ip("z/c"), Protocol::Udp, 81));
+
+}
+
+#[test]
+fn fix_that_must_isolate_more_pods_says_so() {
+    // x/a is isolated as the pod without a `pod` label; x/b has x/a's labels and more, so any
+    // selector of x/a's labels also selects x/b, which nothing isolates today.
+    let mut c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: unlabelled-no-egress, namespace: x}
+spec:
+  podSelector:
+    matchExpressions: [{key: pod, operator: DoesNotExist}]
+  policyTypes: [Egress]
+",
+    );
+    apply_json(&mut c, common::pod_json("x/a", json!({"app": "web"})));
+    apply_json(&mut c, common::pod_json("x/b", json!({"app": "web", "pod": "b"})));
+    let q = query(pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80);
+    let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
+    assert!(
+        fix.starts_with(
+            "# Caution: this also selects 1 pod(s) of x that no policy isolates for egress today; \
+             they would lose their other egress traffic.\napiVersion: networking.k8s.io/v1\n"
+        ),
+        "{fix}"
+    );
+}

@@ -19,7 +19,7 @@ use super::{
         TargetPort,
     },
 };
-use crate::policy::{CompiledPolicy, PodRef, PolicySet, Side};
+use crate::policy::{CompiledPolicy, Direction, PodRef, PolicySet, Side, fix::Isolation};
 
 /// How long addresses of deleted or replaced pods stay attributable.
 pub const DEFAULT_IP_HISTORY: Duration = Duration::from_secs(600);
@@ -130,9 +130,10 @@ pub struct Cluster {
     /// namespace -> name -> pod, so namespace-scoped scans stay cheap.
     pods: HashMap<String, BTreeMap<String, Arc<Pod>>>,
     pods_by_uid: HashMap<String, ObjectKey>,
-    services: HashMap<ObjectKey, Service>,
+    /// Ordered by namespace, for namespace-scoped scans.
+    services: BTreeMap<ObjectKey, Service>,
     service_by_ip: HashMap<IpAddr, ObjectKey>,
-    slices: HashMap<ObjectKey, EndpointSlice>,
+    slices: BTreeMap<ObjectKey, EndpointSlice>,
     /// Address -> slices listing it.
     slices_by_ip: HashMap<IpAddr, BTreeSet<ObjectKey>>,
     policies: PolicySet,
@@ -157,9 +158,9 @@ impl Cluster {
             explicit_namespaces: BTreeSet::new(),
             pods: HashMap::new(),
             pods_by_uid: HashMap::new(),
-            services: HashMap::new(),
+            services: BTreeMap::new(),
             service_by_ip: HashMap::new(),
-            slices: HashMap::new(),
+            slices: BTreeMap::new(),
             slices_by_ip: HashMap::new(),
             policies: PolicySet::default(),
             ips: IpHistory::new(ip_history),
@@ -450,11 +451,7 @@ impl Cluster {
                 }
             }
         }
-        for svc in self
-            .services
-            .values()
-            .filter(|s| s.namespace == pod.namespace)
-        {
+        for svc in in_namespace(&self.services, &pod.namespace) {
             if svc
                 .selector
                 .as_ref()
@@ -477,10 +474,8 @@ impl Cluster {
             return Vec::new();
         };
         let mut pods: BTreeMap<ObjectKey, Arc<Pod>> = BTreeMap::new();
-        for slice in self.slices.values() {
-            if slice.namespace != svc.namespace
-                || slice.service.as_deref() != Some(svc.name.as_str())
-            {
+        for slice in in_namespace(&self.slices, &svc.namespace) {
+            if slice.service.as_deref() != Some(svc.name.as_str()) {
                 continue;
             }
             for e in &slice.endpoints {
@@ -551,6 +546,24 @@ impl Cluster {
 }
 
 static EMPTY_LABELS: Labels = Labels::new();
+
+fn in_namespace<'a, T>(
+    map: &'a BTreeMap<ObjectKey, T>,
+    namespace: &'a str,
+) -> impl Iterator<Item = &'a T> {
+    map.range(ObjectKey::new(namespace, "")..)
+        .take_while(move |(k, _)| k.namespace == namespace)
+        .map(|(_, v)| v)
+}
+
+impl Isolation for Cluster {
+    fn newly_isolated(&self, direction: Direction, namespace: &str, selector: &Labels) -> usize {
+        self.pods_in(namespace)
+            .filter(|p| !p.host_network && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v)))
+            .filter(|p| !self.policies.isolates(namespace, &p.labels, direction))
+            .count()
+    }
+}
 
 fn node_addresses(node: &core::Node) -> Result<(String, Vec<IpAddr>), FieldError> {
     let name = model::name(&node.metadata)?;

@@ -113,40 +113,36 @@ pub fn evaluate_flow(cluster: &Cluster, q: &FlowQuery, extra_ports: &[u16]) -> F
                 e.service = Some(svc.name.clone());
                 destination = e;
             }
-            return report(
+            return FlowReport {
                 source,
                 destination,
-                Some(pod.key().to_string()),
-                &src,
-                &dst,
+                backend: Some(pod.key().to_string()),
+                policy: policy_with_fix(cluster, &src, &dst, &verdict, extra_ports),
                 verdict,
-                extra_ports,
-            );
+            };
         }
     }
     let dst = cluster.side(q.dst, q.at);
     let verdict = cluster.policies().evaluate(&src, &dst, q.protocol, q.port);
-    report(source, destination, None, &src, &dst, verdict, extra_ports)
-}
-
-fn report(
-    source: Endpoint,
-    destination: Endpoint,
-    backend: Option<String>,
-    src: &Side,
-    dst: &Side,
-    verdict: Verdict,
-    extra_ports: &[u16],
-) -> FlowReport {
-    let mut policy = verdict.to_event();
-    policy.suggested_fix = fix::suggest(&verdict, src, dst, extra_ports);
     FlowReport {
         source,
         destination,
-        backend,
+        backend: None,
+        policy: policy_with_fix(cluster, &src, &dst, &verdict, extra_ports),
         verdict,
-        policy,
     }
+}
+
+fn policy_with_fix(
+    cluster: &Cluster,
+    src: &Side,
+    dst: &Side,
+    verdict: &Verdict,
+    extra_ports: &[u16],
+) -> event::Policy {
+    let mut policy = verdict.to_event();
+    policy.suggested_fix = fix::suggest(verdict, src, dst, extra_ports, cluster);
+    policy
 }
 
 #[derive(Debug, Clone, Default)]

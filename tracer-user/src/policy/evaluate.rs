@@ -221,6 +221,19 @@ impl PolicySet {
         self.iter().map(CompiledPolicy::key).collect()
     }
 
+    /// Whether some policy of `namespace` selects a pod with `labels` for `direction`.
+    pub fn isolates(&self, namespace: &str, labels: &Labels, direction: Direction) -> bool {
+        self.by_namespace.get(namespace).is_some_and(|m| {
+            m.values().any(|p| {
+                let rules = match direction {
+                    Direction::Egress => &p.egress,
+                    Direction::Ingress => &p.ingress,
+                };
+                rules.is_some() && p.pod_selector.matches(labels)
+            })
+        })
+    }
+
     /// The verdict for a connection from `src` to `dst` on `protocol`/`port` (destination port).
     pub fn evaluate(&self, src: &Side, dst: &Side, protocol: Protocol, port: u16) -> Verdict {
         let flow = FlowCtx {

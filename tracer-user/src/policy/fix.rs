@@ -22,32 +22,72 @@ const VOLATILE_LABELS: [&str; 7] = [
     "batch.kubernetes.io/controller-uid",
 ];
 
+/// What a fix must not do to the rest of the cluster.
+pub trait Isolation {
+    /// How many pods of `namespace` matching `selector` no policy isolates for `direction`
+    /// today: a new policy selecting them would cut off the rest of their traffic.
+    fn newly_isolated(&self, direction: Direction, namespace: &str, selector: &Labels) -> usize;
+}
+
+/// For callers that know no other pods: nothing else is affected.
+pub struct NoOtherPods;
+
+impl Isolation for NoOtherPods {
+    fn newly_isolated(&self, _: Direction, _: &str, _: &Labels) -> usize {
+        0
+    }
+}
+
 /// YAML for the policies to add, or None when the flow is allowed. `extra_ports` are added
 /// to the same rule (e.g. the port an Oracle listener redirects to).
-pub fn suggest(verdict: &Verdict, src: &Side, dst: &Side, extra_ports: &[u16]) -> Option<String> {
+pub fn suggest(
+    verdict: &Verdict,
+    src: &Side,
+    dst: &Side,
+    extra_ports: &[u16],
+    isolation: &dyn Isolation,
+) -> Option<String> {
     let mut ports = vec![verdict.port];
     for p in extra_ports {
         if *p != 0 && !ports.contains(p) {
             ports.push(*p);
         }
     }
+    let flow = FixFlow {
+        src,
+        dst,
+        protocol: verdict.protocol,
+        ports: &ports,
+    };
     let mut docs = Vec::new();
     for (d, subject, peer) in [(&verdict.egress, src, dst), (&verdict.ingress, dst, src)] {
         if d.allowed {
             continue;
         }
         let pod = subject.pod?.pod;
-        docs.push(policy_yaml(
-            d.direction,
-            pod,
-            src,
-            dst,
-            peer,
-            verdict.protocol,
-            &ports,
-        ));
+        docs.push(policy_yaml(d.direction, pod, peer, &flow, isolation));
     }
     (!docs.is_empty()).then(|| docs.join("---\n"))
+}
+
+struct FixFlow<'a> {
+    src: &'a Side<'a>,
+    dst: &'a Side<'a>,
+    protocol: Protocol,
+    ports: &'a [u16],
+}
+
+/// The stable subset when selecting it isolates nobody new, else the pod's workload labels
+/// if they do better; with how many pods it would newly isolate.
+fn choose_selector(direction: Direction, pod: &Pod, isolation: &dyn Isolation) -> (Labels, usize) {
+    let stable = stable_selector(&pod.labels);
+    let n = isolation.newly_isolated(direction, &pod.namespace, &stable);
+    if n == 0 {
+        return (stable, 0);
+    }
+    let narrow = workload_selector(&pod.labels);
+    let m = isolation.newly_isolated(direction, &pod.namespace, &narrow);
+    if m < n { (narrow, m) } else { (stable, n) }
 }
 
 /// A subset of the pod's labels that selects its workload, not just this replica.
@@ -57,6 +97,11 @@ pub fn stable_selector(labels: &Labels) -> Labels {
             return Labels::from([(key.to_string(), v.clone())]);
         }
     }
+    workload_selector(labels)
+}
+
+/// Every label but those that change per rollout or per replica.
+fn workload_selector(labels: &Labels) -> Labels {
     labels
         .iter()
         .filter(|(k, _)| !VOLATILE_LABELS.contains(&k.as_str()))
@@ -67,18 +112,25 @@ pub fn stable_selector(labels: &Labels) -> Labels {
 fn policy_yaml(
     direction: Direction,
     pod: &Pod,
-    src: &Side,
-    dst: &Side,
     peer: &Side,
-    protocol: Protocol,
-    ports: &[u16],
+    flow: &FixFlow,
+    isolation: &dyn Isolation,
 ) -> String {
-    let selector = stable_selector(&pod.labels);
+    let (selector, newly) = choose_selector(direction, pod, isolation);
     let mut comment = String::new();
     if selector.is_empty() {
         comment = format!(
             "# {}/{} has no labels to select it by: this selects every pod in {}.\n",
             pod.namespace, pod.name, pod.namespace
+        );
+    }
+    if newly > 0 {
+        comment += &format!(
+            "# Caution: this also selects {newly} pod(s) of {} that no policy isolates for {} \
+             today; they would lose their other {} traffic.\n",
+            pod.namespace,
+            direction.as_str(),
+            direction.as_str()
         );
     }
     let peer_value = match peer.pod {
@@ -97,11 +149,12 @@ fn policy_yaml(
             map([("cidr", Value::String(Cidr::host(peer.ip).to_string()))]),
         )]),
     };
-    let port_values = ports
+    let port_values = flow
+        .ports
         .iter()
         .map(|p| {
             map([
-                ("protocol", Value::String(protocol.as_str().into())),
+                ("protocol", Value::String(flow.protocol.as_str().into())),
                 ("port", Value::Number((*p).into())),
             ])
         })
@@ -110,7 +163,7 @@ fn policy_yaml(
         Direction::Egress => ("Egress", "egress", "to"),
         Direction::Ingress => ("Ingress", "ingress", "from"),
     };
-    let name = policy_name(direction, src, dst, protocol, ports[0]);
+    let name = policy_name(direction, flow);
     let doc = map([
         ("apiVersion", Value::String("networking.k8s.io/v1".into())),
         ("kind", Value::String("NetworkPolicy".into())),
@@ -164,19 +217,14 @@ fn match_labels(labels: &Labels) -> Value {
 
 /// `allow-egress-client-to-oracle-tcp-1521`: workload names over pod names, a valid
 /// object name (lowercase alphanumerics and '-', at most 63).
-fn policy_name(
-    direction: Direction,
-    src: &Side,
-    dst: &Side,
-    protocol: Protocol,
-    port: u16,
-) -> String {
+fn policy_name(direction: Direction, flow: &FixFlow) -> String {
     let raw = format!(
-        "allow-{}-{}-to-{}-{}-{port}",
+        "allow-{}-{}-to-{}-{}-{}",
         direction.as_str(),
-        side_name(src),
-        side_name(dst),
-        protocol.as_str().to_ascii_lowercase()
+        side_name(flow.src),
+        side_name(flow.dst),
+        flow.protocol.as_str().to_ascii_lowercase(),
+        flow.ports.first().copied().unwrap_or_default()
     );
     let mut out = String::with_capacity(raw.len());
     for c in raw.chars() {
