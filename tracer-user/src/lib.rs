@@ -2,6 +2,7 @@
 //!
 //! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode -> [`event`] ->
 //! [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time ([`kernel`]).
+//! Flows are attributed to pods ([`k8s`]) and to the NetworkPolicy deciding them ([`policy`]).
 pub mod clock;
 pub mod collectors;
 pub mod daemon;

@@ -18,6 +18,16 @@ use droptrace::{
 use k8s_openapi::jiff::Timestamp;
 use serde_json::json;
 
+/// x/a may open no connection.
+const A_NO_EGRESS: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+";
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -282,16 +292,7 @@ fn egress_allowed_by_a_rule_ingress_denied() {
 #[test]
 fn syn_ack_reply_is_judged_as_the_connection_it_answers() {
     // x/a may open nothing; y/b opened a connection to x/a:80 and x/a's SYN|ACK was dropped.
-    let c = world(
-        "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-no-egress, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  policyTypes: [Egress]
-",
-    );
+    let c = world(A_NO_EGRESS);
     let xa = pod_ip("x/a").to_string();
     let yb = pod_ip("y/b").to_string();
     let t = "2026-11-25T12:00:00.000000Z";
@@ -581,18 +582,15 @@ fn stable_selector_prefers_workload_labels() {
 fn fix_does_not_isolate_pods_that_were_not_isolated() {
     // x/a and x/b share app=web; only x/a is isolated for egress. A fix selecting app=web
     // would cut x/b off from everything else, so it selects x/a's workload labels instead.
-    let mut c = world(
-        "
-apiVersion: networking.k8s.io/v1
-kind: NetworkPolicy
-metadata: {name: a-no-egress, namespace: x}
-spec:
-  podSelector: {matchLabels: {pod: a}}
-  policyTypes: [Egress]
-",
+    let mut c = world(A_NO_EGRESS);
+    apply_json(
+        &mut c,
+        common::pod_json("x/a", json!({"pod": "a", "app": "web"})),
     );
-    apply_json(&mut c, common::pod_json("x/a", json!({"pod": "a", "app": "web"})));
-    apply_json(&mut c, common::pod_json("x/b", json!({"pod": "b", "app": "web"})));
+    apply_json(
+        &mut c,
+        common::pod_json("x/b", json!({"pod": "b", "app": "web"})),
+    );
     let q = query(pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80);
     let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
     assert!(
@@ -606,7 +604,6 @@ spec:
     assert!(allowed(&c, pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80));
     // x/b keeps all its egress.
     assert!(allowed(&c, pod_ip("x/b"), pod_ip("z/c"), Protocol::Udp, 81));
-
 }
 
 #[test]
@@ -625,7 +622,10 @@ spec:
 ",
     );
     apply_json(&mut c, common::pod_json("x/a", json!({"app": "web"})));
-    apply_json(&mut c, common::pod_json("x/b", json!({"app": "web", "pod": "b"})));
+    apply_json(
+        &mut c,
+        common::pod_json("x/b", json!({"app": "web", "pod": "b"})),
+    );
     let q = query(pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80);
     let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
     assert!(

@@ -383,3 +383,70 @@ fn strict_start_refuses_a_bad_file() {
         )
     );
 }
+
+#[test]
+fn garbage_is_an_error_never_a_panic() {
+    let deep_json = "[".repeat(5000);
+    let deep_yaml = "- ".repeat(5000) + "x";
+    let inputs = [
+        "",
+        "   \n",
+        "---\n---\n",
+        "null",
+        "42",
+        "\"a string\"",
+        "[1, 2]",
+        "{\"kind\": 7}",
+        "{\"kind\": \"List\", \"items\": 7}",
+        "kind: List\nitems: [null, 3, {kind: Pod}, {kind: Pod, apiVersion: v1, metadata: 5}]",
+        "\u{0}\u{1}\u{2}binary",
+        "{{{{",
+        "a: &a [*a, *a]\nb: *a\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec: {containers: [{name: c, ports: [{containerPort: 99999}]}]}\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: s}\nspec: {clusterIP: nope}\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {name: e}\naddressType: IPv4\nendpoints: [{addresses: [x]}]\n",
+        "apiVersion: v1\nkind: Node\nmetadata: {name: n}\nstatus: {addresses: [{type: InternalIP, address: bad}]}\n",
+        &deep_json,
+        &deep_yaml,
+    ];
+    for text in inputs {
+        for mode in [Mode::Strict, Mode::Tolerant] {
+            if let Err(e) = Snapshot::parse(text, mode) {
+                assert!(!e.contains('\n'), "{e}");
+            }
+        }
+    }
+    assert_eq!(
+        strict_error(inputs[13]),
+        "document 1 (Pod p): spec.containers[0].ports[0].containerPort: 99999 is not a port (1-65535)"
+    );
+    assert_eq!(
+        strict_error(inputs[16]),
+        "document 1 (Node n): status.addresses[0].address: \"bad\" is not an IP address"
+    );
+}
+
+#[test]
+fn endpoint_slice_addresses_name_pods_we_have_no_object_for() {
+    let c = Snapshot::parse(
+        "
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: oracle-x1
+  namespace: db
+  labels: {kubernetes.io/service-name: oracle}
+addressType: IPv4
+endpoints:
+- addresses: [10.244.9.9]
+  targetRef: {kind: Pod, name: oracle-1, namespace: db}
+",
+        Mode::Strict,
+    )
+    .unwrap()
+    .into_cluster(now(), DEFAULT_IP_HISTORY);
+    let e = droptrace::k8s::enrich::endpoint(&c, ip("10.244.9.9"), None);
+    assert_eq!(e.namespace.as_deref(), Some("db"));
+    assert_eq!(e.pod.as_deref(), Some("oracle-1"));
+    assert_eq!(e.service.as_deref(), Some("oracle"));
+}

@@ -432,6 +432,24 @@ impl Cluster {
             .get(self.service_by_ip.get(&ip.to_canonical())?)
     }
 
+    /// What EndpointSlices say about an address: the pod (targetRef) and the Service behind
+    /// it, for addresses whose Pod object we do not have.
+    pub fn slice_target(&self, ip: IpAddr) -> Option<(Option<ObjectKey>, Option<ObjectKey>)> {
+        let ip = ip.to_canonical();
+        let key = self.slices_by_ip.get(&ip)?.iter().next()?;
+        let slice = self.slices.get(key)?;
+        let pod = slice
+            .endpoints
+            .iter()
+            .find(|e| e.addresses.contains(&ip))
+            .and_then(|e| e.pod.clone());
+        let service = slice
+            .service
+            .as_ref()
+            .map(|s| ObjectKey::new(&slice.namespace, s));
+        Some((pod, service))
+    }
+
     /// Services fronting `pod`: through EndpointSlices listing it, or selectors matching it.
     pub fn services_of(&self, pod: &Pod) -> BTreeSet<String> {
         let mut out = BTreeSet::new();

@@ -35,8 +35,8 @@ pub struct FlowReport {
     pub policy: event::Policy,
 }
 
-/// The endpoint behind `ip` at `at`: a pod (deleted ones within the history), a node, a
-/// Service address, or just the address.
+/// The endpoint behind `ip` at `at`: a pod (deleted ones within the history), a node, an
+/// EndpointSlice address (pod known only by name), a Service address, or just the address.
 pub fn endpoint(cluster: &Cluster, ip: IpAddr, at: Option<Timestamp>) -> Endpoint {
     let ip = ip.to_canonical();
     if let Some(node) = cluster.node_of_ip(ip) {
@@ -49,6 +49,18 @@ pub fn endpoint(cluster: &Cluster, ip: IpAddr, at: Option<Timestamp>) -> Endpoin
     }
     if let Some(pod) = cluster.pod_at(ip, at) {
         return pod_endpoint(cluster, pod, ip);
+    }
+    if let Some((pod, service)) = cluster.slice_target(ip) {
+        return Endpoint {
+            ip: Some(ip),
+            namespace: pod
+                .as_ref()
+                .or(service.as_ref())
+                .map(|k| k.namespace.clone()),
+            pod: pod.map(|k| k.name),
+            service: service.map(|k| k.name),
+            ..Endpoint::default()
+        };
     }
     if let Some(svc) = cluster.service_at_ip(ip) {
         return Endpoint {
