@@ -80,6 +80,26 @@ impl std::fmt::Display for ObjectRef {
     }
 }
 
+macro_rules! object_from {
+    ($($variant:ident: $ty:ty),*) => {$(
+        impl From<$ty> for Object {
+            fn from(o: $ty) -> Self {
+                Object::$variant(Box::new(o))
+            }
+        }
+    )*};
+}
+
+// What a reflector store hands over becomes an Object with `.into()`.
+object_from!(
+    Pod: core::Pod,
+    Service: core::Service,
+    EndpointSlice: discovery::EndpointSlice,
+    Namespace: core::Namespace,
+    NetworkPolicy: networking::NetworkPolicy,
+    Node: core::Node
+);
+
 impl Object {
     pub fn kind(&self) -> ObjectKind {
         match self {

@@ -88,12 +88,15 @@ pub fn world(policies: &str) -> Cluster {
 }
 
 pub fn apply_json(cluster: &mut Cluster, value: Value) {
-    let object = match value["kind"].as_str() {
-        Some("Pod") => Object::Pod(Box::new(serde_json::from_value(value).unwrap())),
-        Some("Namespace") => Object::Namespace(Box::new(serde_json::from_value(value).unwrap())),
-        Some("NetworkPolicy") => {
-            Object::NetworkPolicy(Box::new(serde_json::from_value(value).unwrap()))
-        }
+    use k8s_openapi::api::{core::v1 as core, networking::v1 as networking};
+    let object: Object = match value["kind"].as_str() {
+        Some("Pod") => serde_json::from_value::<core::Pod>(value).unwrap().into(),
+        Some("Namespace") => serde_json::from_value::<core::Namespace>(value)
+            .unwrap()
+            .into(),
+        Some("NetworkPolicy") => serde_json::from_value::<networking::NetworkPolicy>(value)
+            .unwrap()
+            .into(),
         other => panic!("apply_json: {other:?}"),
     };
     cluster.apply(&object, now()).unwrap();
