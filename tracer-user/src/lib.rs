@@ -1,7 +1,9 @@
 //! droptrace: finds the packet drop behind a silently stalled connection.
 //!
-//! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode -> [`event`] ->
-//! [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time ([`kernel`]).
+//! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode ([`signal`]) ->
+//! correlate ([`correlate`], [`aggregate`]) -> enrich ([`k8s`], [`policy`], [`oracle`]) ->
+//! [`event`] -> [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time
+//! ([`kernel`]).
 pub mod aggregate;
 pub mod cgroup;
 pub mod clock;
@@ -10,8 +12,11 @@ pub mod correlate;
 pub mod daemon;
 pub mod encode;
 pub mod event;
+pub mod explain;
+pub mod k8s;
 pub mod kernel;
 pub mod oracle;
+pub mod policy;
 pub mod preflight;
 pub mod report;
 pub mod signal;

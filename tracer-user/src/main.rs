@@ -3,7 +3,7 @@
 use std::{process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use droptrace::{daemon, preflight};
+use droptrace::{daemon, explain, preflight};
 
 #[derive(Parser)]
 #[command(
@@ -29,6 +29,8 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Evaluate a connection against the NetworkPolicies of a cluster snapshot.
+    Explain(explain::ExplainArgs),
 }
 
 #[derive(Args)]
@@ -132,6 +134,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { json } => check(json),
         Cmd::Run(args) => run(args),
+        Cmd::Explain(args) => explain(&args),
     }
 }
 
@@ -208,6 +211,23 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("droptrace: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn explain(args: &explain::ExplainArgs) -> ExitCode {
+    match explain::run(args) {
+        Ok(e) if args.json => {
+            println!("{}", serde_json::to_string_pretty(&e.json()).unwrap_or_default());
+            ExitCode::SUCCESS
+        }
+        Ok(e) => {
+            print!("{}", e.text());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("droptrace: {e}");
+            ExitCode::from(2)
         }
     }
 }

@@ -1,0 +1,162 @@
+//! NetworkPolicy evaluation on a synthetic cluster: 10k pods in 100 namespaces, 2k policies
+//! (20 per namespace: a default deny, cross-namespace allows, ipBlocks, named ports,
+//! matchExpressions). `cargo bench -p tracer-user --bench policy`.
+use std::{hint::black_box, net::IpAddr, time::Duration};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use droptrace::{
+    event::{Event, Family, Flow, Kind, Tcp},
+    k8s::{
+        Cluster, EnrichOptions, FlowQuery, Object, enrich, evaluate_flow,
+        model::{Protocol, now},
+    },
+};
+use serde_json::{Value, json};
+
+const NAMESPACES: usize = 100;
+const PODS_PER_NAMESPACE: usize = 100;
+const POLICIES_PER_NAMESPACE: usize = 20;
+
+fn pod_ip(ns: usize, pod: usize) -> IpAddr {
+    format!("10.{}.{}.{}", 100 + ns / 100, ns % 100, pod + 1)
+        .parse()
+        .unwrap()
+}
+
+fn objects() -> Vec<Object> {
+    let mut out = Vec::new();
+    let typed = |v: Value| -> Object {
+        match v["kind"].as_str() {
+            Some("Namespace") => Object::Namespace(Box::new(serde_json::from_value(v).unwrap())),
+            Some("Pod") => Object::Pod(Box::new(serde_json::from_value(v).unwrap())),
+            _ => Object::NetworkPolicy(Box::new(serde_json::from_value(v).unwrap())),
+        }
+    };
+    for n in 0..NAMESPACES {
+        let ns = format!("ns-{n}");
+        out.push(typed(json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": ns, "labels": {"team": format!("team-{}", n % 10), "env": if n % 2 == 0 { "prod" } else { "dev" }}}})));
+        for p in 0..PODS_PER_NAMESPACE {
+            out.push(typed(json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("app-{}-{p}", p % 10), "namespace": ns,
+                             "uid": format!("00000000-0000-4000-8000-{:06}{:06}", n, p),
+                             "labels": {"app": format!("app-{}", p % 10), "tier": if p % 3 == 0 { "db" } else { "web" }}},
+                "spec": {"nodeName": format!("node-{}", p % 20), "containers": [{"name": "c",
+                         "ports": [{"name": "sql", "containerPort": 1521}, {"name": "http", "containerPort": 8080}]}]},
+                "status": {"podIP": pod_ip(n, p).to_string(), "hostIP": format!("192.168.1.{}", p % 20 + 1)},
+            })));
+        }
+        out.push(typed(
+            json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+            "metadata": {"name": "default-deny", "namespace": ns},
+            "spec": {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}}),
+        ));
+        for i in 1..POLICIES_PER_NAMESPACE {
+            let spec = match i % 4 {
+                0 => json!({"podSelector": {"matchLabels": {"app": format!("app-{}", i % 10)}},
+                    "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"team": format!("team-{}", i % 10)}},
+                                           "podSelector": {"matchLabels": {"tier": "web"}}}],
+                                 "ports": [{"port": "sql"}]}]}),
+                1 => {
+                    json!({"podSelector": {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["db"]}]},
+                    "ingress": [{"from": [{"ipBlock": {"cidr": "10.0.0.0/8", "except": [format!("10.100.{i}.0/24")]}}],
+                                 "ports": [{"port": 1521, "endPort": 1530}]}]})
+                }
+                2 => json!({"podSelector": {"matchLabels": {"app": format!("app-{}", i % 10)}},
+                    "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"namespaceSelector": {"matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]}}],
+                                "ports": [{"port": 8080, "protocol": "TCP"}]}]}),
+                _ => json!({"podSelector": {"matchLabels": {"tier": "web"}},
+                    "policyTypes": ["Egress"],
+                    "egress": [{"to": [{"podSelector": {"matchLabels": {"app": format!("app-{}", i % 10)}}},
+                                       {"podSelector": {"matchLabels": {"tier": "web"}}}],
+                                "ports": [{"port": "http"}, {"port": "sql"}]}]}),
+            };
+            out.push(typed(
+                json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                "metadata": {"name": format!("p-{i}"), "namespace": ns}, "spec": spec}),
+            ));
+        }
+    }
+    out
+}
+
+fn build_cluster(objects: &[Object]) -> Cluster {
+    let mut c = Cluster::default();
+    let t = now();
+    for o in objects {
+        c.apply(o, t).unwrap();
+    }
+    c
+}
+
+fn bench(c: &mut Criterion) {
+    let objects = objects();
+    let cluster = build_cluster(&objects);
+    assert_eq!(cluster.pod_count(), NAMESPACES * PODS_PER_NAMESPACE);
+    assert_eq!(
+        cluster.policies().len(),
+        NAMESPACES * POLICIES_PER_NAMESPACE
+    );
+
+    let denied = FlowQuery {
+        src: pod_ip(3, 1),
+        dst: pod_ip(57, 3),
+        protocol: Protocol::Tcp,
+        port: 1521,
+        at: None,
+    };
+    // ns-4 app-1 (web) -> ns-4 app-4 (web) on sql: egress p-3, ingress p-4 (team-4, web).
+    let allowed = FlowQuery {
+        src: pod_ip(4, 1),
+        dst: pod_ip(4, 4),
+        protocol: Protocol::Tcp,
+        port: 1521,
+        at: None,
+    };
+    assert!(!evaluate_flow(&cluster, &denied, &[]).verdict.allowed());
+    assert!(evaluate_flow(&cluster, &allowed, &[]).verdict.allowed());
+    c.bench_function("evaluate_flow denied (with fix)", |b| {
+        b.iter(|| evaluate_flow(black_box(&cluster), black_box(&denied), &[]))
+    });
+    c.bench_function("evaluate_flow allowed", |b| {
+        b.iter(|| evaluate_flow(black_box(&cluster), black_box(&allowed), &[]))
+    });
+    let mut event = Event::new(Kind::Drop, "2026-11-25T12:00:00.000000Z".into(), "node-1");
+    event.flow = Some(Flow {
+        proto: "tcp".into(),
+        family: Family::Ipv4,
+        src_ip: denied.src,
+        src_port: 40000,
+        dst_ip: denied.dst,
+        dst_port: 1521,
+    });
+    event.tcp = Some(Tcp {
+        flags: "SYN".into(),
+    });
+    let opts = EnrichOptions::default();
+    c.bench_function("enrich drop event", |b| {
+        b.iter(|| {
+            let mut e = event.clone();
+            enrich(black_box(&cluster), &mut e, &opts);
+            e
+        })
+    });
+    c.bench_function("pod_at lookup", |b| {
+        b.iter(|| cluster.pod_at(black_box(denied.dst), None).is_some())
+    });
+    let mut group = c.benchmark_group("build");
+    group.sample_size(10);
+    group.bench_function("apply 10k pods + 2k policies", |b| {
+        b.iter(|| build_cluster(black_box(&objects)))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = bench
+}
+criterion_main!(benches);

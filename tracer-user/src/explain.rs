@@ -1,0 +1,197 @@
+//! `droptrace explain`: would this connection pass the cluster's NetworkPolicies, which
+//! policy decides, and what to apply if it does not.
+use std::{fmt::Write as _, net::IpAddr, path::PathBuf, str::FromStr};
+
+use serde_json::json;
+
+use crate::{
+    k8s::{
+        Cluster, DEFAULT_IP_HISTORY, FlowQuery, FlowReport, SnapshotError, evaluate_flow,
+        model::{self, ObjectKey, Protocol},
+        snapshot::{Mode, Snapshot},
+    },
+    policy::DirectionVerdict,
+};
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExplainArgs {
+    /// Cluster snapshot: `kubectl get pods,services,endpointslices,namespaces,networkpolicies
+    /// -A -o json` output, or YAML manifests.
+    #[arg(long, value_name = "FILE")]
+    pub k8s_snapshot: PathBuf,
+    /// The connecting side: NAMESPACE/POD or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    pub from: String,
+    /// The side connected to: NAMESPACE/POD, NAMESPACE/SERVICE or an IP address.
+    #[arg(long, value_name = "NS/POD|IP")]
+    pub to: String,
+    /// Destination port.
+    #[arg(long)]
+    pub port: String,
+    /// TCP, UDP or SCTP.
+    #[arg(long, default_value = "TCP")]
+    pub protocol: String,
+    /// More ports for the suggested fix (an Oracle redirect port, say), comma-separated.
+    #[arg(long, value_delimiter = ',', value_name = "PORT")]
+    pub extra_ports: Vec<String>,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Bad input, as the one line after `droptrace: `.
+#[derive(Debug, thiserror::Error)]
+pub enum ExplainError {
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    #[error("{0}")]
+    Input(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    pub from: String,
+    pub to: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub report: FlowReport,
+}
+
+pub fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
+    let port = parse_port("--port", &args.port)?;
+    let extra_ports = args
+        .extra_ports
+        .iter()
+        .map(|p| parse_port("--extra-ports", p))
+        .collect::<Result<Vec<_>, _>>()?;
+    let protocol = Protocol::from_str(&args.protocol)
+        .map_err(|e| ExplainError::Input(format!("--protocol: {e}")))?;
+    let cluster = Snapshot::read(&args.k8s_snapshot, Mode::Strict)?
+        .into_cluster(model::now(), DEFAULT_IP_HISTORY);
+    let file = args.k8s_snapshot.display().to_string();
+    let (src, from) = resolve(&cluster, &file, &args.from, false)?;
+    let (dst, to) = resolve(&cluster, &file, &args.to, true)?;
+    let q = FlowQuery {
+        src,
+        dst,
+        protocol,
+        port,
+        at: None,
+    };
+    Ok(Explanation {
+        from,
+        to,
+        protocol,
+        port,
+        report: evaluate_flow(&cluster, &q, &extra_ports),
+    })
+}
+
+fn parse_port(flag: &str, s: &str) -> Result<u16, ExplainError> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(ExplainError::Input(format!(
+            "{flag}: {s:?} is not a port (1-65535)"
+        ))),
+    }
+}
+
+/// An address and how to name it: `ns/pod (ip)`.
+fn resolve(
+    cluster: &Cluster,
+    file: &str,
+    spec: &str,
+    services_too: bool,
+) -> Result<(IpAddr, String), ExplainError> {
+    if let Ok(ip) = spec.parse::<IpAddr>() {
+        return Ok((ip, ip.to_string()));
+    }
+    let Some((ns, name)) = spec
+        .split_once('/')
+        .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+    else {
+        return Err(ExplainError::Input(format!(
+            "{spec:?} is neither NAMESPACE/POD nor an IP address"
+        )));
+    };
+    let key = ObjectKey::new(ns, name);
+    if let Some(pod) = cluster.pod(&key) {
+        let ip = pod
+            .ips
+            .first()
+            .ok_or_else(|| ExplainError::Input(format!("{file}: pod {key} has no IP address")))?;
+        return Ok((*ip, format!("{key} ({ip})")));
+    }
+    if services_too && let Some(ip) = cluster.service(&key).and_then(|s| s.cluster_ips.first()) {
+        return Ok((*ip, format!("service {key} ({ip})")));
+    }
+    Err(ExplainError::Input(format!(
+        "{file}: no pod {key} in the snapshot"
+    )))
+}
+
+impl Explanation {
+    pub fn text(&self) -> String {
+        let r = &self.report;
+        let mut out = format!(
+            "{} -> {} {}/{}\n",
+            self.from, self.to, self.protocol, self.port
+        );
+        if let Some(b) = &r.backend {
+            let _ = writeln!(out, "evaluated against backend pod {b}");
+        }
+        for d in [&r.verdict.egress, &r.verdict.ingress] {
+            direction_text(&mut out, d);
+        }
+        let _ = writeln!(
+            out,
+            "verdict: {} ({})",
+            r.policy.verdict, r.policy.direction
+        );
+        if let Some(fix) = &r.policy.suggested_fix {
+            let _ = write!(out, "\nsuggested fix:\n{fix}");
+        }
+        out
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        let r = &self.report;
+        json!({
+            "from": self.from,
+            "to": self.to,
+            "protocol": self.protocol.as_str(),
+            "port": self.port,
+            "source": r.source,
+            "destination": r.destination,
+            "backend": r.backend,
+            "egress": r.verdict.egress,
+            "ingress": r.verdict.ingress,
+            "policy": r.policy,
+        })
+    }
+}
+
+fn direction_text(out: &mut String, d: &DirectionVerdict) {
+    let verdict = if d.allowed { "allowed" } else { "denied" };
+    let _ = writeln!(out, "{:<8} {verdict}", format!("{}:", d.direction.as_str()));
+    if !d.policies.is_empty() {
+        let names: Vec<String> = d
+            .policies
+            .iter()
+            .map(|p| match p.rule {
+                Some(r) => format!("{}/{} (rule {r})", p.namespace, p.name),
+                None => format!("{}/{}", p.namespace, p.name),
+            })
+            .collect();
+        let label = if d.allowed {
+            "allowed by"
+        } else {
+            "isolated by"
+        };
+        let _ = writeln!(out, "  {label}: {}", names.join(", "));
+    }
+    let _ = writeln!(out, "  {}", d.explanation);
+    for m in &d.near_misses {
+        let _ = writeln!(out, "  closest: {m}");
+    }
+}

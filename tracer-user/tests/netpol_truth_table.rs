@@ -1,0 +1,898 @@
+//! Truth tables over namespaces x, y, z with pods a, b, c (the Kubernetes e2e netpol suite's
+//! and cyclonus's world; see tests/common). Every expected table is written out by hand from
+//! the networking.k8s.io/v1 semantics, never computed. Rows are sources, columns destinations;
+//! `.` allowed, `X` denied. A pod reaching itself never leaves its network namespace, so the
+//! diagonal is always allowed.
+mod common;
+
+use common::{apply_json, assert_table, pod_json, world};
+use droptrace::k8s::model::Protocol::{Sctp, Tcp, Udp};
+use serde_json::json;
+
+const ALL_ALLOWED: &str = "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .";
+
+/// Only x/a isolated for ingress, nothing allowed in.
+const X_A_INGRESS_DENIED: &str = "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  X   .   .   .   .   .   .   .   .
+    y/b  X   .   .   .   .   .   .   .   .
+    y/c  X   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  X   .   .   .   .   .   .   .   .";
+
+#[test]
+fn no_policies_allow_everything() {
+    assert_table(&world(""), Tcp, 80, ALL_ALLOWED);
+}
+
+#[test]
+fn default_deny_ingress_isolates_every_pod_of_the_namespace() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   .   .   .   .   .   .
+    x/b  X   .   X   .   .   .   .   .   .
+    x/c  X   X   .   .   .   .   .   .   .
+    y/a  X   X   X   .   .   .   .   .   .
+    y/b  X   X   X   .   .   .   .   .   .
+    y/c  X   X   X   .   .   .   .   .   .
+    z/a  X   X   X   .   .   .   .   .   .
+    z/b  X   X   X   .   .   .   .   .   .
+    z/c  X   X   X   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn pod_selector_or_namespace_selector_is_not_and() {
+    // Two list items: pods b of x, OR any pod of y.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-b-or-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+    - namespaceSelector: {matchLabels: {ns: y}}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  X   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn pod_selector_and_namespace_selector_in_one_peer() {
+    // One list item with both selectors: pods b of namespace y only.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-y-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+      namespaceSelector: {matchLabels: {ns: y}}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  X   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  X   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  X   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn ingress_on_named_port() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-serve-80, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - port: serve-80-tcp
+",
+    );
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+    assert_table(&c, Tcp, 81, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn egress_on_named_port() {
+    // Named egress ports resolve against each destination pod's containerPorts.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: egress-serve-81, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - ports:
+    - port: serve-81-tcp
+",
+    );
+    assert_table(&c, Tcp, 81, ALL_ALLOWED);
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   X   X   X   X   X   X
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn named_port_with_wrong_protocol_matches_nothing() {
+    // serve-80-tcp is a TCP port: asked for as UDP it names nothing, for TCP or UDP.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: udp-named-tcp, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - port: serve-80-tcp
+      protocol: UDP
+",
+    );
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+    assert_table(&c, Udp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn named_port_not_served_matches_nothing() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: unknown-name, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - port: oracle-listener
+",
+    );
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+    assert_table(&c, Tcp, 1521, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn stacked_policies_with_overlapping_selectors_are_additive() {
+    // Every pod of x admits x/b; x/a also admits all of y.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: all-from-b, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from:
+    - podSelector: {matchLabels: {pod: b}}
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-from-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {ns: y}}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   .   .   .   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  X   X   .   .   .   .   .   .   .
+    y/a  .   X   X   .   .   .   .   .   .
+    y/b  .   X   X   .   .   .   .   .   .
+    y/c  .   X   X   .   .   .   .   .   .
+    z/a  X   X   X   .   .   .   .   .   .
+    z/b  X   X   X   .   .   .   .   .   .
+    z/c  X   X   X   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn allow_all_takes_precedence_over_deny_all() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-all, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - {}
+  egress:
+  - {}
+",
+    );
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+    assert_table(&c, Sctp, 81, ALL_ALLOWED);
+}
+
+#[test]
+fn deny_egress_on_client_even_if_server_allows() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-all-in, namespace: y}
+spec:
+  podSelector: {}
+  ingress:
+  - {}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   X   X   X   X   X   X
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn deny_egress_on_reply_has_no_effect() {
+    // x/a may open nothing, but connections others open to it are answered: replies are
+    // not re-evaluated (the column of x/a stays allowed).
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress: []
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   X   X   X   X   X   X
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn ip_block_with_except() {
+    // 10.0.0.0/16 holds every pod; y's 10.0.2.0/24 is carved out.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: cidr-except-y, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - ipBlock:
+        cidr: 10.0.0.0/16
+        except: [10.0.2.0/24]
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  X   .   .   .   .   .   .   .   .
+    y/b  X   .   .   .   .   .   .   .   .
+    y/c  X   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn ip_in_both_cidr_and_except_is_denied() {
+    // y/b (10.0.2.2) is inside the cidr and inside the except.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: y-but-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - ipBlock: {cidr: 10.0.2.0/24, except: [10.0.2.2/32]}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  X   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  X   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn egress_ip_block_matches_pod_ips() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-to-z-cidr, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - ipBlock: {cidr: 10.0.3.0/24}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   X   X   X   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn sctp_is_not_tcp() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: sctp-80, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - {protocol: SCTP, port: 80}
+",
+    );
+    assert_table(&c, Sctp, 80, ALL_ALLOWED);
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+    assert_table(&c, Udp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn tcp_denied_when_only_udp_allowed() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: udp-80, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - {protocol: UDP, port: 80}
+",
+    );
+    assert_table(&c, Udp, 80, ALL_ALLOWED);
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn any_port_rule_on_a_protocol() {
+    // A port entry without port: every port of that protocol, and only that protocol.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: any-udp, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - protocol: UDP
+",
+    );
+    assert_table(&c, Udp, 81, ALL_ALLOWED);
+    assert_table(&c, Udp, 5353, ALL_ALLOWED);
+    assert_table(&c, Tcp, 81, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn port_protocol_defaults_to_tcp() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: port-81, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - port: 81
+",
+    );
+    assert_table(&c, Tcp, 81, ALL_ALLOWED);
+    assert_table(&c, Udp, 81, X_A_INGRESS_DENIED);
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn end_port_range_is_inclusive() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: range, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - ports:
+    - {port: 80, endPort: 81}
+",
+    );
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+    assert_table(&c, Tcp, 81, ALL_ALLOWED);
+    assert_table(&c, Tcp, 79, X_A_INGRESS_DENIED);
+    assert_table(&c, Tcp, 82, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn namespace_selected_by_default_metadata_name_label() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-z, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector:
+        matchLabels: {kubernetes.io/metadata.name: z}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  X   .   .   .   .   .   .   .   .
+    y/b  X   .   .   .   .   .   .   .   .
+    y/c  X   .   .   .   .   .   .   .   .
+    z/a  .   .   .   .   .   .   .   .   .
+    z/b  .   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn empty_pod_selector_does_not_match_pods_in_another_namespace() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: same-ns-only, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from:
+    - podSelector: {}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  X   X   X   .   .   .   .   .   .
+    y/b  X   X   X   .   .   .   .   .   .
+    y/c  X   X   X   .   .   .   .   .   .
+    z/a  X   X   X   .   .   .   .   .   .
+    z/b  X   X   X   .   .   .   .   .   .
+    z/c  X   X   X   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn empty_namespace_selector_matches_all_namespaces() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: any-ns, namespace: x}
+spec:
+  podSelector: {}
+  ingress:
+  - from:
+    - namespaceSelector: {}
+",
+    );
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+}
+
+#[test]
+fn egress_section_without_policy_types_implies_egress_and_ingress() {
+    // Raw YAML: policyTypes defaults to [Ingress, Egress] because egress rules exist. The
+    // missing ingress section then admits nothing.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-to-b, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  egress:
+  - to:
+    - podSelector: {matchLabels: {pod: b}}
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   X   X   X   X   X   X   X
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  X   .   .   .   .   .   .   .   .
+    y/b  X   .   .   .   .   .   .   .   .
+    y/c  X   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  X   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn empty_egress_list_without_policy_types_is_ingress_only() {
+    // The API server adds Egress only for a non-empty egress list.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: empty-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  egress: []
+",
+    );
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn empty_rule_allows_every_peer_and_port() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Ingress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-open, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - {}
+",
+    );
+    assert_table(
+        &c,
+        Udp,
+        81,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   X   .   .   .   .   .   .
+    x/b  .   .   X   .   .   .   .   .   .
+    x/c  .   X   .   .   .   .   .   .   .
+    y/a  .   X   X   .   .   .   .   .   .
+    y/b  .   X   X   .   .   .   .   .   .
+    y/c  .   X   X   .   .   .   .   .   .
+    z/a  .   X   X   .   .   .   .   .   .
+    z/b  .   X   X   .   .   .   .   .   .
+    z/c  .   X   X   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn match_expressions_in_not_in_exists() {
+    // From pods not labelled pod=b in namespaces x or y; and from any pod c anywhere.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: exprs, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector:
+        matchExpressions: [{key: pod, operator: NotIn, values: [b]}]
+      namespaceSelector:
+        matchExpressions: [{key: ns, operator: In, values: [x, y]}]
+    - podSelector:
+        matchExpressions: [{key: pod, operator: In, values: [c]}]
+      namespaceSelector:
+        matchExpressions: [{key: ns, operator: Exists}]
+",
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  .   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  X   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  .   .   .   .   .   .   .   .   .",
+    );
+}
+
+#[test]
+fn match_expressions_does_not_exist() {
+    // Pods without a `pod` label: none here, so x/a admits nobody.
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: unlabelled-only, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - podSelector:
+        matchExpressions: [{key: pod, operator: DoesNotExist}]
+      namespaceSelector: {}
+",
+    );
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn policy_applies_after_pod_label_update_and_stops_after_another() {
+    let mut c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: quarantine, namespace: x}
+spec:
+  podSelector: {matchLabels: {quarantine: 'true'}}
+  policyTypes: [Ingress]
+",
+    );
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+    apply_json(
+        &mut c,
+        pod_json("x/b", json!({"pod": "b", "quarantine": "true"})),
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   X   .   .   .   .   .   .   .
+    x/b  .   .   .   .   .   .   .   .   .
+    x/c  .   X   .   .   .   .   .   .   .
+    y/a  .   X   .   .   .   .   .   .   .
+    y/b  .   X   .   .   .   .   .   .   .
+    y/c  .   X   .   .   .   .   .   .   .
+    z/a  .   X   .   .   .   .   .   .   .
+    z/b  .   X   .   .   .   .   .   .   .
+    z/c  .   X   .   .   .   .   .   .   .",
+    );
+    apply_json(&mut c, pod_json("x/b", json!({"pod": "b"})));
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+}
+
+#[test]
+fn policy_applies_after_namespace_label_update_and_stops_after_another() {
+    let mut c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: from-blue, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: blue}}
+",
+    );
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+    apply_json(
+        &mut c,
+        common::namespace_json("y", json!({"ns": "y", "team": "blue"})),
+    );
+    assert_table(
+        &c,
+        Tcp,
+        80,
+        "
+        x/a x/b x/c y/a y/b y/c z/a z/b z/c
+    x/a  .   .   .   .   .   .   .   .   .
+    x/b  X   .   .   .   .   .   .   .   .
+    x/c  X   .   .   .   .   .   .   .   .
+    y/a  .   .   .   .   .   .   .   .   .
+    y/b  .   .   .   .   .   .   .   .   .
+    y/c  .   .   .   .   .   .   .   .   .
+    z/a  X   .   .   .   .   .   .   .   .
+    z/b  X   .   .   .   .   .   .   .   .
+    z/c  X   .   .   .   .   .   .   .   .",
+    );
+    apply_json(&mut c, common::namespace_json("y", json!({"ns": "y"})));
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+}
+
+#[test]
+fn policy_stops_applying_when_deleted() {
+    use droptrace::k8s::{
+        ObjectKind, ObjectRef,
+        model::{ObjectKey, now},
+    };
+    let mut c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-a, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+",
+    );
+    assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
+    c.delete(
+        &ObjectRef {
+            kind: ObjectKind::NetworkPolicy,
+            key: ObjectKey::new("x", "deny-a"),
+        },
+        now(),
+    );
+    assert_table(&c, Tcp, 80, ALL_ALLOWED);
+}
