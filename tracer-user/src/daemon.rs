@@ -9,10 +9,10 @@ use tracer_common::{DropEvent, EventHeader, kind};
 use crate::{
     clock::{self, Clock},
     collectors::{self, Symbols, skb_drop},
-    encode,
     event::{Event, Kind, Lost, LostSource},
     kernel::{btf::KernelBtf, kallsyms::Kallsyms},
-    preflight, sinks,
+    preflight,
+    sinks::{Output, OutputSummary},
     tracer::{Tracer, TracerOptions},
 };
 
@@ -35,24 +35,42 @@ pub struct Summary {
     pub drops_by_reason: BTreeMap<String, u64>,
     pub lost_kernel: u64,
     pub undecodable: u64,
+    pub output: Option<OutputSummary>,
 }
 
 impl Summary {
     pub fn line(&self) -> String {
         let total: u64 = self.events.values().sum();
-        let kinds: Vec<_> = self.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        let kinds: Vec<_> = self
+            .events
+            .iter()
+            .map(|(k, v)| format!("{k} {v}"))
+            .collect();
         let reasons: Vec<_> = self
             .drops_by_reason
             .iter()
             .map(|(k, v)| format!("{k} {v}"))
             .collect();
-        format!(
+        let mut line = format!(
             "droptrace: {total} events ({}), {} lost in kernel, {} undecodable; drops by reason: {}",
-            if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") },
+            if kinds.is_empty() {
+                "none".to_string()
+            } else {
+                kinds.join(", ")
+            },
             self.lost_kernel,
             self.undecodable,
-            if reasons.is_empty() { "none".to_string() } else { reasons.join(", ") },
-        )
+            if reasons.is_empty() {
+                "none".to_string()
+            } else {
+                reasons.join(", ")
+            },
+        );
+        if let Some(o) = &self.output {
+            line.push('\n');
+            line.push_str(&o.line());
+        }
+        line
     }
 }
 
@@ -67,8 +85,7 @@ struct Pipeline {
     clock: Clock,
     symbols: Symbols,
     node: String,
-    out: sinks::Stdout,
-    buf: Vec<u8>,
+    out: Output,
     summary: Summary,
     max_events: Option<u64>,
     emitted: u64,
@@ -76,10 +93,7 @@ struct Pipeline {
 
 impl Pipeline {
     fn emit(&mut self, event: &Event) {
-        encode::native(event, &mut self.buf);
-        if self.out.write_line(&self.buf).is_err() {
-            self.out.errors += 1;
-        }
+        self.out.send(event);
         *self.summary.events.entry(event.kind.as_str()).or_default() += 1;
         if event.kind != Kind::Lost {
             self.emitted += 1;
@@ -104,8 +118,11 @@ impl Pipeline {
                     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) };
                 let event = skb_drop::decode(&rec, &self.symbols, &self.clock, &self.node);
                 if let Some(d) = &event.drop {
-                    *self.summary.drops_by_reason.entry(d.reason.clone()).or_default() +=
-                        event.count;
+                    *self
+                        .summary
+                        .drops_by_reason
+                        .entry(d.reason.clone())
+                        .or_default() += event.count;
                 }
                 self.emit(&event);
             }
@@ -152,8 +169,13 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
     Ok((tracer, symbols))
 }
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
+/// Traces until stopped; `output` (started by the caller, so bad sinks fail before any
+/// kernel work) is flushed and shut down at the end.
+pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
     let (mut tracer, symbols) = start(&opts)?;
+    if let Some(m) = output.metrics() {
+        m.set_ready(true);
+    }
     tracing::info!(
         programs = ?tracer.attached(),
         ports = ?if opts.all_tcp { vec![] } else { opts.ports.clone() },
@@ -165,8 +187,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
         clock: Clock::new(),
         symbols,
         node: opts.node.clone(),
-        out: sinks::Stdout::default(),
-        buf: Vec::with_capacity(1024),
+        out: output,
         summary: Summary::default(),
         max_events: opts.max_events,
         emitted: 0,
@@ -199,7 +220,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
                     if p.done() { break; }
                 }
                 guard.clear_ready();
-                let _ = p.out.flush();
                 if p.done() { break; }
             }
             guard = async {
@@ -214,7 +234,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
             }
             _ = poll.tick() => {
                 p.report_kernel_loss(counters.lost_in_kernel());
-                let _ = p.out.flush();
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -235,7 +254,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
     }
     tracer.flush_logs();
     p.report_kernel_loss(tracer.counters.lost_in_kernel());
-    let _ = p.out.flush();
     drop(tracer);
-    Ok(p.summary)
+    let flush_timeout = p.out.flush_timeout();
+    let mut summary = p.summary;
+    summary.output = Some(p.out.shutdown(flush_timeout).await);
+    Ok(summary)
 }

@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod encode;
 pub mod event;
 pub mod kernel;
+pub mod metrics;
 pub mod preflight;
+pub mod replay;
 pub mod sinks;
 pub mod tracer;

@@ -1,12 +1,19 @@
 //! The `droptrace` command line. Exit codes: 0 success, 1 runtime failure, 2 bad input or
 //! missing privileges.
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use droptrace::{daemon, preflight};
+use droptrace::{
+    daemon, preflight, replay,
+    sinks::{Output, cli::OutputArgs},
+};
 
 #[derive(Parser)]
-#[command(name = "droptrace", version, about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)")]
+#[command(
+    name = "droptrace",
+    version,
+    about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)"
+)]
 struct Cli {
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info", env = "DROPTRACE_LOG")]
@@ -25,6 +32,20 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Send a captured droptrace.v1 NDJSON stream through the outputs (no kernel needed).
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// NDJSON file of native events, `-` for stdin.
+    #[arg(long, default_value = "-")]
+    input: PathBuf,
+    /// Node name carried by the events droptrace adds itself (`lost`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Args)]
@@ -47,6 +68,8 @@ struct RunArgs {
     /// Kernel ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf)]
     ringbuf_bytes: u32,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -63,7 +86,9 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
-    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    let v: u32 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size in bytes"))?;
     if v < 4096 || !v.is_power_of_two() {
         return Err(format!("{v} must be a power of two and at least 4096"));
     }
@@ -98,13 +123,17 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { json } => check(json),
         Cmd::Run(args) => run(args),
+        Cmd::Replay(args) => replay(args),
     }
 }
 
 fn check(json: bool) -> ExitCode {
     let report = preflight::run();
     if json {
-        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("report serialises")
+        );
     } else {
         println!("kernel {}", report.kernel);
         for c in &report.checks {
@@ -138,14 +167,13 @@ fn run(args: RunArgs) -> ExitCode {
         node: args.node_name.unwrap_or_else(daemon::hostname),
         ringbuf_bytes: args.ringbuf_bytes,
     };
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("droptrace: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
     };
-    match rt.block_on(daemon::run(opts)) {
+    let Some(output) = rt.block_on(start_output(&args.output, &opts.node)) else {
+        return ExitCode::from(2);
+    };
+    match rt.block_on(daemon::run(opts, output)) {
         Ok(summary) => {
             eprintln!("{}", summary.line());
             ExitCode::SUCCESS
@@ -153,6 +181,57 @@ fn run(args: RunArgs) -> ExitCode {
         Err(e) => {
             eprintln!("droptrace: {e:#}");
             ExitCode::from(1)
+        }
+    }
+}
+
+fn replay(args: ReplayArgs) -> ExitCode {
+    let node = args.node_name.unwrap_or_else(daemon::hostname);
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let Some(mut output) = rt.block_on(start_output(&args.output, &node)) else {
+        return ExitCode::from(2);
+    };
+    let result = rt.block_on(replay::run(&args.input, &mut output, &node));
+    let flush = output.flush_timeout();
+    let out_summary = rt.block_on(output.shutdown(flush));
+    match result {
+        Ok(summary) => {
+            eprintln!("{}\n{}", summary.line(), out_summary.line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("droptrace: {e:#}\n{}", out_summary.line());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("droptrace: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Starts the outputs; on bad input prints one line (the caller exits 2).
+async fn start_output(args: &OutputArgs, node: &str) -> Option<Output> {
+    let started = match args.resolve(node) {
+        Ok((specs, opts)) => Output::start(&specs, opts).await,
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(o) => Some(o),
+        Err(e) => {
+            eprintln!("droptrace: {e}");
+            None
         }
     }
 }
