@@ -167,25 +167,24 @@ fn message(e: &Event) -> String {
             format!("Oracle TNS {packet}{flow}")
         }
         Kind::Lost => {
-            let (source, reason) = e.lost.as_ref().map_or(("unknown", "unknown"), |l| {
-                (lost_source(l), l.reason.as_str())
-            });
-            let sink = e
-                .lost
-                .as_ref()
-                .and_then(|l| l.sink.as_deref())
-                .map(|s| format!(" by sink {s}"))
-                .unwrap_or_default();
-            format!("{} events lost ({source}{sink}: {reason})", e.count)
+            let reason = e.lost.as_ref().map_or("unknown", |l| l.reason.as_str());
+            let whose = match e.lost.as_ref() {
+                Some(l) => match (&l.source, &l.sink) {
+                    (crate::event::LostSource::Sink, Some(sink)) => format!("by sink {sink}"),
+                    (source, _) => format!("in {}", lost_source(source)),
+                },
+                None => "in droptrace".to_string(),
+            };
+            format!("{} events lost {whose} ({reason})", e.count)
         }
     }
 }
 
-fn lost_source(l: &crate::event::Lost) -> &'static str {
-    match l.source {
-        crate::event::LostSource::Kernel => "kernel",
-        crate::event::LostSource::Sink => "sink",
-        crate::event::LostSource::Input => "input",
+fn lost_source(s: &crate::event::LostSource) -> &'static str {
+    match s {
+        crate::event::LostSource::Kernel => "the kernel",
+        crate::event::LostSource::Sink => "a sink",
+        crate::event::LostSource::Input => "the input",
     }
 }
 
