@@ -42,6 +42,10 @@ pub async fn run(input: &Path, output: &mut Output, node: &str) -> anyhow::Resul
         )
     };
     let mut lines = BufReader::new(reader).lines();
+    // The input is open: for replay that is "attached" (/readyz).
+    if let Some(m) = output.metrics() {
+        m.set_ready(true);
+    }
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut summary = ReplaySummary::default();
