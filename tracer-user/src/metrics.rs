@@ -137,11 +137,8 @@ impl Metrics {
     /// The text exposition format, version 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let mut family = |name: &str, kind: &str, help: &str| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            out.len()
-        };
-        let _ = family(
+        family_line(
+            &mut out,
             "droptrace_build_info",
             "gauge",
             "droptrace version (value is always 1).",

@@ -36,11 +36,13 @@ fn make_certs(dir: &Path) -> Certs {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name.push(DnType::CommonName, "droptrace test CA");
+    ca.distinguished_name
+        .push(DnType::CommonName, "droptrace test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
     let key = KeyPair::generate().unwrap();
-    let mut srv = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let mut srv =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
     srv.distinguished_name.push(DnType::CommonName, "localhost");
     let cert = srv.signed_by(&key, &ca).unwrap();
     let c = Certs {
@@ -203,11 +205,16 @@ fn syslog_tcp_to_rsyslog_one_to_one() {
     let dir = tmpdir();
     let r = Rsyslog::start(dir.path(), None);
     let events = all_samples();
-    let (code, err) = replay(&events, &["-o", &format!("syslog+tcp://127.0.0.1:{}", r.port)]);
+    let (code, err) = replay(
+        &events,
+        &["-o", &format!("syslog+tcp://127.0.0.1:{}", r.port)],
+    );
     assert_eq!(code, 0, "{err}");
-    wait_for("rsyslog to write everything", Duration::from_secs(15), || {
-        read_lines(&r.out).len() >= events.len()
-    });
+    wait_for(
+        "rsyslog to write everything",
+        Duration::from_secs(15),
+        || read_lines(&r.out).len() >= events.len(),
+    );
     check_one_to_one(&r, &events, Format::Native);
 }
 
@@ -221,14 +228,19 @@ fn syslog_tls_to_rsyslog_one_to_one() {
     let ca = certs.ca.display().to_string();
     let (code, err) = replay(&events, &["-o", &url, "--ca", &ca, "--format", "ocsf"]);
     assert_eq!(code, 0, "{err}");
-    wait_for("rsyslog to write everything", Duration::from_secs(15), || {
-        read_lines(&r.out).len() >= events.len()
-    });
+    wait_for(
+        "rsyslog to write everything",
+        Duration::from_secs(15),
+        || read_lines(&r.out).len() >= events.len(),
+    );
     check_one_to_one(&r, &events, Format::Ocsf);
 
     // A CA that did not sign the server's certificate: refused at start.
     let other = make_certs(&dir.path().join("other").tap_mkdir());
-    let (code, err) = replay(&events, &["-o", &url, "--ca", &other.ca.display().to_string()]);
+    let (code, err) = replay(
+        &events,
+        &["-o", &url, "--ca", &other.ca.display().to_string()],
+    );
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("TLS handshake"), "{err}");
@@ -279,7 +291,12 @@ impl LiveReplay {
         loop {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut err = String::new();
-                child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
                 assert!(status.success(), "replay failed: {err}");
                 return err;
             }
@@ -331,9 +348,10 @@ fn receiver_outage_replays_spool_in_order_exactly_once() {
         read_lines(&file).len() >= 400
     });
     std::thread::sleep(Duration::from_millis(500));
-    let spooled_files = std::fs::read_dir(spool.join("syslog_tcp___127.0.0.1_".to_string() + &r.port.to_string()))
-        .map(|d| d.count())
-        .unwrap_or(0);
+    let spooled_files =
+        std::fs::read_dir(spool.join("syslog_tcp___127.0.0.1_".to_string() + &r.port.to_string()))
+            .map(|d| d.count())
+            .unwrap_or(0);
     assert!(spooled_files > 0, "the outage did not reach the spool");
     r.restart();
     live.send(&events[400..]);
@@ -343,9 +361,15 @@ fn receiver_outage_replays_spool_in_order_exactly_once() {
     });
     std::thread::sleep(Duration::from_millis(300));
     let got = r.received();
-    let counts: Vec<u64> = got.iter().map(|(_, _, v)| v["count"].as_u64().unwrap()).collect();
+    let counts: Vec<u64> = got
+        .iter()
+        .map(|(_, _, v)| v["count"].as_u64().unwrap())
+        .collect();
     let want: Vec<u64> = (1..=600).collect();
-    assert_eq!(counts, want, "rsyslog got the events out of order, twice or not at all\n{err}");
+    assert_eq!(
+        counts, want,
+        "rsyslog got the events out of order, twice or not at all\n{err}"
+    );
     assert!(err.contains(&format!("{sink}: 600 sent")), "{err}");
     assert!(err.contains("0 discarded, 0 left in spool"), "{err}");
     assert!(lines_of_kind(&file, "lost").is_empty(), "nothing was lost");
@@ -380,9 +404,11 @@ fn tiny_spool_cap_discards_are_reported_in_stream() {
     r.kill();
     live.send(&events[20..]);
     // The loss report reaches the healthy sink while syslog is still down.
-    wait_for("a lost event in the file copy", Duration::from_secs(15), || {
-        !lines_of_kind(&file, "lost").is_empty()
-    });
+    wait_for(
+        "a lost event in the file copy",
+        Duration::from_secs(15),
+        || !lines_of_kind(&file, "lost").is_empty(),
+    );
     r.restart();
     let err = live.finish(Duration::from_secs(90));
 
@@ -411,12 +437,25 @@ fn tiny_spool_cap_discards_are_reported_in_stream() {
         .filter(|(k, _, _)| k == "lost")
         .map(|(_, _, v)| v["count"].as_u64().unwrap())
         .sum();
-    assert!(lost_in_file > 0, "a 16K spool must overflow with 380 events");
-    assert_eq!(drops.len() as u64 + lost_in_file, 400, "delivered + reported lost = sent");
-    assert_eq!(lost_at_syslog, lost_in_file, "the sink itself is told the same count");
-    assert!(drops.windows(2).all(|w| w[0] < w[1]), "in order, no duplicates");
     assert!(
-        err.contains(&format!("{sink}: {} sent, ", drops.len() as u64 + got.len() as u64 - drops.len() as u64)),
+        lost_in_file > 0,
+        "a 16K spool must overflow with 380 events"
+    );
+    assert_eq!(
+        drops.len() as u64 + lost_in_file,
+        400,
+        "delivered + reported lost = sent"
+    );
+    assert_eq!(
+        lost_at_syslog, lost_in_file,
+        "the sink itself is told the same count"
+    );
+    assert!(
+        drops.windows(2).all(|w| w[0] < w[1]),
+        "in order, no duplicates"
+    );
+    assert!(
+        err.contains(&format!("{sink}: {} sent, ", got.len())),
         "{err}"
     );
     assert!(err.contains(&format!("{lost_in_file} discarded")), "{err}");
@@ -477,7 +516,8 @@ fn serve_http(
     script: Arc<Mutex<std::vec::IntoIter<(u16, &'static str)>>>,
     ok_body: &str,
 ) {
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     loop {
@@ -527,7 +567,12 @@ fn serve_http(
     }
 }
 
-fn http_case(mode: &str, path: &str, ok_body: &'static str, auth: &str) -> (Vec<Request>, Vec<Event>) {
+fn http_case(
+    mode: &str,
+    path: &str,
+    ok_body: &'static str,
+    auth: &str,
+) -> (Vec<Request>, Vec<Event>) {
     let server = TestHttp::start(
         vec![(503, "Retry-After: 1\r\n"), (429, "Retry-After: 1\r\n")],
         ok_body,
@@ -555,12 +600,24 @@ fn http_case(mode: &str, path: &str, ok_body: &'static str, auth: &str) -> (Vec<
         ],
     );
     assert_eq!(code, 0, "{err}");
-    assert!(err.contains(&format!("{url}: {} sent, 2 errors, 0 discarded", events.len())), "{err}");
+    assert!(
+        err.contains(&format!(
+            "{url}: {} sent, 2 errors, 0 discarded",
+            events.len()
+        )),
+        "{err}"
+    );
     let reqs = server.requests();
     // 503 then 429, each honoured (Retry-After: 1) before the next try.
     assert!(reqs.len() >= 3, "{reqs:?}");
-    assert!(reqs[1].at - reqs[0].at >= Duration::from_millis(950), "Retry-After ignored");
-    assert!(reqs[2].at - reqs[1].at >= Duration::from_millis(950), "Retry-After ignored");
+    assert!(
+        reqs[1].at - reqs[0].at >= Duration::from_millis(950),
+        "Retry-After ignored"
+    );
+    assert!(
+        reqs[2].at - reqs[1].at >= Duration::from_millis(950),
+        "Retry-After ignored"
+    );
     for r in &reqs {
         assert_eq!(r.path, path);
     }
@@ -640,7 +697,10 @@ fn http_get(port: u16, path: &str) -> (u16, String) {
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
     let status = resp.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = resp.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }
 
@@ -667,40 +727,78 @@ fn metrics_endpoint_counts_what_was_sent() {
     ]);
     let events = all_samples();
     live.send(&events);
-    wait_for("the file sink to get everything", Duration::from_secs(15), || {
-        read_lines(&file).len() >= events.len()
-    });
+    wait_for(
+        "the file sink to get everything",
+        Duration::from_secs(15),
+        || read_lines(&file).len() >= events.len(),
+    );
     let (status, text) = http_get(port, "/metrics");
     assert_eq!(status, 200);
     let count = |k: &str| events.iter().filter(|e| e.kind.as_str() == k).count() as f64;
     for k in ["drop", "lost", "stall", "tns"] {
-        assert_eq!(metric(&text, &format!("droptrace_events_total{{kind=\"{k}\"}}")), Some(count(k)), "{k}\n{text}");
+        assert_eq!(
+            metric(&text, &format!("droptrace_events_total{{kind=\"{k}\"}}")),
+            Some(count(k)),
+            "{k}\n{text}"
+        );
     }
     // Every NETFILTER_DROP sample has the shop/checkout pod (admitted first) and port 1521.
     let netfilter: u64 = events
         .iter()
-        .filter(|e| e.drop.as_ref().is_some_and(|d| d.reason == "NETFILTER_DROP"))
+        .filter(|e| {
+            e.drop
+                .as_ref()
+                .is_some_and(|d| d.reason == "NETFILTER_DROP")
+        })
         .map(|e| e.count)
         .sum();
     assert_eq!(
-        metric(&text, "droptrace_drops_total{reason=\"NETFILTER_DROP\",namespace=\"shop\",pod=\"checkout-7d9f\",port=\"1521\"}"),
+        metric(
+            &text,
+            "droptrace_drops_total{reason=\"NETFILTER_DROP\",namespace=\"shop\",pod=\"checkout-7d9f\",port=\"1521\"}"
+        ),
         Some(netfilter as f64),
         "{text}"
     );
     assert_eq!(
-        metric(&text, "droptrace_drops_total{reason=\"TCP_INVALID_SEQUENCE\",namespace=\"\",pod=\"\",port=\"2484\"}"),
+        metric(
+            &text,
+            "droptrace_drops_total{reason=\"TCP_INVALID_SEQUENCE\",namespace=\"\",pod=\"\",port=\"2484\"}"
+        ),
         Some(1.0),
         "{text}"
     );
-    assert_eq!(metric(&text, "droptrace_stalls_total{outcome=\"timeout\"}"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "droptrace_stalls_total{outcome=\"established_late\"}"), Some(1.0), "{text}");
-    assert_eq!(metric(&text, "droptrace_kernel_lost_total"), Some(17.0), "{text}");
+    assert_eq!(
+        metric(&text, "droptrace_stalls_total{outcome=\"timeout\"}"),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "droptrace_stalls_total{outcome=\"established_late\"}"
+        ),
+        Some(1.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "droptrace_kernel_lost_total"),
+        Some(17.0),
+        "{text}"
+    );
     let sink = |m: &str| metric(&text, &format!("{m}{{sink=\"{file_sink}\"}}"));
-    assert_eq!(sink("droptrace_sink_sent_total"), Some(events.len() as f64), "{text}");
+    assert_eq!(
+        sink("droptrace_sink_sent_total"),
+        Some(events.len() as f64),
+        "{text}"
+    );
     assert_eq!(sink("droptrace_sink_errors_total"), Some(0.0));
     assert_eq!(sink("droptrace_sink_spooled"), Some(0.0));
     assert_eq!(sink("droptrace_sink_discarded_total"), Some(0.0));
-    assert!(text.contains(&format!("droptrace_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))));
+    assert!(text.contains(&format!(
+        "droptrace_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    )));
     assert_eq!(http_get(port, "/healthz").0, 200);
     assert_eq!(http_get(port, "/readyz").0, 200);
     assert_eq!(http_get(port, "/nope").0, 404);
@@ -710,11 +808,23 @@ fn metrics_endpoint_counts_what_was_sent() {
 // ---------------------------------------------------------------- bad input
 
 fn one_line_exit_2(cmd: &str, args: &[&str], expect: &str) {
-    let out = droptrace().arg(cmd).args(args).stdin(Stdio::null()).output().unwrap();
+    let out = droptrace()
+        .arg(cmd)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-    assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: one line expected:\n{err}");
-    assert!(err.starts_with("droptrace: ") && err.contains(expect), "{args:?}: {err}");
+    assert_eq!(
+        err.trim_end().lines().count(),
+        1,
+        "{args:?}: one line expected:\n{err}"
+    );
+    assert!(
+        err.starts_with("droptrace: ") && err.contains(expect),
+        "{args:?}: {err}"
+    );
 }
 
 #[test]
@@ -722,19 +832,41 @@ fn bad_outputs_fail_at_start_with_one_line_and_exit_2() {
     let dir = tmpdir();
     let port = free_port();
     one_line_exit_2("replay", &["-o", "gopher://x:70"], "unknown scheme");
-    one_line_exit_2("replay", &["-o", &format!("tcp://127.0.0.1:{port}")], "connect");
-    one_line_exit_2("replay", &["-o", &format!("syslog+tcp://127.0.0.1:{port}")], "connect");
-    one_line_exit_2("replay", &["-o", &format!("http://127.0.0.1:{port}/")], "connect");
+    one_line_exit_2(
+        "replay",
+        &["-o", &format!("tcp://127.0.0.1:{port}")],
+        "connect",
+    );
+    one_line_exit_2(
+        "replay",
+        &["-o", &format!("syslog+tcp://127.0.0.1:{port}")],
+        "connect",
+    );
+    one_line_exit_2(
+        "replay",
+        &["-o", &format!("http://127.0.0.1:{port}/")],
+        "connect",
+    );
     let bad_ca = dir.path().join("ca.pem");
     std::fs::write(&bad_ca, "not a certificate\n").unwrap();
     one_line_exit_2(
         "replay",
-        &["-o", &format!("syslog+tls://127.0.0.1:{port}"), "--ca", bad_ca.to_str().unwrap()],
+        &[
+            "-o",
+            &format!("syslog+tls://127.0.0.1:{port}"),
+            "--ca",
+            bad_ca.to_str().unwrap(),
+        ],
         "CA file",
     );
     one_line_exit_2(
         "replay",
-        &["-o", &format!("https://127.0.0.1:{port}/"), "--ca", "/nonexistent/ca.pem"],
+        &[
+            "-o",
+            &format!("https://127.0.0.1:{port}/"),
+            "--ca",
+            "/nonexistent/ca.pem",
+        ],
         "CA file",
     );
     // Root can write anywhere permissions allow; a path under a regular file never works.
@@ -742,10 +874,19 @@ fn bad_outputs_fail_at_start_with_one_line_and_exit_2() {
     std::fs::write(&blocker, "x").unwrap();
     one_line_exit_2(
         "replay",
-        &["-o", "-", "--spool-dir", blocker.join("spool").to_str().unwrap()],
+        &[
+            "-o",
+            "-",
+            "--spool-dir",
+            blocker.join("spool").to_str().unwrap(),
+        ],
         "--spool-dir",
     );
-    one_line_exit_2("replay", &["-o", "file:/nonexistent-dir/x.ndjson"], "file:/nonexistent-dir");
+    one_line_exit_2(
+        "replay",
+        &["-o", "file:/nonexistent-dir/x.ndjson"],
+        "file:/nonexistent-dir",
+    );
     one_line_exit_2("replay", &["-o", "-", "-o", "-"], "twice");
     // `run` validates outputs before touching the kernel.
     one_line_exit_2("run", &["-o", "gopher://x:70"], "unknown scheme");

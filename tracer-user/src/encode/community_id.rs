@@ -62,7 +62,8 @@ mod tests {
     /// (seed 0, base64), both directions of each flow.
     #[test]
     fn spec_baseline_vectors() {
-        let cases: &[(u8, &str, &str, Option<(u16, u16)>, &str)] = &[
+        type Case<'a> = (u8, &'a str, &'a str, Option<(u16, u16)>, &'a str);
+        let cases: &[Case] = &[
             (
                 6,
                 "2001:470:e5bf:dead:4957:2174:e82c:4887",
