@@ -318,24 +318,47 @@ fn lines_of_kind(path: &Path, kind: &str) -> Vec<Value> {
         .collect()
 }
 
+/// rsyslog plus a live replay into it and into a file copy, spooling to `spool`.
+struct Outage {
+    r: Rsyslog,
+    live: LiveReplay,
+    spool: PathBuf,
+    file: PathBuf,
+    sink: String,
+}
+
+impl Outage {
+    fn start(dir: &Path, extra: &[&str]) -> Self {
+        let r = Rsyslog::start(dir, None);
+        let spool = dir.join("spool");
+        let file = dir.join("copy.ndjson");
+        let sink = format!("syslog+tcp://127.0.0.1:{}", r.port);
+        let file_sink = format!("file:{}", file.display());
+        let mut args = vec!["-o", &sink, "-o", &file_sink, "--flush-timeout", "60s"];
+        args.extend(["--spool-dir", spool.to_str().unwrap()]);
+        args.extend(extra);
+        let live = LiveReplay::start(&args);
+        Outage {
+            r,
+            live,
+            spool,
+            file,
+            sink,
+        }
+    }
+}
+
 /// The receiver dies mid-stream and comes back: every event arrives exactly once, in order.
 #[test]
 fn receiver_outage_replays_spool_in_order_exactly_once() {
     let dir = tmpdir();
-    let mut r = Rsyslog::start(dir.path(), None);
-    let spool = dir.path().join("spool");
-    let file = dir.path().join("copy.ndjson");
-    let sink = format!("syslog+tcp://127.0.0.1:{}", r.port);
-    let mut live = LiveReplay::start(&[
-        "-o",
-        &sink,
-        "-o",
-        &format!("file:{}", file.display()),
-        "--spool-dir",
-        spool.to_str().unwrap(),
-        "--flush-timeout",
-        "60s",
-    ]);
+    let Outage {
+        mut r,
+        mut live,
+        spool,
+        file,
+        sink,
+    } = Outage::start(dir.path(), &[]);
     let events = numbered_drops(600);
     live.send(&events[..200]);
     wait_for("the first 200 at rsyslog", Duration::from_secs(15), || {
@@ -380,22 +403,13 @@ fn receiver_outage_replays_spool_in_order_exactly_once() {
 #[test]
 fn tiny_spool_cap_discards_are_reported_in_stream() {
     let dir = tmpdir();
-    let mut r = Rsyslog::start(dir.path(), None);
-    let spool = dir.path().join("spool");
-    let file = dir.path().join("copy.ndjson");
-    let sink = format!("syslog+tcp://127.0.0.1:{}", r.port);
-    let mut live = LiveReplay::start(&[
-        "-o",
-        &sink,
-        "-o",
-        &format!("file:{}", file.display()),
-        "--spool-dir",
-        spool.to_str().unwrap(),
-        "--spool-max",
-        "16K",
-        "--flush-timeout",
-        "60s",
-    ]);
+    let Outage {
+        mut r,
+        mut live,
+        file,
+        sink,
+        ..
+    } = Outage::start(dir.path(), &["--spool-max", "16K"]);
     let events = numbered_drops(400);
     live.send(&events[..20]);
     wait_for("the first 20 at rsyslog", Duration::from_secs(15), || {

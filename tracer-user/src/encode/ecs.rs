@@ -3,7 +3,7 @@
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
 use serde_json::{Value, json};
 
-use super::{community_id, direction, message, prune, subject};
+use super::{community_id, direction, droptrace_sections, message, prune, subject};
 use crate::event::{Endpoint, Event, Family, Kind};
 
 pub const ECS_VERSION: &str = "8.17.0";
@@ -57,7 +57,7 @@ pub(super) fn map(e: &Event) -> Value {
             "category": p.verdict,
             "description": p.explanation,
         })),
-        "droptrace": vendor(e),
+        "droptrace": droptrace_sections(e, false),
     });
     prune(&mut v);
     v
@@ -140,29 +140,5 @@ fn kubernetes(ep: &Endpoint) -> Value {
         "pod": {"name": ep.pod, "uid": ep.pod_uid},
         "labels": (!ep.labels.is_empty()).then_some(&ep.labels),
         "node": {"name": ep.node},
-    })
-}
-
-/// The droptrace.v1 sections ECS has no place for, verbatim (same names and types as the
-/// native format, so one parser serves both).
-fn vendor(e: &Event) -> Value {
-    json!({
-        "schema": e.schema,
-        "kind": e.kind,
-        "count": e.count,
-        "tcp": e.tcp,
-        "drop": e.drop,
-        "netns": e.netns,
-        "ifindex": e.ifindex,
-        "lost": e.lost,
-        "process": e.process.as_ref().map(|p| json!({"cgroup_id": p.cgroup_id})),
-        "attempt": e.attempt,
-        "drops": e.drops,
-        "conntrack": e.conntrack,
-        "diagnosis": e.diagnosis,
-        "source": e.source,
-        "destination": e.destination,
-        "policy": e.policy,
-        "oracle": e.oracle,
     })
 }

@@ -127,6 +127,32 @@ fn direction(e: &Event) -> Option<&'static str> {
     }
 }
 
+/// The droptrace.v1 sections a SIEM schema has no place for, under their native names and
+/// types (ECS `droptrace.*`, OCSF `unmapped.droptrace`), so one parser serves every format.
+/// `count` goes to OCSF's own `count`, `node` to ECS `host.name`.
+fn droptrace_sections(e: &Event, ocsf: bool) -> Value {
+    serde_json::json!({
+        "schema": e.schema,
+        "kind": e.kind,
+        "count": (!ocsf).then_some(e.count),
+        "node": ocsf.then_some(&e.node),
+        "tcp": e.tcp,
+        "drop": e.drop,
+        "netns": e.netns,
+        "ifindex": e.ifindex,
+        "lost": e.lost,
+        "process": e.process.as_ref().map(|p| serde_json::json!({"cgroup_id": p.cgroup_id})),
+        "attempt": e.attempt,
+        "drops": e.drops,
+        "conntrack": e.conntrack,
+        "diagnosis": e.diagnosis,
+        "source": e.source,
+        "destination": e.destination,
+        "policy": e.policy,
+        "oracle": e.oracle,
+    })
+}
+
 fn community_id(f: &Flow) -> Option<String> {
     community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port)
 }

@@ -2,7 +2,7 @@
 //! attribute, so Kubernetes identity and the droptrace-specific sections go to `unmapped`.
 use serde_json::{Value, json};
 
-use super::{community_id, direction, message, prune, rfc3339_millis};
+use super::{community_id, direction, droptrace_sections, message, prune, rfc3339_millis};
 use crate::event::{Event, Family, Kind};
 
 pub const OCSF_VERSION: &str = "1.9.0";
@@ -75,7 +75,7 @@ pub(super) fn map(e: &Event) -> Value {
             "name": p.policies.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect::<Vec<_>>().join(","),
             "desc": p.explanation,
         })),
-        "unmapped": {"droptrace": unmapped(e)},
+        "unmapped": {"droptrace": droptrace_sections(e, true)},
     });
     prune(&mut v);
     v
@@ -162,29 +162,6 @@ fn tcp_flag_bits(flags: &str) -> u32 {
         .split('|')
         .filter_map(|f| NAMES.iter().position(|n| *n == f))
         .fold(0, |acc, bit| acc | (1 << bit))
-}
-
-/// Everything OCSF has no attribute for, under the droptrace.v1 names.
-fn unmapped(e: &Event) -> Value {
-    json!({
-        "schema": e.schema,
-        "kind": e.kind,
-        "node": e.node,
-        "tcp": e.tcp,
-        "drop": e.drop,
-        "netns": e.netns,
-        "ifindex": e.ifindex,
-        "lost": e.lost,
-        "process": e.process.as_ref().map(|p| json!({"cgroup_id": p.cgroup_id})),
-        "attempt": e.attempt,
-        "drops": e.drops,
-        "conntrack": e.conntrack,
-        "diagnosis": e.diagnosis,
-        "source": e.source,
-        "destination": e.destination,
-        "policy": e.policy,
-        "oracle": e.oracle,
-    })
 }
 
 #[cfg(test)]

@@ -3,14 +3,12 @@
 //! Content-Length or chunked responses, no redirects.
 use std::{sync::Arc, time::Duration};
 
-use rustls::{ClientConfig, pki_types::ServerName};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader},
-    net::TcpStream,
-};
-use tokio_rustls::TlsConnector;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
-use super::{DeliverError, Record};
+use super::{
+    DeliverError, Record,
+    stream::{self, Io, TlsTarget},
+};
 use crate::encode::rfc3339_millis;
 
 /// Biggest response body read (ES bulk responses echo one item per document).
@@ -42,14 +40,11 @@ impl std::str::FromStr for HttpMode {
     }
 }
 
-trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
-impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
-
 pub struct HttpSink {
     host: String,
     port: u16,
     path: String,
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    tls: TlsTarget,
     mode: HttpMode,
     /// The full Authorization header value.
     auth: Option<String>,
@@ -68,7 +63,7 @@ impl HttpSink {
         host: &str,
         port: u16,
         path: &str,
-        tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+        tls: TlsTarget,
         mode: HttpMode,
         auth: Option<String>,
         timeout: Duration,
@@ -94,24 +89,7 @@ impl HttpSink {
         if self.conn.is_some() {
             return Ok(());
         }
-        let host = self.host.trim_start_matches('[').trim_end_matches(']');
-        let tcp = tokio::time::timeout(self.timeout, TcpStream::connect((host, self.port)))
-            .await
-            .map_err(|_| DeliverError::retry("connect timed out"))?
-            .map_err(|e| DeliverError::retry(format!("connect: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        let io: Box<dyn Io> = match &self.tls {
-            None => Box::new(tcp),
-            Some((config, name)) => Box::new(
-                tokio::time::timeout(
-                    self.timeout,
-                    TlsConnector::from(config.clone()).connect(name.clone(), tcp),
-                )
-                .await
-                .map_err(|_| DeliverError::retry("TLS handshake timed out"))?
-                .map_err(|e| DeliverError::retry(format!("TLS handshake: {e}")))?,
-            ),
-        };
+        let io = stream::dial(&self.host, self.port, &self.tls, self.timeout).await?;
         self.conn = Some(BufReader::new(io));
         Ok(())
     }

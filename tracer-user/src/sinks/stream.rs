@@ -7,7 +7,7 @@ use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::TlsConnector;
 
 use super::{DeliverError, Record};
 use crate::event::Kind;
@@ -21,28 +21,51 @@ pub enum Framing {
     Syslog { hostname: String, procid: u32 },
 }
 
+/// A TLS client config and the name to verify, when the sink uses TLS.
+pub type TlsTarget = Option<(Arc<ClientConfig>, ServerName<'static>)>;
+
+/// A connected byte stream, plain or TLS.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+/// TCP connect, then the TLS handshake if any, each bounded by `timeout`.
+pub async fn dial(
+    host: &str,
+    port: u16,
+    tls: &TlsTarget,
+    timeout: Duration,
+) -> Result<Box<dyn Io>, DeliverError> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let tcp = tokio::time::timeout(timeout, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| DeliverError::retry("connect timed out"))?
+        .map_err(|e| DeliverError::retry(format!("connect: {e}")))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(match tls {
+        None => Box::new(tcp),
+        Some((config, name)) => Box::new(
+            tokio::time::timeout(
+                timeout,
+                TlsConnector::from(config.clone()).connect(name.clone(), tcp),
+            )
+            .await
+            .map_err(|_| DeliverError::retry("TLS handshake timed out"))?
+            .map_err(|e| DeliverError::retry(format!("TLS handshake: {e}")))?,
+        ),
+    })
+}
+
 pub struct StreamSink {
     host: String,
     port: u16,
-    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    tls: TlsTarget,
     framing: Framing,
     timeout: Duration,
-    conn: Option<Conn>,
-}
-
-enum Conn {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    conn: Option<Box<dyn Io>>,
 }
 
 impl StreamSink {
-    pub fn new(
-        host: &str,
-        port: u16,
-        tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
-        framing: Framing,
-        timeout: Duration,
-    ) -> Self {
+    pub fn new(host: &str, port: u16, tls: TlsTarget, framing: Framing, timeout: Duration) -> Self {
         Self {
             host: host.to_string(),
             port,
@@ -54,28 +77,9 @@ impl StreamSink {
     }
 
     pub async fn connect(&mut self) -> Result<(), DeliverError> {
-        if self.conn.is_some() {
-            return Ok(());
+        if self.conn.is_none() {
+            self.conn = Some(dial(&self.host, self.port, &self.tls, self.timeout).await?);
         }
-        let host = self.host.trim_start_matches('[').trim_end_matches(']');
-        let tcp = tokio::time::timeout(self.timeout, TcpStream::connect((host, self.port)))
-            .await
-            .map_err(|_| DeliverError::retry("connect timed out"))?
-            .map_err(|e| DeliverError::retry(format!("connect: {e}")))?;
-        let _ = tcp.set_nodelay(true);
-        self.conn = Some(match &self.tls {
-            None => Conn::Plain(tcp),
-            Some((config, name)) => {
-                let tls = tokio::time::timeout(
-                    self.timeout,
-                    TlsConnector::from(config.clone()).connect(name.clone(), tcp),
-                )
-                .await
-                .map_err(|_| DeliverError::retry("TLS handshake timed out"))?
-                .map_err(|e| DeliverError::retry(format!("TLS handshake: {e}")))?;
-                Conn::Tls(Box::new(tls))
-            }
-        });
         Ok(())
     }
 
@@ -88,10 +92,8 @@ impl StreamSink {
         for r in batch {
             frame(&self.framing, r, &mut buf);
         }
-        let timeout = self.timeout;
         let result = match self.conn.as_mut() {
-            Some(Conn::Plain(s)) => write_checked(s, &buf, timeout).await,
-            Some(Conn::Tls(s)) => write_checked(s.as_mut(), &buf, timeout).await,
+            Some(s) => write_checked(s, &buf, self.timeout).await,
             None => Err(DeliverError::retry("not connected")),
         };
         if result.is_err() {
@@ -101,14 +103,8 @@ impl StreamSink {
     }
 
     pub async fn close(&mut self) {
-        match self.conn.take() {
-            Some(Conn::Plain(mut s)) => {
-                let _ = s.shutdown().await;
-            }
-            Some(Conn::Tls(mut s)) => {
-                let _ = s.shutdown().await;
-            }
-            None => {}
+        if let Some(mut s) = self.conn.take() {
+            let _ = s.shutdown().await;
         }
     }
 }
