@@ -120,7 +120,9 @@ fn classify(e: &Event) -> Class {
             let refuse = o.and_then(|o| o.refuse.as_ref()).map(|r| &r.text);
             match o.and_then(|o| o.packet.as_deref()) {
                 Some("REFUSE") => class(5, "Refuse", 2, 2, refuse),
-                Some("CONNECT") | Some("ACCEPT") => class(1, "Open", 1, 1, None),
+                // The client's request: whether it opens is for the ACCEPT to say.
+                Some("CONNECT") => class(1, "Open", 1, 0, None),
+                Some("ACCEPT") => class(1, "Open", 1, 1, None),
                 _ => class(6, "Traffic", 1, 0, None),
             }
         }
