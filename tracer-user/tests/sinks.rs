@@ -28,9 +28,14 @@ struct Certs {
     ca: PathBuf,
     cert: PathBuf,
     key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+    /// The server identity for in-test TLS servers.
+    server: (rustls::pki_types::CertificateDer<'static>, Vec<u8>),
 }
 
-/// A CA and a server certificate for 127.0.0.1/localhost, made fresh for the test.
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made fresh
+/// for the test.
 fn make_certs(dir: &Path) -> Certs {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate().unwrap();
@@ -40,19 +45,27 @@ fn make_certs(dir: &Path) -> Certs {
         .push(DnType::CommonName, "droptrace test CA");
     ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut srv =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    srv.distinguished_name.push(DnType::CommonName, "localhost");
-    let cert = srv.signed_by(&key, &ca).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        (p.signed_by(&key, &ca).unwrap(), key)
+    };
+    let (cert, key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost");
+    let (client, client_key) = leaf(vec!["droptrace.test".into()], "droptrace");
     let c = Certs {
         ca: dir.join("ca.pem"),
         cert: dir.join("server.pem"),
         key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+        server: (cert.der().clone(), key.serialize_der()),
     };
     std::fs::write(&c.ca, ca.pem()).unwrap();
     std::fs::write(&c.cert, cert.pem()).unwrap();
     std::fs::write(&c.key, key.serialize_pem()).unwrap();
+    std::fs::write(&c.client_cert, client.pem()).unwrap();
+    std::fs::write(&c.client_key, client_key.serialize_pem()).unwrap();
     c
 }
 
@@ -67,6 +80,12 @@ struct Rsyslog {
 
 impl Rsyslog {
     fn start(dir: &Path, certs: Option<&Certs>) -> Self {
+        Self::start_with(dir, certs, "anon")
+    }
+
+    /// `auth`: rsyslog's StreamDriver.AuthMode (`anon`, or `x509/certvalid` to require a
+    /// client certificate signed by the CA).
+    fn start_with(dir: &Path, certs: Option<&Certs>, auth: &str) -> Self {
         assert!(
             Path::new(RSYSLOGD).exists(),
             "{RSYSLOGD} not found: install the Debian packages `rsyslog` and `rsyslog-gnutls` \
@@ -86,9 +105,11 @@ impl Rsyslog {
             )
         });
         let tls_module = if certs.is_some() {
-            " StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"anon\""
+            format!(
+                " StreamDriver.Name=\"gtls\" StreamDriver.Mode=\"1\" StreamDriver.AuthMode=\"{auth}\""
+            )
         } else {
-            ""
+            String::new()
         };
         let conf = dir.join("rsyslog.conf");
         std::fs::write(
@@ -244,6 +265,37 @@ fn syslog_tls_to_rsyslog_one_to_one() {
     assert_eq!(code, 2, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.contains("TLS handshake"), "{err}");
+}
+
+#[test]
+fn syslog_mutual_tls_with_client_certificate() {
+    let dir = tmpdir();
+    let certs = make_certs(dir.path());
+    let r = Rsyslog::start_with(dir.path(), Some(&certs), "x509/certvalid");
+    let events = all_samples();
+    let url = format!("syslog+tls://127.0.0.1:{}", r.port);
+    let (code, err) = replay(
+        &events,
+        &[
+            "-o",
+            &url,
+            "--ca",
+            certs.ca.to_str().unwrap(),
+            "--client-cert",
+            certs.client_cert.to_str().unwrap(),
+            "--client-key",
+            certs.client_key.to_str().unwrap(),
+            "--format",
+            "ecs",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    wait_for(
+        "rsyslog to write everything",
+        Duration::from_secs(15),
+        || read_lines(&r.out).len() >= events.len(),
+    );
+    check_one_to_one(&r, &events, Format::Ecs);
 }
 
 trait TapMkdir {
@@ -475,6 +527,53 @@ fn tiny_spool_cap_discards_are_reported_in_stream() {
     assert!(err.contains(&format!("{lost_in_file} discarded")), "{err}");
 }
 
+/// What the flush deadline leaves in the spool is delivered by the next run, first.
+#[test]
+fn spool_left_at_exit_is_delivered_by_the_next_run() {
+    let dir = tmpdir();
+    let mut r = Rsyslog::start(dir.path(), None);
+    let spool = dir.path().join("spool");
+    let sink = format!("syslog+tcp://127.0.0.1:{}", r.port);
+    let args = [
+        "-o",
+        &sink,
+        "--spool-dir",
+        spool.to_str().unwrap(),
+        "--flush-timeout",
+        "1s",
+    ];
+    let mut live = LiveReplay::start(&args);
+    let events = numbered_drops(150);
+    live.send(&events[..50]);
+    wait_for("the first 50 at rsyslog", Duration::from_secs(15), || {
+        read_lines(&r.out).len() >= 50
+    });
+    r.kill();
+    live.send(&events[50..100]);
+    let err = live.finish(Duration::from_secs(30));
+    assert!(err.contains(&format!("{sink}: 50 sent")), "{err}");
+    assert!(err.contains("50 left in spool"), "{err}");
+
+    r.restart();
+    let (code, err) = replay(&events[100..], &args);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!(
+            "{sink}: 100 sent, 0 errors, 0 discarded, 0 left in spool"
+        )),
+        "{err}"
+    );
+    wait_for("all 150 at rsyslog", Duration::from_secs(15), || {
+        read_lines(&r.out).len() >= 150
+    });
+    let counts: Vec<u64> = r
+        .received()
+        .iter()
+        .map(|(_, _, v)| v["count"].as_u64().unwrap())
+        .collect();
+    assert_eq!(counts, (1..=150).collect::<Vec<u64>>());
+}
+
 // ---------------------------------------------------------------- HTTP
 
 #[derive(Debug, Clone)]
@@ -502,6 +601,31 @@ struct TestHttp {
 
 impl TestHttp {
     fn start(script: Vec<(u16, &'static str)>, ok_body: &'static str) -> Self {
+        Self::start_inner(script, ok_body, None)
+    }
+
+    fn start_tls(script: Vec<(u16, &'static str)>, ok_body: &'static str, certs: &Certs) -> Self {
+        use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+        let (cert, key) = certs.server.clone();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )
+        .unwrap();
+        Self::start_inner(script, ok_body, Some(Arc::new(config)))
+    }
+
+    fn start_inner(
+        script: Vec<(u16, &'static str)>,
+        ok_body: &'static str,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -511,9 +635,18 @@ impl TestHttp {
             // Bounded: the test's few connections, then the thread ends with the process.
             for conn in listener.incoming().take(64) {
                 let Ok(conn) = conn else { continue };
+                conn.set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
                 let reqs = reqs.clone();
                 let script = script.clone();
-                std::thread::spawn(move || serve_http(conn, reqs, script, ok_body));
+                let tls = tls.clone();
+                std::thread::spawn(move || match tls {
+                    None => serve_http(conn, reqs, script, ok_body),
+                    Some(cfg) => {
+                        let tls = rustls::ServerConnection::new(cfg).unwrap();
+                        serve_http(rustls::StreamOwned::new(tls, conn), reqs, script, ok_body)
+                    }
+                });
             }
         });
         TestHttp { port, requests }
@@ -524,15 +657,12 @@ impl TestHttp {
     }
 }
 
-fn serve_http(
-    conn: TcpStream,
+fn serve_http<S: Read + Write>(
+    conn: S,
     reqs: Arc<Mutex<Vec<Request>>>,
     script: Arc<Mutex<std::vec::IntoIter<(u16, &'static str)>>>,
     ok_body: &str,
 ) {
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut w = conn.try_clone().unwrap();
     let mut r = BufReader::new(conn);
     loop {
         let mut line = String::new();
@@ -575,7 +705,11 @@ fn serve_http(
             body: if status == 200 { body } else { Vec::new() },
             at: Instant::now(),
         });
-        if w.write_all(resp.as_bytes()).is_err() {
+        let w = r.get_mut();
+        if w.write_all(resp.as_bytes())
+            .and_then(|()| w.flush())
+            .is_err()
+        {
             return;
         }
     }
@@ -699,6 +833,34 @@ fn http_splunk_hec_with_retries() {
         }
     }
     let want: Vec<Value> = events.iter().map(|e| encoded(Format::Ecs, e)).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn https_generic_with_ca() {
+    let dir = tmpdir();
+    let certs = make_certs(dir.path());
+    let server = TestHttp::start_tls(vec![(503, "")], "", &certs);
+    let events = all_samples();
+    let url = format!("https://127.0.0.1:{}/in", server.port);
+    let (code, err) = replay(&events, &["-o", &url, "--ca", certs.ca.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains(&format!("{url}: {} sent, 1 errors", events.len())),
+        "{err}"
+    );
+    let got: Vec<Value> = server
+        .requests()
+        .iter()
+        .flat_map(|r| {
+            String::from_utf8(r.body.clone())
+                .unwrap()
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect::<Vec<Value>>()
+        })
+        .collect();
+    let want: Vec<Value> = events.iter().map(|e| encoded(Format::Native, e)).collect();
     assert_eq!(got, want);
 }
 
