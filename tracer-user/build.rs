@@ -22,11 +22,7 @@ fn main() -> anyhow::Result<()> {
         "build" => true,
         "stub" => false,
         "" => have_bpf_linker(),
-        other => {
-            return Err(anyhow!(
-                "DROPTRACE_EBPF={other}: expected `build` or `stub`"
-            ));
-        }
+        other => return Err(anyhow!("DROPTRACE_EBPF={other}: expected `build` or `stub`")),
     };
     if real {
         let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR")?);
@@ -40,9 +36,7 @@ fn main() -> anyhow::Result<()> {
             }],
             aya_build::Toolchain::default(),
         )
-        .context(
-            "building the eBPF object (run `cargo xtask setup` to install rust-src and bpf-linker)",
-        )?;
+        .context("building the eBPF object (run `cargo xtask setup` to install rust-src and bpf-linker)")?;
         // tracer-common is shared: kernel structs change with it.
         println!("cargo:rerun-if-changed={ebpf_dir}/../tracer-common/src");
         println!("cargo:rustc-cfg=droptrace_ebpf_real");
@@ -58,10 +52,10 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn have_bpf_linker() -> bool {
-    env::var_os("PATH")
-        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file()))
-        || env::var_os("CARGO_HOME")
-            .map(PathBuf::from)
-            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-            .is_some_and(|home| home.join("bin/bpf-linker").is_file())
+    env::var_os("PATH").is_some_and(|paths| {
+        env::split_paths(&paths).any(|dir| dir.join("bpf-linker").is_file())
+    }) || env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .is_some_and(|home| home.join("bin/bpf-linker").is_file())
 }

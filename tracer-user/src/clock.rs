@@ -94,19 +94,13 @@ mod tests {
             rfc3339(1_709_251_199_500_000_000),
             "2024-02-29T23:59:59.500000Z"
         );
-        assert_eq!(
-            rfc3339(1_795_597_200_000_001_000),
-            "2026-11-25T09:00:00.000001Z"
-        );
+        assert_eq!(rfc3339(1_795_597_200_000_001_000), "2026-11-25T09:00:00.000001Z");
     }
 
     #[test]
     fn kernel_timestamps_land_near_now() {
         let c = Clock::new();
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_nanos() as i128;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as i128;
         assert!((c.unix_ns(monotonic_ns()) - now).abs() < 1_000_000_000);
     }
 }

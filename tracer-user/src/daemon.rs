@@ -41,11 +41,7 @@ pub struct Summary {
 impl Summary {
     pub fn line(&self) -> String {
         let total: u64 = self.events.values().sum();
-        let kinds: Vec<_> = self
-            .events
-            .iter()
-            .map(|(k, v)| format!("{k} {v}"))
-            .collect();
+        let kinds: Vec<_> = self.events.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let reasons: Vec<_> = self
             .drops_by_reason
             .iter()
@@ -53,18 +49,10 @@ impl Summary {
             .collect();
         let mut line = format!(
             "droptrace: {total} events ({}), {} lost in kernel, {} undecodable; drops by reason: {}",
-            if kinds.is_empty() {
-                "none".to_string()
-            } else {
-                kinds.join(", ")
-            },
+            if kinds.is_empty() { "none".to_string() } else { kinds.join(", ") },
             self.lost_kernel,
             self.undecodable,
-            if reasons.is_empty() {
-                "none".to_string()
-            } else {
-                reasons.join(", ")
-            },
+            if reasons.is_empty() { "none".to_string() } else { reasons.join(", ") },
         );
         if let Some(o) = &self.output {
             line.push('\n');
@@ -118,11 +106,8 @@ impl Pipeline {
                     unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<DropEvent>()) };
                 let event = skb_drop::decode(&rec, &self.symbols, &self.clock, &self.node);
                 if let Some(d) = &event.drop {
-                    *self
-                        .summary
-                        .drops_by_reason
-                        .entry(d.reason.clone())
-                        .or_default() += event.count;
+                    *self.summary.drops_by_reason.entry(d.reason.clone()).or_default() +=
+                        event.count;
                 }
                 self.emit(&event);
             }

@@ -9,11 +9,7 @@ use droptrace::{
 };
 
 #[derive(Parser)]
-#[command(
-    name = "droptrace",
-    version,
-    about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)"
-)]
+#[command(name = "droptrace", version, about = "Finds the packet drops behind silent TCP stalls (Oracle ports by default)")]
 struct Cli {
     /// Log level for diagnostics on stderr (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "info", env = "DROPTRACE_LOG")]
@@ -86,9 +82,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
-    let v: u32 = s
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size in bytes"))?;
+    let v: u32 = s.parse().map_err(|_| format!("`{s}` is not a size in bytes"))?;
     if v < 4096 || !v.is_power_of_two() {
         return Err(format!("{v} must be a power of two and at least 4096"));
     }
@@ -130,10 +124,7 @@ fn main() -> ExitCode {
 fn check(json: bool) -> ExitCode {
     let report = preflight::run();
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("report serialises")
-        );
+        println!("{}", serde_json::to_string_pretty(&report).expect("report serialises"));
     } else {
         println!("kernel {}", report.kernel);
         for c in &report.checks {

@@ -69,12 +69,7 @@ pub fn run() -> Report {
     };
 
     match missing_privileges() {
-        None => push(
-            "privileges",
-            true,
-            true,
-            "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN".into(),
-        ),
+        None => push("privileges", true, true, "CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN".into()),
         Some(why) => push("privileges", false, true, why),
     }
 

@@ -104,9 +104,7 @@ impl Tracer {
         };
 
         {
-            let map = ebpf
-                .map_mut("WATCH_PORTS")
-                .expect("object defines WATCH_PORTS");
+            let map = ebpf.map_mut("WATCH_PORTS").expect("object defines WATCH_PORTS");
             let mut ports: BpfHashMap<_, u16, u8> =
                 BpfHashMap::try_from(map).map_err(|source| TracerError::Map {
                     map: "WATCH_PORTS",
@@ -155,8 +153,7 @@ impl Tracer {
             })?
             .try_into()
             .map_err(|source| TracerError::Program { prog, source })?;
-        p.load()
-            .map_err(|source| TracerError::Program { prog, source })?;
+        p.load().map_err(|source| TracerError::Program { prog, source })?;
         p.attach(category, name)
             .map_err(|source| TracerError::Program { prog, source })?;
         self.attached.push(prog);

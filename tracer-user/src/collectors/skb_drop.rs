@@ -157,10 +157,7 @@ mod tests {
         let Some(root) = crate::kernel::tracefs::mounted() else {
             // tracefs is mounted by `droptrace check`/`run` (needs root); the recorded format
             // of this kernel generation stands in.
-            let f = Format::parse(
-                include_str!("../../tests/fixtures/kfree_skb.format-6.18"),
-                "x",
-            );
+            let f = Format::parse(include_str!("../../tests/fixtures/kfree_skb.format-6.18"), "x");
             let l = resolve_layout(&f, &btf).unwrap();
             assert_eq!(l.valid, 1);
             return;

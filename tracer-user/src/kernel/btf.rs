@@ -73,10 +73,7 @@ impl KernelBtf {
     fn strip(&self, mut ty: Type) -> Result<Type, BtfError> {
         for _ in 0..16 {
             match &ty {
-                Type::Typedef(_)
-                | Type::Const(_)
-                | Type::Volatile(_)
-                | Type::Restrict(_)
+                Type::Typedef(_) | Type::Const(_) | Type::Volatile(_) | Type::Restrict(_)
                 | Type::TypeTag(_) => {
                     let inner = ty.as_btf_type().expect("qualifier is a BtfType");
                     ty = self.btf.resolve_chained_type(inner)?;

@@ -38,7 +38,9 @@ pub fn missing(mask: u64, needed: &[u32]) -> Vec<u32> {
     needed
         .iter()
         .copied()
-        .filter(|&c| !(has(c) || (matches!(c, CAP_BPF | CAP_PERFMON) && has(CAP_SYS_ADMIN))))
+        .filter(|&c| {
+            !(has(c) || (matches!(c, CAP_BPF | CAP_PERFMON) && has(CAP_SYS_ADMIN)))
+        })
         .collect()
 }
 

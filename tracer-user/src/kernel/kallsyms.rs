@@ -98,12 +98,8 @@ ffffffffc0001000 t cls_bpf_classify\t[cls_bpf]
         }
         assert!(!k.is_empty(), "root must see kernel symbol addresses");
         let text = fs::read_to_string("/proc/kallsyms").unwrap();
-        let line = text
-            .lines()
-            .find(|l| {
-                l.ends_with(" T kfree_skb_list_reason") || l.ends_with(" T sk_skb_reason_drop")
-            })
-            .unwrap();
+        let line = text.lines().find(|l| l.ends_with(" T kfree_skb_list_reason")
+            || l.ends_with(" T sk_skb_reason_drop")).unwrap();
         let addr = u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap();
         assert!(k.symbolize(addr + 4).ends_with("+0x4"));
     }

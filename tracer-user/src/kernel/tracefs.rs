@@ -108,11 +108,7 @@ impl Format {
             if let (Some(decl), Some(offset), Some(size)) = (decl, offset, size)
                 && let Some(last) = decl.split_whitespace().last()
             {
-                let name = last
-                    .split('[')
-                    .next()
-                    .unwrap_or(last)
-                    .trim_start_matches('*');
+                let name = last.split('[').next().unwrap_or(last).trim_start_matches('*');
                 fields.insert(name.to_string(), Field { offset, size });
             }
         }
@@ -177,13 +173,7 @@ mod tests {
         assert_eq!(f.offset("location").unwrap(), 16);
         assert_eq!(f.offset("rx_sk").unwrap(), 24);
         assert_eq!(f.offset("protocol").unwrap(), 32);
-        assert_eq!(
-            f.field("reason").unwrap(),
-            &Field {
-                offset: 36,
-                size: 4
-            }
-        );
+        assert_eq!(f.field("reason").unwrap(), &Field { offset: 36, size: 4 });
         let names: HashMap<_, _> = f.reason_symbols.iter().cloned().collect();
         assert_eq!(names[&12], "NETFILTER_DROP");
         assert_eq!(names[&73], "TC_INGRESS");
@@ -207,13 +197,7 @@ mod tests {
             "\tfield:__u8 saddr[4];\toffset:34;\tsize:4;\tsigned:0;\n",
             "x",
         );
-        assert_eq!(
-            f.field("saddr").unwrap(),
-            &Field {
-                offset: 34,
-                size: 4
-            }
-        );
+        assert_eq!(f.field("saddr").unwrap(), &Field { offset: 34, size: 4 });
         let err = f.offset("nope").unwrap_err().to_string();
         assert_eq!(err, "x: field nope missing from the record format");
     }
