@@ -5,7 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
     daemon, preflight, replay,
-    sinks::{Output, cli::OutputArgs},
+    sinks::{Output, OutputOptions, cli::OutputArgs},
 };
 
 #[derive(Parser)]
@@ -161,7 +161,7 @@ fn run(args: RunArgs) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };
-    let Some(output) = rt.block_on(start_output(&args.output, &opts.node)) else {
+    let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false)) else {
         return ExitCode::from(2);
     };
     match rt.block_on(daemon::run(opts, output)) {
@@ -181,7 +181,7 @@ fn replay(args: ReplayArgs) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };
-    let Some(mut output) = rt.block_on(start_output(&args.output, &node)) else {
+    let Some(mut output) = rt.block_on(start_output(&args.output, &node, true)) else {
         return ExitCode::from(2);
     };
     let result = rt.block_on(replay::run(&args.input, &mut output, &node));
@@ -212,10 +212,11 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
-/// Starts the outputs; on bad input prints one line (the caller exits 2).
-async fn start_output(args: &OutputArgs, node: &str) -> Option<Output> {
+/// Starts the outputs; on bad input prints one line (the caller exits 2). `lossless`: wait
+/// for slow outputs instead of discarding (replay).
+async fn start_output(args: &OutputArgs, node: &str, lossless: bool) -> Option<Output> {
     let started = match args.resolve(node) {
-        Ok((specs, opts)) => Output::start(&specs, opts).await,
+        Ok((specs, opts)) => Output::start(&specs, OutputOptions { lossless, ..opts }).await,
         Err(e) => Err(e),
     };
     match started {

@@ -70,7 +70,7 @@ pub async fn run(input: &Path, output: &mut Output, node: &str) -> anyhow::Resul
         }
         match serde_json::from_str::<Event>(&line) {
             Ok(e) => {
-                output.send(&e);
+                output.send_wait(&e).await;
                 summary.events += 1;
             }
             Err(e) => {
@@ -87,7 +87,7 @@ pub async fn run(input: &Path, output: &mut Output, node: &str) -> anyhow::Resul
             reason: "unparsable".to_string(),
             sink: None,
         });
-        output.send(&e);
+        output.send_wait(&e).await;
     }
     Ok(summary)
 }

@@ -114,6 +114,7 @@ impl OutputArgs {
                 io_timeout: self.io_timeout,
                 metrics_addr: self.metrics,
                 metrics_max_pods: self.metrics_max_pods,
+                lossless: false,
             },
         ))
     }

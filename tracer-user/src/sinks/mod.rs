@@ -236,6 +236,9 @@ pub struct OutputOptions {
     pub io_timeout: Duration,
     pub metrics_addr: Option<SocketAddr>,
     pub metrics_max_pods: usize,
+    /// Wait for room in the queues instead of discarding (`replay`: a batch tool should
+    /// go at the pace of its slowest output, not lose events). Never for `run`.
+    pub lossless: bool,
 }
 
 impl Default for OutputOptions {
@@ -256,6 +259,7 @@ impl Default for OutputOptions {
             io_timeout: Duration::from_secs(10),
             metrics_addr: None,
             metrics_max_pods: crate::metrics::DEFAULT_MAX_PODS,
+            lossless: false,
         }
     }
 }
@@ -418,10 +422,11 @@ fn record(format: Format, e: &Event, buf: &mut Vec<u8>) -> Record {
 
 /// The daemon's handle on all sinks. `send` never blocks; `shutdown` flushes.
 pub struct Output {
-    format: Format,
+    /// To the encoder task on the output thread: encoding (a few microseconds for ECS/OCSF)
+    /// stays off the tracing loop.
+    events: mpsc::Sender<Arc<Event>>,
     sinks: Arc<Vec<SinkHandle>>,
     metrics: Option<Arc<Metrics>>,
-    buf: Vec<u8>,
     flush_timeout: Duration,
     stop: Option<oneshot::Sender<tokio::time::Instant>>,
     done: Option<oneshot::Receiver<OutputSummary>>,
@@ -477,6 +482,13 @@ impl Output {
             None
         };
 
+        // Lossless mode waits instead of buffering: small queues keep the backlog at the end
+        // (what the flush deadline has to deliver) small.
+        let queue = if opts.lossless {
+            opts.batch.max(64)
+        } else {
+            opts.queue_size.max(1)
+        };
         let mut workers = Vec::new();
         let mut handles = Vec::new();
         for spec in specs {
@@ -500,7 +512,7 @@ impl Output {
             if let Some(m) = &metrics {
                 m.register_sink(&spec.name, stats.clone());
             }
-            let (tx, rx) = mpsc::channel(opts.queue_size.max(1));
+            let (tx, rx) = mpsc::channel(queue);
             handles.push(SinkHandle {
                 name: spec.name.clone(),
                 tx,
@@ -525,6 +537,8 @@ impl Output {
             node: opts.node.clone(),
         });
 
+        let (events_tx, events_rx) = mpsc::channel(queue);
+        let encode = (opts.format, opts.lossless);
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -546,6 +560,7 @@ impl Output {
                 };
                 rt.block_on(run_outputs(
                     workers,
+                    (events_rx, encode),
                     thread_sinks,
                     lost,
                     thread_metrics.zip(metrics_listener),
@@ -568,10 +583,9 @@ impl Output {
             }
         }
         Ok(Output {
-            format: opts.format,
+            events: events_tx,
             sinks,
             metrics,
-            buf: Vec::with_capacity(2048),
             flush_timeout,
             stop: Some(stop_tx),
             done: Some(done_rx),
@@ -579,15 +593,29 @@ impl Output {
         })
     }
 
-    /// Encodes once and queues for every sink. Never blocks: a full queue is a counted
-    /// discard, reported in-stream as a `lost` event.
+    /// Queues the event for every sink (encoded once, on the output thread). Never blocks:
+    /// a full queue is a counted discard, reported in-stream as a `lost` event.
     pub fn send(&mut self, event: &Event) {
         if let Some(m) = &self.metrics {
             m.observe(event);
         }
-        let rec = Arc::new(record(self.format, event, &mut self.buf));
-        for s in self.sinks.iter() {
-            s.push(&rec);
+        if self.events.try_send(Arc::new(event.clone())).is_err() {
+            for s in self.sinks.iter() {
+                s.stats.discard(Discard::QueueFull, 1);
+            }
+        }
+    }
+
+    /// Like `send`, but waits for room instead of discarding (with `lossless`, the whole
+    /// pipeline then goes at the pace of the slowest sink). For `replay`.
+    pub async fn send_wait(&mut self, event: &Event) {
+        if let Some(m) = &self.metrics {
+            m.observe(event);
+        }
+        if self.events.send(Arc::new(event.clone())).await.is_err() {
+            for s in self.sinks.iter() {
+                s.stats.discard(Discard::Shutdown, 1);
+            }
         }
     }
 
@@ -605,6 +633,9 @@ impl Output {
     /// the spool (or is counted discarded without one). Returns per-sink totals.
     pub async fn shutdown(mut self, timeout: Duration) -> OutputSummary {
         let deadline = tokio::time::Instant::now() + timeout;
+        // No more events: the encoder finishes what is queued, then the sinks drain.
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.events, closed));
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(deadline);
         }
@@ -700,6 +731,7 @@ enum Phase {
 #[allow(clippy::too_many_arguments)]
 async fn run_outputs(
     workers: Vec<(Arc<SinkCtx>, Transport, mpsc::Receiver<Arc<Record>>)>,
+    (events, encode): (mpsc::Receiver<Arc<Event>>, (Format, bool)),
     sinks: Arc<Vec<SinkHandle>>,
     lost: Arc<LostMaker>,
     metrics: Option<(Arc<Metrics>, std::net::TcpListener)>,
@@ -754,6 +786,9 @@ async fn run_outputs(
         )));
     }
 
+    let (hurry_tx, hurry_rx) = watch::channel(false);
+    let mut encoder = tokio::spawn(encode_all(events, sinks.clone(), encode, hurry_rx));
+
     // Running: announce discards once a second until asked to stop.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(stop);
@@ -763,6 +798,16 @@ async fn run_outputs(
             d = &mut stop => break d.unwrap_or_else(|_| tokio::time::Instant::now() + flush_timeout),
         }
     };
+    // The sender is gone: the encoder ends once it has handed on what was queued. A lossless
+    // encoder waiting on a stuck sink is told to hurry at the deadline (then whatever a sink
+    // cannot take is counted by that sink).
+    if tokio::time::timeout_at(deadline, &mut encoder)
+        .await
+        .is_err()
+    {
+        let _ = hurry_tx.send(true);
+        let _ = encoder.await;
+    }
     report_lost(&sinks, &lost);
     let _ = phase_tx.send(Phase::Draining);
     let mut joined = futures_join(&mut tasks, Some(deadline)).await;
@@ -816,6 +861,31 @@ async fn run_outputs(
         timed_out,
     };
     let _ = done.send(summary);
+}
+
+/// Encodes each event once and queues the line on every sink.
+async fn encode_all(
+    mut events: mpsc::Receiver<Arc<Event>>,
+    sinks: Arc<Vec<SinkHandle>>,
+    (format, lossless): (Format, bool),
+    mut hurry: watch::Receiver<bool>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    while let Some(e) = events.recv().await {
+        let rec = Arc::new(record(format, &e, &mut buf));
+        for s in sinks.iter() {
+            if !lossless || *hurry.borrow() {
+                s.push(&rec);
+                continue;
+            }
+            tokio::select! {
+                r = s.tx.send(rec.clone()) => if r.is_err() {
+                    s.stats.discard(Discard::Shutdown, 1);
+                },
+                _ = hurry.wait_for(|h| *h) => s.push(&rec),
+            }
+        }
+    }
 }
 
 /// Waits for every task, until `deadline`; true when all ended.
