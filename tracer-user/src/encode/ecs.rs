@@ -3,7 +3,7 @@
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
 use serde_json::{Value, json};
 
-use super::{community_id, direction, droptrace_sections, message, prune, subject};
+use super::{community_id, direction, message, prune, subject};
 use crate::event::{Endpoint, Event, Family, Kind};
 
 pub const ECS_VERSION: &str = "8.17.0";
@@ -57,7 +57,6 @@ pub(super) fn map(e: &Event) -> Value {
             "category": p.verdict,
             "description": p.explanation,
         })),
-        "droptrace": droptrace_sections(e, false),
     });
     prune(&mut v);
     v

@@ -2,9 +2,12 @@
 //! and `ocsf` reshape it for SIEMs (docs/siem.md has the mappings field by field).
 use std::{fmt, str::FromStr};
 
+use serde::Serialize;
 use serde_json::Value;
 
-use crate::event::{Endpoint, Event, Flow, Kind};
+use crate::event::{
+    Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy, Tcp,
+};
 
 pub mod community_id;
 mod ecs;
@@ -52,8 +55,20 @@ impl FromStr for Format {
 pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
     match format {
         Format::Native => native(event, buf),
-        Format::Ecs => write_value(&ecs::map(event), buf),
-        Format::Ocsf => write_value(&ocsf::map(event), buf),
+        Format::Ecs => write_with_sections(
+            &ecs::map(event),
+            "droptrace",
+            false,
+            &Sections::of(event, false),
+            buf,
+        ),
+        Format::Ocsf => write_with_sections(
+            &ocsf::map(event),
+            "unmapped",
+            true,
+            &Sections::of(event, true),
+            buf,
+        ),
     }
 }
 
@@ -63,13 +78,6 @@ pub fn native(event: &Event, buf: &mut Vec<u8>) {
     // Writing plain structs of strings and numbers into a Vec cannot fail; if it ever did,
     // an empty line is caught by every consumer instead of a panic in the tracing loop.
     if serde_json::to_writer(&mut *buf, event).is_err() {
-        buf.clear();
-    }
-}
-
-fn write_value(v: &Value, buf: &mut Vec<u8>) {
-    buf.clear();
-    if serde_json::to_writer(&mut *buf, v).is_err() {
         buf.clear();
     }
 }
@@ -129,28 +137,110 @@ fn direction(e: &Event) -> Option<&'static str> {
 
 /// The droptrace.v1 sections a SIEM schema has no place for, under their native names and
 /// types (ECS `droptrace.*`, OCSF `unmapped.droptrace`), so one parser serves every format.
-/// `count` goes to OCSF's own `count`, `node` to ECS `host.name`.
-fn droptrace_sections(e: &Event, ocsf: bool) -> Value {
-    serde_json::json!({
-        "schema": e.schema,
-        "kind": e.kind,
-        "count": (!ocsf).then_some(e.count),
-        "node": ocsf.then_some(&e.node),
-        "tcp": e.tcp,
-        "drop": e.drop,
-        "netns": e.netns,
-        "ifindex": e.ifindex,
-        "lost": e.lost,
-        "process": e.process.as_ref().map(|p| serde_json::json!({"cgroup_id": p.cgroup_id})),
-        "attempt": e.attempt,
-        "drops": e.drops,
-        "conntrack": e.conntrack,
-        "diagnosis": e.diagnosis,
-        "source": e.source,
-        "destination": e.destination,
-        "policy": e.policy,
-        "oracle": e.oracle,
-    })
+/// `count` goes to OCSF's own `count`, `node` to ECS `host.name`. Serialised straight from
+/// the event (borrowed, no JSON tree): it is most of the bytes of a line.
+#[derive(Serialize)]
+struct Sections<'a> {
+    schema: &'a str,
+    kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<&'a Tcp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drop: Option<&'a Drop>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ifindex: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lost: Option<&'a Lost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<CgroupOnly>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<&'a Attempt>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drops: Option<&'a Vec<DropSummary>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conntrack: Option<&'a Conntrack>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diagnosis: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<&'a Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a Policy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oracle: Option<&'a Oracle>,
+}
+
+/// `process` minus what the SIEM format already maps (pid, name, container id).
+#[derive(Serialize)]
+struct CgroupOnly {
+    cgroup_id: u64,
+}
+
+impl<'a> Sections<'a> {
+    fn of(e: &'a Event, ocsf: bool) -> Self {
+        Self {
+            schema: &e.schema,
+            kind: e.kind,
+            count: (!ocsf).then_some(e.count),
+            node: ocsf.then_some(e.node.as_str()),
+            tcp: e.tcp.as_ref(),
+            drop: e.drop.as_ref(),
+            netns: e.netns,
+            ifindex: e.ifindex,
+            lost: e.lost.as_ref(),
+            process: e.process.as_ref().map(|p| CgroupOnly {
+                cgroup_id: p.cgroup_id,
+            }),
+            attempt: e.attempt.as_ref(),
+            drops: e.drops.as_ref(),
+            conntrack: e.conntrack.as_ref(),
+            diagnosis: e.diagnosis.as_deref(),
+            source: e.source.as_ref(),
+            destination: e.destination.as_ref(),
+            policy: e.policy.as_ref(),
+            oracle: e.oracle.as_ref(),
+        }
+    }
+}
+
+/// Writes `head` (an object) with the vendor sections appended as the last member, under
+/// `key` (`"droptrace"`) or `key.droptrace` when `nested` (OCSF `unmapped`).
+fn write_with_sections(
+    head: &Value,
+    key: &str,
+    nested: bool,
+    sections: &Sections,
+    buf: &mut Vec<u8>,
+) {
+    buf.clear();
+    let written = serde_json::to_writer(&mut *buf, head).is_ok() && buf.last() == Some(&b'}');
+    if !written {
+        buf.clear();
+        return;
+    }
+    buf.pop();
+    if buf.len() > 1 {
+        buf.push(b',');
+    }
+    buf.extend_from_slice(format!("\"{key}\":").as_bytes());
+    if nested {
+        buf.extend_from_slice(b"{\"droptrace\":");
+    }
+    if serde_json::to_writer(&mut *buf, sections).is_err() {
+        buf.clear();
+        return;
+    }
+    if nested {
+        buf.push(b'}');
+    }
+    buf.push(b'}');
 }
 
 fn community_id(f: &Flow) -> Option<String> {

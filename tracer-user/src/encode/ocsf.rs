@@ -2,7 +2,7 @@
 //! attribute, so Kubernetes identity and the droptrace-specific sections go to `unmapped`.
 use serde_json::{Value, json};
 
-use super::{community_id, direction, droptrace_sections, message, prune, rfc3339_millis};
+use super::{community_id, direction, message, prune, rfc3339_millis};
 use crate::event::{Event, Family, Kind};
 
 pub const OCSF_VERSION: &str = "1.9.0";
@@ -75,7 +75,6 @@ pub(super) fn map(e: &Event) -> Value {
             "name": p.policies.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect::<Vec<_>>().join(","),
             "desc": p.explanation,
         })),
-        "unmapped": {"droptrace": droptrace_sections(e, true)},
     });
     prune(&mut v);
     v
