@@ -12,11 +12,10 @@ use crate::{
     clock::{self, Clock},
     collectors::{Symbols, conntrack, skb_drop, tcp_state},
     correlate::{self, Correlator},
-    encode,
     event::{Event, Kind, Lost, LostSource},
     preflight, report,
     signal::DropSignal,
-    sinks,
+    sinks::{Output, OutputSummary},
     tracer::{Tracer, TracerOptions},
 };
 
@@ -51,6 +50,7 @@ pub struct Summary {
     pub lost_kernel: u64,
     pub undecodable: u64,
     pub evicted: u64,
+    pub output: Option<OutputSummary>,
 }
 
 impl Summary {
@@ -63,7 +63,7 @@ impl Summary {
                 m.join(", ")
             }
         };
-        format!(
+        let mut line = format!(
             "droptrace: {total} events ({}), {} lost in kernel, {} undecodable, {} attempts \
              evicted; drops by reason: {}",
             list(
@@ -81,7 +81,12 @@ impl Summary {
                     .map(|(k, v)| format!("{k} {v}"))
                     .collect()
             ),
-        )
+        );
+        if let Some(o) = &self.output {
+            line.push('\n');
+            line.push_str(&o.line());
+        }
+        line
     }
 }
 
@@ -100,8 +105,7 @@ struct Pipeline {
     flushed: Vec<DropSignal>,
     node: String,
     raw: bool,
-    out: sinks::Stdout,
-    buf: Vec<u8>,
+    out: Output,
     summary: Summary,
     max_events: Option<u64>,
     emitted: u64,
@@ -117,10 +121,7 @@ fn record<T: Copy>(bytes: &[u8]) -> Option<T> {
 
 impl Pipeline {
     fn emit(&mut self, event: &Event) {
-        encode::native(event, &mut self.buf);
-        if self.out.write_line(&self.buf).is_err() {
-            self.out.errors += 1;
-        }
+        self.out.send(event);
         *self.summary.events.entry(event.kind.as_str()).or_default() += 1;
         if event.kind != Kind::Lost {
             self.emitted += 1;
@@ -330,8 +331,13 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
     Ok((tracer, r.symbols))
 }
 
-pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
+/// Traces until stopped; `output` (started by the caller, so bad sinks fail before any
+/// kernel work) is flushed and shut down at the end.
+pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
     let (mut tracer, symbols) = start(&opts)?;
+    if let Some(m) = output.metrics() {
+        m.set_ready(true);
+    }
     tracing::info!(
         programs = ?tracer.attached(),
         ports = ?if opts.all_tcp { vec![] } else { opts.ports.clone() },
@@ -355,8 +361,7 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
         }),
         node: opts.node.clone(),
         raw: opts.raw,
-        out: sinks::Stdout::default(),
-        buf: Vec::with_capacity(1024),
+        out: output,
         summary: Summary::default(),
         max_events: opts.max_events,
         emitted: 0,
@@ -395,7 +400,6 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
                     if p.done() { break; }
                 }
                 guard.clear_ready();
-                let _ = p.out.flush();
                 if p.done() { break; }
             }
             _ = drain.tick() => {
@@ -404,12 +408,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
                     p.record(&item);
                     if p.done() { break; }
                 }
-                let _ = p.out.flush();
                 if p.done() { break; }
             }
             _ = flush.tick() => {
                 p.flush_drops();
-                let _ = p.out.flush();
                 if p.done() { break; }
             }
             guard = async {
@@ -424,12 +426,10 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
             }
             _ = ticker.tick() => {
                 p.tick();
-                let _ = p.out.flush();
                 if p.done() { break; }
             }
             _ = poll.tick() => {
                 p.report_kernel_loss(counters.lost_in_kernel());
-                let _ = p.out.flush();
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
@@ -456,7 +456,9 @@ pub async fn run(opts: RunOptions) -> anyhow::Result<Summary> {
     }
     p.report_kernel_loss(tracer.counters.lost_in_kernel());
     p.summary.evicted = p.correlator.evicted;
-    let _ = p.out.flush();
     drop(tracer);
-    Ok(p.summary)
+    let flush_timeout = p.out.flush_timeout();
+    let mut summary = p.summary;
+    summary.output = Some(p.out.shutdown(flush_timeout).await);
+    Ok(summary)
 }

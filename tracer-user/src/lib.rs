@@ -2,8 +2,8 @@
 //!
 //! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode ([`signal`]) ->
 //! correlate ([`correlate`], [`aggregate`]) -> enrich ([`k8s`], [`policy`], [`oracle`]) ->
-//! [`event`] -> [`encode`] -> [`sinks`]. Everything kernel-specific is resolved at load time
-//! ([`kernel`]).
+//! [`event`] -> [`encode`] -> [`sinks`] (and [`metrics`]). Everything kernel-specific is
+//! resolved at load time ([`kernel`]).
 pub mod aggregate;
 pub mod cgroup;
 pub mod clock;
@@ -15,9 +15,11 @@ pub mod event;
 pub mod explain;
 pub mod k8s;
 pub mod kernel;
+pub mod metrics;
 pub mod oracle;
 pub mod policy;
 pub mod preflight;
+pub mod replay;
 pub mod report;
 pub mod signal;
 pub mod sinks;

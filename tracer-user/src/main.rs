@@ -1,9 +1,12 @@
 //! The `droptrace` command line. Exit codes: 0 success, 1 runtime failure, 2 bad input or
 //! missing privileges.
-use std::{process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use droptrace::{daemon, explain, preflight};
+use droptrace::{
+    daemon, explain, preflight, replay,
+    sinks::{Output, OutputOptions, cli::OutputArgs},
+};
 
 #[derive(Parser)]
 #[command(
@@ -31,6 +34,20 @@ enum Cmd {
     },
     /// Evaluate a connection against the NetworkPolicies of a cluster snapshot.
     Explain(explain::ExplainArgs),
+    /// Send a captured droptrace.v1 NDJSON stream through the outputs (no kernel needed).
+    Replay(ReplayArgs),
+}
+
+#[derive(Args)]
+struct ReplayArgs {
+    /// NDJSON file of native events, `-` for stdin.
+    #[arg(long, default_value = "-")]
+    input: PathBuf,
+    /// Node name carried by the events droptrace adds itself (`lost`).
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 #[derive(Args)]
@@ -72,6 +89,8 @@ struct RunArgs {
     /// counted in one record per destination with the ephemeral port shown as 0 (0: no limit).
     #[arg(long, default_value_t = 1000)]
     new_flows_per_sec: u32,
+    #[command(flatten)]
+    output: OutputArgs,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -134,6 +153,7 @@ fn main() -> ExitCode {
     match cli.cmd {
         Cmd::Check { json } => check(json),
         Cmd::Run(args) => run(args),
+        Cmd::Replay(args) => replay(args),
         Cmd::Explain(args) => explain(&args),
     }
 }
@@ -193,17 +213,13 @@ fn run(args: RunArgs) -> ExitCode {
         agg_entries: args.agg_entries,
         new_flows_per_sec: args.new_flows_per_sec,
     };
-    let rt = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("droptrace: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
     };
-    match rt.block_on(daemon::run(opts)) {
+    let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false)) else {
+        return ExitCode::from(2);
+    };
+    match rt.block_on(daemon::run(opts, output)) {
         Ok(summary) => {
             eprintln!("{}", summary.line());
             ExitCode::SUCCESS
@@ -218,7 +234,10 @@ fn run(args: RunArgs) -> ExitCode {
 fn explain(args: &explain::ExplainArgs) -> ExitCode {
     match explain::run(args) {
         Ok(e) if args.json => {
-            println!("{}", serde_json::to_string_pretty(&e.json()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&e.json()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Ok(e) => {
@@ -228,6 +247,58 @@ fn explain(args: &explain::ExplainArgs) -> ExitCode {
         Err(e) => {
             eprintln!("droptrace: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn replay(args: ReplayArgs) -> ExitCode {
+    let node = args.node_name.unwrap_or_else(daemon::hostname);
+    let Some(rt) = runtime() else {
+        return ExitCode::from(1);
+    };
+    let Some(mut output) = rt.block_on(start_output(&args.output, &node, true)) else {
+        return ExitCode::from(2);
+    };
+    let result = rt.block_on(replay::run(&args.input, &mut output, &node));
+    let flush = output.flush_timeout();
+    let out_summary = rt.block_on(output.shutdown(flush));
+    match result {
+        Ok(summary) => {
+            eprintln!("{}\n{}", summary.line(), out_summary.line());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("droptrace: {e:#}\n{}", out_summary.line());
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => Some(rt),
+        Err(e) => {
+            eprintln!("droptrace: cannot start the runtime: {e}");
+            None
+        }
+    }
+}
+
+/// Starts the outputs; on bad input prints one line (the caller exits 2). `lossless`: wait
+/// for slow outputs instead of discarding (replay).
+async fn start_output(args: &OutputArgs, node: &str, lossless: bool) -> Option<Output> {
+    let started = match args.resolve(node) {
+        Ok((specs, opts)) => Output::start(&specs, OutputOptions { lossless, ..opts }).await,
+        Err(e) => Err(e),
+    };
+    match started {
+        Ok(o) => Some(o),
+        Err(e) => {
+            eprintln!("droptrace: {e}");
+            None
         }
     }
 }

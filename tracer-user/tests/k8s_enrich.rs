@@ -1,10 +1,9 @@
 //! Identity by address and time, event enrichment, node-local and hostNetwork traffic, and
 //! suggested fixes that really let the flow through.
-mod common;
+mod netpol_world;
 
 use std::{net::IpAddr, path::Path, time::Duration};
 
-use common::{allowed, apply_json, pod_ip, query, world};
 use droptrace::{
     event::{Conntrack, Event, Family, Flow, Kind, Tcp, Tuple},
     k8s::{
@@ -16,6 +15,7 @@ use droptrace::{
     policy::fix::stable_selector,
 };
 use k8s_openapi::jiff::Timestamp;
+use netpol_world::{allowed, apply_json, pod_ip, query, world};
 use serde_json::json;
 
 /// x/a may open no connection.
@@ -585,11 +585,11 @@ fn fix_does_not_isolate_pods_that_were_not_isolated() {
     let mut c = world(A_NO_EGRESS);
     apply_json(
         &mut c,
-        common::pod_json("x/a", json!({"pod": "a", "app": "web"})),
+        netpol_world::pod_json("x/a", json!({"pod": "a", "app": "web"})),
     );
     apply_json(
         &mut c,
-        common::pod_json("x/b", json!({"pod": "b", "app": "web"})),
+        netpol_world::pod_json("x/b", json!({"pod": "b", "app": "web"})),
     );
     let q = query(pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80);
     let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();
@@ -621,10 +621,10 @@ spec:
   policyTypes: [Egress]
 ",
     );
-    apply_json(&mut c, common::pod_json("x/a", json!({"app": "web"})));
+    apply_json(&mut c, netpol_world::pod_json("x/a", json!({"app": "web"})));
     apply_json(
         &mut c,
-        common::pod_json("x/b", json!({"app": "web", "pod": "b"})),
+        netpol_world::pod_json("x/b", json!({"app": "web", "pod": "b"})),
     );
     let q = query(pod_ip("x/a"), pod_ip("y/b"), Protocol::Tcp, 80);
     let fix = evaluate_flow(&c, &q, &[]).policy.suggested_fix.unwrap();

@@ -3,10 +3,10 @@
 //! the networking.k8s.io/v1 semantics, never computed. Rows are sources, columns destinations;
 //! `.` allowed, `X` denied. A pod reaching itself never leaves its network namespace, so the
 //! diagonal is always allowed.
-mod common;
+mod netpol_world;
 
-use common::{apply_json, assert_table, pod_json, world};
 use droptrace::k8s::model::Protocol::{Sctp, Tcp, Udp};
+use netpol_world::{apply_json, assert_table, pod_json, world};
 use serde_json::json;
 
 const ALL_ALLOWED: &str = "
@@ -849,7 +849,7 @@ spec:
     assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
     apply_json(
         &mut c,
-        common::namespace_json("y", json!({"ns": "y", "team": "blue"})),
+        netpol_world::namespace_json("y", json!({"ns": "y", "team": "blue"})),
     );
     assert_table(
         &c,
@@ -867,7 +867,10 @@ spec:
     z/b  X   .   .   .   .   .   .   .   .
     z/c  X   .   .   .   .   .   .   .   .",
     );
-    apply_json(&mut c, common::namespace_json("y", json!({"ns": "y"})));
+    apply_json(
+        &mut c,
+        netpol_world::namespace_json("y", json!({"ns": "y"})),
+    );
     assert_table(&c, Tcp, 80, X_A_INGRESS_DENIED);
 }
 

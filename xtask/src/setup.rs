@@ -20,6 +20,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("clang", "clang"),
     ("hping3", "hping3"),
+    // The syslog sink tests run a real rsyslog (TCP and TLS).
+    ("rsyslogd", "rsyslog"),
+    ("dpkg:rsyslog-gnutls", "rsyslog-gnutls"),
 ];
 
 pub struct Options {
@@ -180,7 +183,7 @@ fn bpf_linker() -> anyhow::Result<()> {
 pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = wanted
         .iter()
-        .filter(|(cmd, _)| !on_path(cmd))
+        .filter(|(probe, _)| !present(probe))
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
@@ -213,6 +216,19 @@ pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
             .args(&missing),
     )
     .with_context(|| format!("by hand: apt-get install -y {}", missing.join(" ")))
+}
+
+/// `cmd` on PATH, or for `dpkg:PKG` the Debian package installed.
+fn present(probe: &str) -> bool {
+    match probe.strip_prefix("dpkg:") {
+        Some(pkg) => Command::new("dpkg")
+            .args(["-s", pkg])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success()),
+        None => on_path(probe),
+    }
 }
 
 pub fn on_path(cmd: &str) -> bool {

@@ -1,9 +1,422 @@
-//! Event -> bytes. `native` is the droptrace.v1 JSON as documented in docs/events.md.
-use crate::event::Event;
+//! Event -> bytes. `native` is the droptrace.v1 JSON as documented in docs/events.md; `ecs`
+//! and `ocsf` reshape it for SIEMs (docs/siem.md has the mappings field by field).
+use std::{fmt, str::FromStr};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::event::{
+    Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy, Tcp,
+};
+
+pub mod community_id;
+mod ecs;
+mod ocsf;
+
+/// The wire format of every line, chosen once for all sinks (`--format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Native,
+    Ecs,
+    Ocsf,
+}
+
+impl Format {
+    pub const ALL: [Format; 3] = [Format::Native, Format::Ecs, Format::Ocsf];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Native => "native",
+            Format::Ecs => "ecs",
+            Format::Ocsf => "ocsf",
+        }
+    }
+}
+
+impl fmt::Display for Format {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Format {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Format::ALL
+            .into_iter()
+            .find(|f| f.as_str() == s)
+            .ok_or_else(|| format!("unknown format `{s}` (expected native, ecs or ocsf)"))
+    }
+}
+
+/// One NDJSON line (without the newline) in `format`.
+pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
+    match format {
+        Format::Native => native(event, buf),
+        Format::Ecs => write_with_sections(
+            &ecs::map(event),
+            "droptrace",
+            false,
+            &Sections::of(event, false),
+            buf,
+        ),
+        Format::Ocsf => write_with_sections(
+            &ocsf::map(event),
+            "unmapped",
+            true,
+            &Sections::of(event, true),
+            buf,
+        ),
+    }
+}
 
 /// One NDJSON line (without the newline).
 pub fn native(event: &Event, buf: &mut Vec<u8>) {
     buf.clear();
-    // Serialising plain structs of strings and numbers cannot fail.
-    serde_json::to_writer(&mut *buf, event).expect("event serialises");
+    // Writing plain structs of strings and numbers into a Vec cannot fail; if it ever did,
+    // an empty line is caught by every consumer instead of a panic in the tracing loop.
+    if serde_json::to_writer(&mut *buf, event).is_err() {
+        buf.clear();
+    }
+}
+
+/// Drops nulls and the objects/arrays they leave empty, so mappings can be written as one
+/// `json!` literal with optional values and never emit `null` (same rule as droptrace.v1).
+fn prune(v: &mut Value) -> bool {
+    match v {
+        Value::Null => false,
+        Value::Object(m) => {
+            m.retain(|_, x| prune(x));
+            !m.is_empty()
+        }
+        Value::Array(a) => {
+            a.retain_mut(prune);
+            !a.is_empty()
+        }
+        _ => true,
+    }
+}
+
+/// The pod the event is about (for single-pod fields like ECS `orchestrator.*`): the
+/// endpoint that is a pod on this node, else the first that is a pod at all; source first.
+fn subject(e: &Event) -> Option<(Side, &Endpoint)> {
+    let sides = [
+        (Side::Source, e.source.as_ref()),
+        (Side::Destination, e.destination.as_ref()),
+    ];
+    let pods = || {
+        sides
+            .iter()
+            .filter_map(|(s, ep)| ep.filter(|ep| ep.pod.is_some()).map(|ep| (*s, ep)))
+    };
+    pods()
+        .find(|(_, ep)| ep.node.as_deref() == Some(e.node.as_str()))
+        .or_else(|| pods().next())
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Source,
+    Destination,
+}
+
+/// "ingress" | "egress" relative to the subject pod: the policy verdict's direction when a
+/// policy was evaluated, else the side the subject pod is on.
+fn direction(e: &Event) -> Option<&'static str> {
+    match e.policy.as_ref().map(|p| p.direction.as_str()) {
+        Some("ingress") => Some("ingress"),
+        Some("egress") => Some("egress"),
+        _ => subject(e).map(|(side, _)| match side {
+            Side::Source => "egress",
+            Side::Destination => "ingress",
+        }),
+    }
+}
+
+/// The droptrace.v1 sections a SIEM schema has no place for, under their native names and
+/// types (ECS `droptrace.*`, OCSF `unmapped.droptrace`), so one parser serves every format.
+/// `count` goes to OCSF's own `count`, `node` to ECS `host.name`. Serialised straight from
+/// the event (borrowed, no JSON tree): it is most of the bytes of a line.
+#[derive(Serialize)]
+struct Sections<'a> {
+    schema: &'a str,
+    kind: Kind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<&'a Tcp>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drop: Option<&'a Drop>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    netns: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ifindex: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lost: Option<&'a Lost>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    process: Option<CgroupOnly>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attempt: Option<&'a Attempt>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drops: Option<&'a Vec<DropSummary>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    conntrack: Option<&'a Conntrack>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    diagnosis: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    destination: Option<&'a Endpoint>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    policy: Option<&'a Policy>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oracle: Option<&'a Oracle>,
+}
+
+/// `process` minus what the SIEM format already maps (pid, name, container id).
+#[derive(Serialize)]
+struct CgroupOnly {
+    cgroup_id: u64,
+}
+
+impl<'a> Sections<'a> {
+    fn of(e: &'a Event, ocsf: bool) -> Self {
+        Self {
+            schema: &e.schema,
+            kind: e.kind,
+            count: (!ocsf).then_some(e.count),
+            node: ocsf.then_some(e.node.as_str()),
+            tcp: e.tcp.as_ref(),
+            drop: e.drop.as_ref(),
+            netns: e.netns,
+            ifindex: e.ifindex,
+            lost: e.lost.as_ref(),
+            process: e.process.as_ref().map(|p| CgroupOnly {
+                cgroup_id: p.cgroup_id,
+            }),
+            attempt: e.attempt.as_ref(),
+            drops: e.drops.as_ref(),
+            conntrack: e.conntrack.as_ref(),
+            diagnosis: e.diagnosis.as_deref(),
+            source: e.source.as_ref(),
+            destination: e.destination.as_ref(),
+            policy: e.policy.as_ref(),
+            oracle: e.oracle.as_ref(),
+        }
+    }
+}
+
+/// Writes `head` (an object) with the vendor sections appended as the last member, under
+/// `key` (`"droptrace"`) or `key.droptrace` when `nested` (OCSF `unmapped`).
+fn write_with_sections(
+    head: &Value,
+    key: &str,
+    nested: bool,
+    sections: &Sections,
+    buf: &mut Vec<u8>,
+) {
+    buf.clear();
+    let written = serde_json::to_writer(&mut *buf, head).is_ok() && buf.last() == Some(&b'}');
+    if !written {
+        buf.clear();
+        return;
+    }
+    buf.pop();
+    if buf.len() > 1 {
+        buf.push(b',');
+    }
+    buf.extend_from_slice(format!("\"{key}\":").as_bytes());
+    if nested {
+        buf.extend_from_slice(b"{\"droptrace\":");
+    }
+    if serde_json::to_writer(&mut *buf, sections).is_err() {
+        buf.clear();
+        return;
+    }
+    if nested {
+        buf.push(b'}');
+    }
+    buf.push(b'}');
+}
+
+fn community_id(f: &Flow) -> Option<String> {
+    community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+}
+
+/// A one-line human summary, the `message` of ECS and OCSF.
+fn message(e: &Event) -> String {
+    let flow = e
+        .flow
+        .as_ref()
+        .map(|f| format!(" {}", endpoints(f.src_ip, f.src_port, f.dst_ip, f.dst_port)))
+        .unwrap_or_default();
+    match e.kind {
+        Kind::Drop => {
+            let flags = e
+                .tcp
+                .as_ref()
+                .filter(|t| !t.flags.is_empty())
+                .map(|t| format!(" {}", t.flags))
+                .unwrap_or_default();
+            let reason = e.drop.as_ref().map_or("UNKNOWN", |d| d.reason.as_str());
+            format!("TCP{flags}{flow} dropped: {reason} (x{})", e.count)
+        }
+        Kind::Stall => {
+            let outcome = e.attempt.as_ref().map_or("unknown", |a| a.outcome.as_str());
+            let why = e
+                .diagnosis
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            format!("TCP connection{flow} stalled ({outcome}){why}")
+        }
+        Kind::Tns => {
+            let packet = e
+                .oracle
+                .as_ref()
+                .and_then(|o| o.packet.as_deref())
+                .unwrap_or("packet");
+            format!("Oracle TNS {packet}{flow}")
+        }
+        Kind::TcpState => {
+            let change = e
+                .tcp_state
+                .as_ref()
+                .map(|s| format!(" {} -> {}", s.old, s.new))
+                .unwrap_or_default();
+            format!("TCP state{change}{flow}")
+        }
+        Kind::Retransmit => {
+            let state = e.retransmit.as_ref().map_or("", |r| r.state.as_str());
+            format!("TCP retransmit ({state}){flow}")
+        }
+        Kind::Conntrack => format!("conntrack entry{flow} removed without a reply"),
+        Kind::Lost => {
+            let reason = e.lost.as_ref().map_or("unknown", |l| l.reason.as_str());
+            let whose = match e.lost.as_ref() {
+                Some(l) => match (&l.source, &l.sink) {
+                    (crate::event::LostSource::Sink, Some(sink)) => format!("by sink {sink}"),
+                    (source, _) => format!("in {}", lost_source(source)),
+                },
+                None => "in droptrace".to_string(),
+            };
+            format!("{} events lost {whose} ({reason})", e.count)
+        }
+    }
+}
+
+fn lost_source(s: &crate::event::LostSource) -> &'static str {
+    match s {
+        crate::event::LostSource::Kernel => "the kernel",
+        crate::event::LostSource::Sink => "a sink",
+        crate::event::LostSource::Input => "the input",
+        crate::event::LostSource::Correlation => "the flow table",
+    }
+}
+
+fn endpoints(sip: std::net::IpAddr, sp: u16, dip: std::net::IpAddr, dp: u16) -> String {
+    let fmt = |ip: std::net::IpAddr, p: u16| match ip {
+        std::net::IpAddr::V4(a) => format!("{a}:{p}"),
+        std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
+    };
+    format!("{} -> {}", fmt(sip, sp), fmt(dip, dp))
+}
+
+/// Unix milliseconds of an RFC 3339 timestamp (`Z` or `±hh:mm` offset, any fraction).
+/// `None` if it does not parse; callers then fall back to 0 rather than fail the event.
+pub fn rfc3339_millis(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        if !t.bytes().all(|c| c.is_ascii_digit()) {
+            return None;
+        }
+        t.parse().ok()
+    };
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut millis = 0i64;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        if i == start {
+            return None;
+        }
+        let frac = &s[start..i.min(start + 3)];
+        millis = frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32);
+    }
+    let offset_min = match b.get(i)? {
+        b'Z' | b'z' if i + 1 == b.len() => 0,
+        sign @ (b'+' | b'-') if i + 6 == b.len() && b[i + 3] == b':' => {
+            let m = num(i + 1..i + 3)? * 60 + num(i + 4..i + 6)?;
+            if *sign == b'+' { m } else { -m }
+        }
+        _ => return None,
+    };
+    let days = days_from_civil(y, mo, d);
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
+    Some(secs * 1000 + millis)
+}
+
+/// Howard Hinnant's civil-to-days (the inverse of clock.rs's days-to-civil).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_rfc3339() {
+        assert_eq!(rfc3339_millis("1970-01-01T00:00:00Z"), Some(0));
+        assert_eq!(
+            rfc3339_millis("2024-02-29T23:59:59.500000Z"),
+            Some(1_709_251_199_500)
+        );
+        assert_eq!(
+            rfc3339_millis("2026-11-25T09:00:00.000001Z"),
+            Some(1_795_597_200_000)
+        );
+        assert_eq!(rfc3339_millis("1970-01-01T01:00:00+01:00"), Some(0));
+        for bad in [
+            "",
+            "x",
+            "2024-13-01T00:00:00Z",
+            "2024-01-01T00:00:00",
+            "2024-01-01T00:00:00.Z",
+            "2024-01-01T00:00:00Zjunk",
+            "２０２４-01-01T00:00:00Z",
+        ] {
+            assert_eq!(rfc3339_millis(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn prune_drops_nulls_and_empties() {
+        let mut v =
+            serde_json::json!({"a": null, "b": {"c": null}, "d": [null], "e": 1, "f": [1, null]});
+        prune(&mut v);
+        assert_eq!(v, serde_json::json!({"e": 1, "f": [1]}));
+    }
 }

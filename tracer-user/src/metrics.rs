@@ -1,0 +1,394 @@
+//! Prometheus metrics (`--metrics ADDR`): `/metrics` in the text exposition format,
+//! `/healthz` (200 while the process serves) and `/readyz` (200 once tracing is attached).
+//!
+//! Updates come from the event path, so they are one uncontended mutex and a few map
+//! operations per event. Label sets are bounded: the first `max_pods` (namespace, pod)
+//! pairs and the first `MAX_PORTS` ports seen get their own series; later ones are counted
+//! under "other". Labels are never taken back, so every counter stays monotonic (a
+//! re-ranked top-N would make "other" go down, which Prometheus reads as a reset).
+use std::{
+    collections::{BTreeMap, HashSet},
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+use crate::{
+    event::{Event, Kind, LostSource},
+    sinks::SinkStats,
+};
+
+pub const DEFAULT_MAX_PODS: usize = 100;
+const MAX_PORTS: usize = 100;
+const MAX_REASONS: usize = 512;
+const MAX_OUTCOMES: usize = 32;
+const OTHER: &str = "other";
+
+pub struct Metrics {
+    ready: AtomicBool,
+    max_pods: usize,
+    inner: Mutex<Inner>,
+    sinks: Mutex<Vec<(String, Arc<SinkStats>)>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    events: BTreeMap<&'static str, u64>,
+    /// (reason, namespace, pod, port) -> drops
+    drops: BTreeMap<(String, String, String, String), u64>,
+    pods: HashSet<(String, String)>,
+    ports: HashSet<u16>,
+    reasons: HashSet<String>,
+    stalls: BTreeMap<String, u64>,
+    kernel_lost: u64,
+}
+
+impl Metrics {
+    pub fn new(max_pods: usize) -> Self {
+        Self {
+            ready: AtomicBool::new(false),
+            max_pods,
+            inner: Mutex::new(Inner::default()),
+            sinks: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// `/readyz` answers 200 from now on (the daemon calls it once programs are attached).
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn register_sink(&self, name: &str, stats: Arc<SinkStats>) {
+        if let Ok(mut s) = self.sinks.lock() {
+            s.push((name.to_string(), stats));
+        }
+    }
+
+    /// Counts one event leaving the daemon.
+    pub fn observe(&self, e: &Event) {
+        let Ok(mut m) = self.inner.lock() else {
+            return;
+        };
+        *m.events.entry(e.kind.as_str()).or_default() += 1;
+        match e.kind {
+            Kind::Drop => {
+                let reason = e.drop.as_ref().map_or("UNKNOWN", |d| d.reason.as_str());
+                let reason = admit(&mut m.reasons, reason.to_string(), MAX_REASONS)
+                    .unwrap_or_else(|| OTHER.to_string());
+                let (ns, pod) = [e.source.as_ref(), e.destination.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .find(|ep| ep.pod.is_some())
+                    .map(|ep| {
+                        (
+                            ep.namespace.clone().unwrap_or_default(),
+                            ep.pod.clone().unwrap_or_default(),
+                        )
+                    })
+                    .unwrap_or_default();
+                let (ns, pod) = if ns.is_empty() && pod.is_empty() {
+                    (ns, pod)
+                } else {
+                    let max = self.max_pods;
+                    admit(&mut m.pods, (ns, pod), max)
+                        .unwrap_or_else(|| (OTHER.to_string(), OTHER.to_string()))
+                };
+                let port = match e.flow.as_ref().map(|f| f.dst_port) {
+                    Some(p) => admit(&mut m.ports, p, MAX_PORTS)
+                        .map_or_else(|| OTHER.to_string(), |p| p.to_string()),
+                    None => String::new(),
+                };
+                *m.drops.entry((reason, ns, pod, port)).or_default() += e.count;
+            }
+            Kind::Stall => {
+                let outcome = e.attempt.as_ref().map_or("unknown", |a| a.outcome.as_str());
+                let key = if m.stalls.contains_key(outcome) || m.stalls.len() < MAX_OUTCOMES {
+                    outcome.to_string()
+                } else {
+                    OTHER.to_string()
+                };
+                *m.stalls.entry(key).or_default() += 1;
+            }
+            Kind::Lost => {
+                if e.lost
+                    .as_ref()
+                    .is_some_and(|l| l.source == LostSource::Kernel)
+                {
+                    m.kernel_lost += e.count;
+                }
+            }
+            Kind::Tns | Kind::TcpState | Kind::Retransmit | Kind::Conntrack => {}
+        }
+    }
+
+    /// The text exposition format, version 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        family_line(
+            &mut out,
+            "droptrace_build_info",
+            "gauge",
+            "droptrace version (value is always 1).",
+        );
+        let _ = writeln!(
+            out,
+            "droptrace_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+        if let Ok(m) = self.inner.lock() {
+            family_line(
+                &mut out,
+                "droptrace_events_total",
+                "counter",
+                "Events emitted, by kind.",
+            );
+            for kind in ["drop", "lost", "stall", "tns"] {
+                let n = m.events.get(kind).copied().unwrap_or(0);
+                let _ = writeln!(out, "droptrace_events_total{{kind=\"{kind}\"}} {n}");
+            }
+            family_line(
+                &mut out,
+                "droptrace_drops_total",
+                "counter",
+                "Packets dropped on watched flows (aggregated drop records count each packet).",
+            );
+            for ((reason, ns, pod, port), n) in &m.drops {
+                let _ = writeln!(
+                    out,
+                    "droptrace_drops_total{{reason=\"{}\",namespace=\"{}\",pod=\"{}\",port=\"{}\"}} {n}",
+                    esc(reason),
+                    esc(ns),
+                    esc(pod),
+                    esc(port)
+                );
+            }
+            family_line(
+                &mut out,
+                "droptrace_stalls_total",
+                "counter",
+                "Stalled connection attempts, by outcome.",
+            );
+            for (outcome, n) in &m.stalls {
+                let _ = writeln!(
+                    out,
+                    "droptrace_stalls_total{{outcome=\"{}\"}} {n}",
+                    esc(outcome)
+                );
+            }
+            family_line(
+                &mut out,
+                "droptrace_kernel_lost_total",
+                "counter",
+                "Events the kernel could not queue (ring buffer full).",
+            );
+            let _ = writeln!(out, "droptrace_kernel_lost_total {}", m.kernel_lost);
+        }
+        let sinks = self.sinks.lock().map(|s| s.clone()).unwrap_or_default();
+        let sink_family = |out: &mut String,
+                           name: &str,
+                           kind: &str,
+                           help: &str,
+                           get: &dyn Fn(&SinkStats) -> u64| {
+            family_line(out, name, kind, help);
+            for (sink, stats) in &sinks {
+                let _ = writeln!(out, "{name}{{sink=\"{}\"}} {}", esc(sink), get(stats));
+            }
+        };
+        sink_family(
+            &mut out,
+            "droptrace_sink_sent_total",
+            "counter",
+            "Events the sink accepted.",
+            &|s| s.sent(),
+        );
+        sink_family(
+            &mut out,
+            "droptrace_sink_errors_total",
+            "counter",
+            "Failed delivery attempts (connect, write, HTTP errors).",
+            &|s| s.errors(),
+        );
+        sink_family(
+            &mut out,
+            "droptrace_sink_spooled",
+            "gauge",
+            "Events waiting in the sink's on-disk spool.",
+            &|s| s.spooled(),
+        );
+        sink_family(
+            &mut out,
+            "droptrace_sink_discarded_total",
+            "counter",
+            "Events the sink discarded (queue full without spool, spool full, rejected by the receiver).",
+            &|s| s.discarded(),
+        );
+        out
+    }
+}
+
+fn family_line(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// `Some(value)` when it has (or now gets) its own label.
+fn admit<T: std::hash::Hash + Eq + Clone>(set: &mut HashSet<T>, v: T, max: usize) -> Option<T> {
+    if set.contains(&v) {
+        return Some(v);
+    }
+    if set.len() < max {
+        set.insert(v.clone());
+        return Some(v);
+    }
+    None
+}
+
+/// Label value escaping: backslash, double quote and newline.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Serves until the runtime stops. One request per connection (Connection: close).
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), async {
+                let mut buf = Vec::with_capacity(1024);
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
+                    match conn.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let (status, ctype, body) = respond(&buf, &metrics);
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = conn.write_all(head.as_bytes()).await;
+                let _ = conn.write_all(body.as_bytes()).await;
+                let _ = conn.shutdown().await;
+            })
+            .await;
+        });
+    }
+}
+
+fn respond(req: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String) {
+    let line = req.split(|b| *b == b'\n').next().unwrap_or_default();
+    let line = String::from_utf8_lossy(line);
+    let mut parts = line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    const TEXT: &str = "text/plain; charset=utf-8";
+    if method != "GET" && method != "HEAD" {
+        return ("405 Method Not Allowed", TEXT, "GET only\n".to_string());
+    }
+    match path {
+        "/metrics" => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        "/healthz" => ("200 OK", TEXT, "ok\n".to_string()),
+        "/readyz" if metrics.is_ready() => ("200 OK", TEXT, "ready\n".to_string()),
+        "/readyz" => (
+            "503 Service Unavailable",
+            TEXT,
+            "not attached yet\n".to_string(),
+        ),
+        _ => ("404 Not Found", TEXT, "not found\n".to_string()),
+    }
+}
+
+/// Where `--metrics` listens; `:9090` means all addresses.
+pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.parse()
+        .map_err(|_| format!("`{s}` is not an address:port (e.g. 127.0.0.1:9090 or :9090)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Drop, Endpoint, Family, Flow};
+
+    fn drop_event(pod: &str, port: u16) -> Event {
+        let mut e = Event::new(Kind::Drop, "2026-01-01T00:00:00.000000Z".into(), "n");
+        e.count = 2;
+        e.drop = Some(Drop {
+            reason: "NETFILTER_DROP".into(),
+            reason_code: 1,
+            location: "x".into(),
+        });
+        e.flow = Some(Flow {
+            proto: "tcp".into(),
+            family: Family::Ipv4,
+            src_ip: "10.0.0.1".parse().unwrap(),
+            src_port: 40000,
+            dst_ip: "10.0.0.2".parse().unwrap(),
+            dst_port: port,
+        });
+        e.source = Some(Endpoint {
+            namespace: Some("ns".into()),
+            pod: Some(pod.into()),
+            ..Default::default()
+        });
+        e
+    }
+
+    #[test]
+    fn bounded_labels_and_render() {
+        let m = Metrics::new(2);
+        for pod in ["a", "b", "c", "d", "a"] {
+            m.observe(&drop_event(pod, 1521));
+        }
+        let text = m.render();
+        assert!(text.contains("droptrace_drops_total{reason=\"NETFILTER_DROP\",namespace=\"ns\",pod=\"a\",port=\"1521\"} 4"), "{text}");
+        assert!(text.contains("pod=\"other\",port=\"1521\"} 4"), "{text}");
+        assert!(text.contains("droptrace_events_total{kind=\"drop\"} 5"));
+        assert!(text.contains("droptrace_build_info{version="));
+    }
+
+    #[test]
+    fn routes() {
+        let m = Metrics::new(1);
+        assert_eq!(
+            respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m).0,
+            "503 Service Unavailable"
+        );
+        m.set_ready(true);
+        assert_eq!(respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m).0, "200 OK");
+        assert_eq!(respond(b"GET /healthz HTTP/1.1\r\n\r\n", &m).0, "200 OK");
+        assert_eq!(
+            respond(b"GET /nope HTTP/1.1\r\n\r\n", &m).0,
+            "404 Not Found"
+        );
+        assert_eq!(parse_addr(":9090").unwrap().port(), 9090);
+        assert!(parse_addr("nope").is_err());
+    }
+}

@@ -1,0 +1,166 @@
+//! The output flags shared by `droptrace run` and `droptrace replay`.
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Args;
+
+use super::{HttpMode, OutputError, OutputOptions, SinkSpec, TlsFiles};
+use crate::encode::Format;
+
+/// Env var holding the HTTP Authorization header value (instead of `--http-auth-file`).
+pub const AUTH_ENV: &str = "DROPTRACE_HTTP_AUTH";
+
+#[derive(Debug, Clone, Args)]
+pub struct OutputArgs {
+    /// Where events go, repeatable: `-` (stdout), `file:PATH`, `tcp://HOST:PORT`,
+    /// `syslog+tcp://HOST:PORT`, `syslog+tls://HOST:PORT`, `http(s)://HOST:PORT/PATH`.
+    #[arg(long = "output", short = 'o', value_name = "SINK", default_value = "-")]
+    pub outputs: Vec<String>,
+    /// Line format: native (droptrace.v1), ecs (Elastic Common Schema) or ocsf (Network Activity).
+    #[arg(long, default_value = "native", value_parser = parse_format)]
+    pub format: Format,
+    /// Rotate file outputs past this size (e.g. 100M; 0 = never).
+    #[arg(long, default_value = "100M", value_parser = parse_size)]
+    pub rotate_size: u64,
+    /// Rotated files kept (PATH.1 … PATH.N).
+    #[arg(long, default_value_t = 5)]
+    pub rotate_keep: u32,
+    /// CA certificates (PEM) for syslog+tls:// and https:// (default: the system bundle).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// Body shape of http(s):// outputs: generic (NDJSON), elasticsearch-bulk, splunk-hec.
+    #[arg(long, default_value = "generic")]
+    pub http_mode: HttpMode,
+    /// File holding the HTTP Authorization header value (e.g. `ApiKey …`, `Basic …`; a bare
+    /// token in splunk-hec mode). The DROPTRACE_HTTP_AUTH env var works too.
+    #[arg(long, value_name = "FILE")]
+    pub http_auth_file: Option<PathBuf>,
+    /// Most events per write or HTTP request.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub batch: u32,
+    /// Keep undelivered events on disk here (one subdirectory per output) and replay them in
+    /// order when the receiver is back. Without it, a full memory queue discards (counted).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+    /// Spool size cap per output (e.g. 256M); past it new events are discarded (counted).
+    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    pub spool_max: u64,
+    /// Events held in memory per output.
+    #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
+    pub queue_size: u32,
+    /// At exit, how long outputs get to deliver what is queued (the rest stays spooled).
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub flush_timeout: Duration,
+    /// Connect, handshake, write and HTTP response timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub io_timeout: Duration,
+    /// Serve Prometheus metrics (/metrics, /healthz, /readyz) on ADDR, e.g. 127.0.0.1:9090.
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    pub metrics: Option<SocketAddr>,
+    /// Pods that get their own label in droptrace_drops_total; later ones count as "other".
+    #[arg(long, default_value_t = crate::metrics::DEFAULT_MAX_PODS)]
+    pub metrics_max_pods: usize,
+}
+
+impl OutputArgs {
+    /// The sinks and options; reads the auth file. `node` names the output's own events.
+    pub fn resolve(&self, node: &str) -> Result<(Vec<SinkSpec>, OutputOptions), OutputError> {
+        let specs = self
+            .outputs
+            .iter()
+            .map(|s| s.parse())
+            .collect::<Result<Vec<SinkSpec>, _>>()?;
+        let http_auth = match &self.http_auth_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        OutputError::Spec(format!("--http-auth-file {}: {e}", path.display()))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var(AUTH_ENV).ok().map(|s| s.trim().to_string()),
+        }
+        .filter(|s| !s.is_empty());
+        if http_auth.as_ref().is_some_and(|a| a.contains(['\r', '\n'])) {
+            return Err(OutputError::Spec(
+                "the HTTP auth value has a line break".into(),
+            ));
+        }
+        Ok((
+            specs,
+            OutputOptions {
+                format: self.format,
+                node: node.to_string(),
+                rotate_size: self.rotate_size,
+                rotate_keep: self.rotate_keep,
+                tls: TlsFiles {
+                    ca: self.ca.clone(),
+                    client_cert: self.client_cert.clone(),
+                    client_key: self.client_key.clone(),
+                },
+                http_mode: self.http_mode,
+                http_auth,
+                batch: self.batch as usize,
+                spool_dir: self.spool_dir.clone(),
+                spool_max: self.spool_max,
+                queue_size: self.queue_size as usize,
+                flush_timeout: self.flush_timeout,
+                io_timeout: self.io_timeout,
+                metrics_addr: self.metrics,
+                metrics_max_pods: self.metrics_max_pods,
+                lossless: false,
+            },
+        ))
+    }
+}
+
+fn parse_format(s: &str) -> Result<Format, String> {
+    s.parse()
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+/// `1048576`, `512K`, `100M`, `2G` (binary multiples; an optional trailing `B`/`iB`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    num.trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .ok_or_else(|| format!("`{s}` is not a size (e.g. 4096, 512K, 100M, 2G)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("100M"), Ok(100 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
+        assert_eq!(parse_size("1k"), Ok(1024));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+}

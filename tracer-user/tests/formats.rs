@@ -1,0 +1,160 @@
+//! Golden files and JSON Schema validation for every event kind in every format, plus
+//! the Community ID carried by ECS and OCSF. `UPDATE_GOLDEN=1` rewrites the golden files
+//! (review the diff: it is the wire contract).
+mod output_common;
+
+use std::path::{Path, PathBuf};
+
+use droptrace::encode::{self, Format, community_id};
+use serde_json::Value;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn schema_path(format: Format, kind: &str) -> PathBuf {
+    let s = root().join("schema");
+    match format {
+        Format::Native => s.join(format!("droptrace.v1/{kind}.schema.json")),
+        Format::Ecs => s.join("ecs/droptrace.schema.json"),
+        Format::Ocsf => s.join("ocsf/network_activity.schema.json"),
+    }
+}
+
+fn validator(path: &Path) -> jsonschema::Validator {
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    jsonschema::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn validate(path: &Path, v: &Value, what: &str) {
+    let val = validator(path);
+    let errors: Vec<String> = val
+        .iter_errors(v)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{what} does not validate against {}:\n{}",
+        path.display(),
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn golden_lines_match_and_validate() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let mut mismatches = Vec::new();
+    let mut buf = Vec::new();
+    for format in Format::ALL {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(format.as_str());
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, event) in output_common::samples() {
+            encode::encode(format, &event, &mut buf);
+            let line = String::from_utf8(buf.clone()).unwrap();
+            let v: Value = serde_json::from_str(&line).unwrap();
+            validate(
+                &schema_path(format, event.kind.as_str()),
+                &v,
+                &format!("{format} {name}"),
+            );
+            let golden = dir.join(format!("{name}.json"));
+            if update {
+                std::fs::write(&golden, format!("{line}\n")).unwrap();
+            } else {
+                let want = std::fs::read_to_string(&golden).unwrap_or_default();
+                if want.trim_end() != line {
+                    mismatches.push(format!(
+                        "{}:\n  want {}\n  got  {line}",
+                        golden.display(),
+                        want.trim_end()
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "encoded lines differ from the golden files (UPDATE_GOLDEN=1 to accept):\n{}",
+        mismatches.join("\n")
+    );
+}
+
+#[test]
+fn native_round_trips() {
+    let mut buf = Vec::new();
+    for (name, event) in output_common::samples() {
+        encode::native(&event, &mut buf);
+        let back: droptrace::event::Event = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(back, event, "{name}");
+    }
+}
+
+/// The schemas are strict enough to catch what matters: wrong enum, missing section.
+#[test]
+fn schemas_reject_broken_events() {
+    let (_, drop) = output_common::samples().remove(0);
+    let mut v = serde_json::to_value(&drop).unwrap();
+    v["drop"]["reason"] = "lowercase not allowed".into();
+    assert!(!validator(&schema_path(Format::Native, "drop")).is_valid(&v));
+    let mut v = serde_json::to_value(&drop).unwrap();
+    v.as_object_mut().unwrap().remove("flow");
+    assert!(!validator(&schema_path(Format::Native, "drop")).is_valid(&v));
+    let mut v = serde_json::to_value(&drop).unwrap();
+    v["unknown_field"] = 1.into();
+    assert!(!validator(&schema_path(Format::Native, "drop")).is_valid(&v));
+
+    let mut buf = Vec::new();
+    encode::encode(Format::Ocsf, &drop, &mut buf);
+    let mut v: Value = serde_json::from_slice(&buf).unwrap();
+    v.as_object_mut().unwrap().remove("severity_id");
+    assert!(!validator(&schema_path(Format::Ocsf, "drop")).is_valid(&v));
+    encode::encode(Format::Ecs, &drop, &mut buf);
+    let mut v: Value = serde_json::from_slice(&buf).unwrap();
+    v.as_object_mut().unwrap().remove("network");
+    assert!(!validator(&schema_path(Format::Ecs, "drop")).is_valid(&v));
+}
+
+#[test]
+fn ecs_and_ocsf_carry_the_community_id() {
+    let mut buf = Vec::new();
+    for (name, event) in output_common::samples() {
+        let Some(f) = &event.flow else { continue };
+        let want = community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port).unwrap();
+        encode::encode(Format::Ecs, &event, &mut buf);
+        let v: Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["network"]["community_id"], want.as_str(), "ecs {name}");
+        encode::encode(Format::Ocsf, &event, &mut buf);
+        let v: Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(
+            v["connection_info"]["community_uid"],
+            want.as_str(),
+            "ocsf {name}"
+        );
+    }
+}
+
+/// Every kind in every format, one golden file each.
+#[test]
+fn golden_set_covers_every_kind() {
+    let kinds: std::collections::BTreeSet<_> = output_common::samples()
+        .iter()
+        .map(|(_, e)| e.kind.as_str())
+        .collect();
+    assert_eq!(
+        kinds.into_iter().collect::<Vec<_>>(),
+        [
+            "conntrack",
+            "drop",
+            "lost",
+            "retransmit",
+            "stall",
+            "tcp_state",
+            "tns"
+        ]
+    );
+}
