@@ -53,8 +53,33 @@ struct Objects {
     raw: Vec<Value>,
 }
 
-fn typed<T: serde::de::DeserializeOwned>(doc: &Value, origin: &str) -> T {
-    serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{origin}: {e}"))
+/// The typed object, which must serialise back to the same document: the types ignore
+/// fields they do not know, so a misspelt field (`readOnlyRootFileSystem`) shows up here.
+fn typed<T: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value, origin: &str) -> T {
+    let t: T = serde_yaml::from_value(doc.clone()).unwrap_or_else(|e| panic!("{origin}: {e}"));
+    let written: serde_json::Value = serde_yaml::from_value(doc.clone()).expect("YAML as JSON");
+    let read = serde_json::to_value(&t).expect("serialise");
+    if let Some(path) = first_difference(&written, &read, String::new()) {
+        panic!("{origin}: {path} is not what Kubernetes reads (unknown field or wrong type?)");
+    }
+    t
+}
+
+/// Path of the first place where `a` has something `b` has not, or has otherwise.
+fn first_difference(a: &serde_json::Value, b: &serde_json::Value, at: String) -> Option<String> {
+    use serde_json::Value as J;
+    match (a, b) {
+        (J::Object(a), J::Object(b)) => a.iter().find_map(|(k, v)| match b.get(k) {
+            Some(w) => first_difference(v, w, format!("{at}.{k}")),
+            None => Some(format!("{at}.{k}")),
+        }),
+        (J::Array(a), J::Array(b)) if a.len() == b.len() => a
+            .iter()
+            .zip(b)
+            .enumerate()
+            .find_map(|(i, (v, w))| first_difference(v, w, format!("{at}[{i}]"))),
+        _ => (a != b).then_some(at),
+    }
 }
 
 impl Objects {
