@@ -2,6 +2,7 @@
 //! (addresses only inside them, no default route), real drop mechanisms (iptables, tc), the
 //! real python-oracledb thin client, and the real `droptrace` binary run as a separate
 //! process. Everything a fixture creates is removed on drop, also when a test fails.
+pub mod deploy;
 pub mod netns;
 pub mod oracle_client;
 pub mod oracledb_client;

@@ -2,6 +2,8 @@
 //! `cargo xtask run` and `cargo xtask test` (both run `setup` first).
 mod bench;
 mod bench_criterion;
+mod helm;
+mod image;
 mod setup;
 
 use std::{
@@ -21,7 +23,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: nightly rust-src, bpf-linker, test tools, python-oracledb venv.
+    /// Install what is missing: nightly rust-src, bpf-linker, test tools, python-oracledb venv, helm.
     Setup {
         /// Only the build chain (no Debian packages, no venv).
         #[arg(long)]
@@ -58,6 +60,12 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Build the container image (Dockerfile) with docker, podman or buildah.
+    Image {
+        /// Name and tag [default: ghcr.io/droptrace/droptrace:VERSION, what deploy/ pulls].
+        #[arg(long)]
+        tag: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -75,6 +83,7 @@ fn main() -> ExitCode {
             setup::run(&setup::Options { test_tools: true }).and_then(|()| test(&args))
         }
         Cmd::Lint => lint(),
+        Cmd::Image { tag } => image::run(tag.as_deref()),
         Cmd::Bench {
             storm_secs,
             iperf_secs,

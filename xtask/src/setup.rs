@@ -35,6 +35,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     if opts.test_tools {
         debian_packages(TEST_PACKAGES)?;
         python_venv()?;
+        crate::helm::ensure()?;
     }
     Ok(())
 }
