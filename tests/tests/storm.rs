@@ -109,7 +109,11 @@ fn more_flows_than_the_aggregation_map_holds_still_count_exactly() {
 
     let firewall = topo.iptables_drop_count(1521);
     assert_eq!(firewall, 10_000);
-    let lost: Vec<_> = fin.events.iter().filter(|v| str_at(v, "kind") == "lost").collect();
+    let lost: Vec<_> = fin
+        .events
+        .iter()
+        .filter(|v| str_at(v, "kind") == "lost")
+        .collect();
     assert!(lost.is_empty(), "nothing lost: {lost:?}\n{}", fin.stderr);
     let drops = drops_to_db(&fin.events, &topo);
     assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
