@@ -71,6 +71,22 @@ impl Netns {
             .expect("inode")
     }
 
+    /// A listening TCP socket created inside this namespace (sockets keep the namespace they
+    /// were made in, whichever thread uses them later).
+    pub fn tcp_listener(&self, addr: std::net::SocketAddr) -> std::net::TcpListener {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open netns");
+            // SAFETY: a valid netns fd; only this short-lived thread switches namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            std::net::TcpListener::bind(addr).expect("bind in netns")
+        })
+        .join()
+        .expect("listener thread")
+    }
+
     pub fn ifindex(&self, dev: &str) -> u32 {
         let out = self.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")]);
         String::from_utf8_lossy(&out.stdout)

@@ -25,8 +25,10 @@ const CONNECT: &str = r#"
 import sys, oracledb
 host, port, service, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 try:
+    # program/machine/osuser: what sqlplus on host "app" would put in the CONNECT's CID.
     oracledb.connect(user="scott", password="tiger", host=host, port=port,
-                     service_name=service, tcp_connect_timeout=timeout)
+                     service_name=service, tcp_connect_timeout=timeout,
+                     program="sqlplus", machine="app", osuser="oracle")
     print("CONNECTED")
 except Exception as e:
     print("ERROR " + " | ".join(str(e).splitlines()))

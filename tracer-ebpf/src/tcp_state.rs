@@ -32,12 +32,26 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
     }
     let mut flow = Flow::default();
     tuple(ctx, &L.st, &mut flow)?;
-    if !maps::flow_watched(&flow) {
-        return Ok(());
-    }
     let sk: u64 = field(ctx, ro(&L.st_skaddr))?;
     let oldstate: i32 = field(ctx, ro(&L.st_oldstate))?;
     let newstate: i32 = field(ctx, ro(&L.st_newstate))?;
+    if !maps::flow_watched(&flow) {
+        // Remember every connecting process anyway: the destination may become watched a
+        // moment later (an Oracle REDIRECT target learned in userspace), and its retransmits
+        // then still name the process.
+        if newstate as u32 == ro(&L.syn_sent) {
+            let owner = Owner {
+                pid: ctx.pid(),
+                tgid: ctx.tgid(),
+                cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+                comm: ctx.command().unwrap_or([0; 16]),
+            };
+            let _ = maps::OWNERS.insert(sk, owner, 0);
+        } else if newstate as u32 == ro(&L.close) {
+            let _ = maps::OWNERS.remove(sk);
+        }
+        return Ok(());
+    }
 
     let Some(mut entry) = maps::EVENTS.reserve::<StateEvent>(0) else {
         maps::count(counter::RINGBUF_FULL);

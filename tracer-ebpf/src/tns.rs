@@ -93,6 +93,9 @@ fn try_tns(ctx: &SkBuffContext, direction: u32) -> Result<(), i64> {
     }
     let seq = p.read::<8>(pkt.tcp_header)?;
     let payload_len = (len - payload) as u32;
+    if payload_len == 0 {
+        return Ok(());
+    }
     let captured = if payload_len as usize > TNS_CAPTURE {
         TNS_CAPTURE as u32
     } else {
@@ -112,21 +115,21 @@ fn try_tns(ctx: &SkBuffContext, direction: u32) -> Result<(), i64> {
         (*ev).seq = u32::from_be_bytes([seq[4], seq[5], seq[6], seq[7]]);
         (*ev).payload_len = payload_len;
         (*ev).direction = direction;
-        let n = captured & (TNS_CAPTURE as u32 * 2 - 1);
-        if n == 0 || n > TNS_CAPTURE as u32 {
-            -1
-        } else {
-            (*ev).captured = n;
-            bpf_skb_load_bytes(
-                ctx.skb.skb.cast(),
-                payload as u32,
-                (&raw mut (*ev).data).cast(),
-                n,
-            )
-        }
+        // In [1, TNS_CAPTURE] by construction, which the verifier can follow.
+        let n = (captured.wrapping_sub(1) & (TNS_CAPTURE as u32 - 1)) + 1;
+        (*ev).captured = n;
+        bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            payload as u32,
+            (&raw mut (*ev).data).cast(),
+            n,
+        )
     };
     if copied == 0 {
-        entry.submit(maps::wakeup_flags());
+        // Wake userspace now: a REDIRECT's target must be watched before the client's next
+        // SYN leaves.
+        const BPF_RB_FORCE_WAKEUP: u64 = 2;
+        entry.submit(BPF_RB_FORCE_WAKEUP);
     } else {
         entry.discard(0);
         maps::count(counter::TNS_UNREADABLE);

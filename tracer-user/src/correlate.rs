@@ -6,8 +6,9 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
-use crate::signal::{
-    CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal,
+use crate::{
+    event,
+    signal::{CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal},
 };
 
 #[derive(Debug, Clone)]
@@ -49,6 +50,8 @@ pub enum Outcome {
     DataStalled,
     /// Still connecting after --stall-after; a final record follows.
     InProgress,
+    /// The Oracle listener answered with REFUSE: a listener answer, not a network drop.
+    RefusedByListener,
 }
 
 impl Outcome {
@@ -61,6 +64,7 @@ impl Outcome {
             Outcome::Abandoned => "abandoned",
             Outcome::DataStalled => "data_stalled",
             Outcome::InProgress => "in_progress",
+            Outcome::RefusedByListener => "refused_by_listener",
         }
     }
 }
@@ -104,6 +108,15 @@ struct Attempt {
     /// How and when it ended; reported at the next `tick`, after the drop counts the kernel
     /// still holds have been flushed in.
     ended: Option<(Outcome, u64, Option<i32>)>,
+    /// Oracle context: the listener leg that redirected here, or the listener's answer.
+    oracle: Option<event::Oracle>,
+}
+
+/// A listener REDIRECT waiting for the client's next connect.
+#[derive(Debug, Clone)]
+struct ExpectedLeg {
+    at_ns: u64,
+    oracle: event::Oracle,
 }
 
 /// One record to emit.
@@ -124,6 +137,7 @@ pub struct Incident {
     pub diagnosis: String,
     /// sk_err at the end, when the kernel gave one.
     pub errno: Option<i32>,
+    pub oracle: Option<event::Oracle>,
 }
 
 pub struct Correlator {
@@ -140,7 +154,12 @@ pub struct Correlator {
     out: Vec<Incident>,
     /// Attempts with `ended` set.
     ended: usize,
+    /// Second legs announced by a listener REDIRECT, by (client address, target).
+    expected: HashMap<(IpAddr, SocketAddr), ExpectedLeg>,
 }
+
+/// How long a REDIRECT target waits for the client's connect.
+const EXPECTED_LEG_NS: u64 = 60_000_000_000;
 
 const ECONNREFUSED: i32 = 111;
 const ETIMEDOUT: i32 = 110;
@@ -161,6 +180,7 @@ impl Correlator {
             evicted: 0,
             out: Vec::new(),
             ended: 0,
+            expected: HashMap::new(),
         }
     }
 
@@ -196,8 +216,61 @@ impl Correlator {
                 .or_default()
                 .push(id);
         }
+        let mut a = a;
+        if a.oracle.is_none()
+            && let Some(leg) = self.expected.get(&(a.key.src.ip(), a.key.dst))
+            && a.started_ns.saturating_sub(leg.at_ns) < EXPECTED_LEG_NS
+        {
+            a.oracle = Some(leg.oracle.clone());
+        }
         self.attempts.insert(id, a);
         id
+    }
+
+    /// The listener redirected `client` to `target`: the next connect there is the second leg
+    /// of the same database session.
+    pub fn on_redirect(
+        &mut self,
+        client: IpAddr,
+        target: SocketAddr,
+        oracle: event::Oracle,
+        ts_ns: u64,
+    ) {
+        self.expected
+            .retain(|_, l| ts_ns.saturating_sub(l.at_ns) < EXPECTED_LEG_NS);
+        // The connect may already be under way (its record raced the REDIRECT's).
+        for a in self.attempts.values_mut() {
+            if a.key.src.ip() == client
+                && a.key.dst == target
+                && a.started_ns + 1_000_000_000 >= ts_ns
+                && a.oracle.is_none()
+            {
+                a.oracle = Some(oracle.clone());
+            }
+        }
+        self.expected.insert(
+            (client, target),
+            ExpectedLeg {
+                at_ns: ts_ns,
+                oracle,
+            },
+        );
+    }
+
+    /// The listener refused the client's CONNECT on `flow` (client -> listener).
+    pub fn on_refuse(&mut self, flow: FlowKey, oracle: event::Oracle, ts_ns: u64) {
+        let found = self.find(None, &[flow]);
+        let (id, mut a) = match found.and_then(|id| self.remove(id).map(|a| (id, a))) {
+            Some(x) => x,
+            None => {
+                let id = self.next_id;
+                self.next_id += 1;
+                (id, Self::new_attempt(flow, ts_ns, None, 0))
+            }
+        };
+        a.oracle = Some(oracle);
+        self.out
+            .push(incident(id, &a, Outcome::RefusedByListener, ts_ns, None));
     }
 
     /// Gives a portless attempt its real source port once a signal shows it.
@@ -289,6 +362,7 @@ impl Correlator {
             reported_in_progress: false,
             reported_data_stall: false,
             ended: None,
+            oracle: None,
         }
     }
 
@@ -563,9 +637,33 @@ fn incident(id: u64, a: &Attempt, outcome: Outcome, at_ns: u64, errno: Option<i3
         ct: a.ct.clone(),
         diagnosis: String::new(),
         errno,
+        oracle: a.oracle.clone(),
     };
     inc.diagnosis = diagnose(&inc, a.server_saw_syn);
+    if let Some(leg) = redirected_leg(&inc) {
+        inc.diagnosis = format!("{leg}; {}", inc.diagnosis);
+    }
     inc
+}
+
+/// "listener 10.0.0.2:1521 redirected sqlplus to 10.0.0.9:40123" for a second leg.
+fn redirected_leg(inc: &Incident) -> Option<String> {
+    let o = inc.oracle.as_ref()?;
+    let r = o.redirect.as_ref()?;
+    if inc.outcome == Outcome::RefusedByListener {
+        return None;
+    }
+    let l = o.listener.as_ref()?;
+    let who = o.program.as_deref().unwrap_or("the client");
+    Some(format!(
+        "listener {} redirected {who} to {}",
+        SocketAddr::new(l.ip, l.port),
+        if r.host.contains(':') {
+            format!("[{}]:{}", r.host, r.port)
+        } else {
+            format!("{}:{}", r.host, r.port)
+        }
+    ))
 }
 
 /// What dropped it, in words: "netfilter (NETFILTER_DROP at nf_hook_slow)".
@@ -610,6 +708,9 @@ fn drop_clause(inc: &Incident) -> Option<String> {
         .iter()
         .map(|t| {
             let what = match t.packet {
+                "SYN" if inc.oracle.as_ref().is_some_and(|o| o.redirect.is_some()) => {
+                    format!("that leg's SYN to {}", target(inc))
+                }
                 "SYN" => format!("SYN to {}", target(inc)),
                 "SYN-ACK" => format!("SYN-ACK from {}", t.flow.src),
                 _ => format!("data to {}", t.flow.dst),
@@ -637,6 +738,29 @@ fn diagnose(inc: &Incident, server_saw_syn: bool) -> String {
     let dst = target(inc);
     let drops = drop_clause(inc);
     match inc.outcome {
+        Outcome::RefusedByListener => {
+            let o = inc.oracle.as_ref();
+            let refuse = o.and_then(|o| o.refuse.as_ref());
+            let code = refuse.and_then(|r| r.code);
+            let what = match (code, o) {
+                (Some(12514), Some(o)) => format!(
+                    "service {} not registered",
+                    o.service_name.as_deref().unwrap_or("(unnamed)")
+                ),
+                (Some(12505), Some(o)) => {
+                    format!("SID {} not known", o.sid.as_deref().unwrap_or("(unnamed)"))
+                }
+                (Some(c), _) => crate::oracle::descriptor::tns_error_text(c)
+                    .unwrap_or("refused")
+                    .to_string(),
+                (None, _) => refuse.map(|r| r.text.clone()).unwrap_or_default(),
+            };
+            let ora = code.map(|c| format!("ORA-{c} ")).unwrap_or_default();
+            format!(
+                "listener refused: {ora}{what} (listener {}); a listener answer, not a network drop",
+                inc.flow.dst
+            )
+        }
         Outcome::Refused => format!(
             "connection refused: {dst} answered with RST, nothing listens on that port; \
              the port is closed, not dropped"
@@ -1047,6 +1171,83 @@ mod tests {
             c.portless
                 .contains_key(&("10.0.0.1".parse().unwrap(), portless.dst))
         );
+    }
+
+    fn oracle_redirect(listener: &str, host: &str, port: u16) -> event::Oracle {
+        let l: SocketAddr = listener.parse().unwrap();
+        event::Oracle {
+            packet: Some("REDIRECT".into()),
+            service_name: Some("ORCLPDB1".into()),
+            program: Some("sqlplus".into()),
+            listener: Some(event::Listener {
+                ip: l.ip(),
+                port: l.port(),
+            }),
+            redirect: Some(event::HostPort {
+                host: host.into(),
+                port,
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn second_leg_after_a_redirect_is_linked_to_the_listener() {
+        let mut c = Correlator::new(cfg());
+        let target: SocketAddr = "10.0.0.9:40123".parse().unwrap();
+        c.on_redirect(
+            "10.0.0.1".parse().unwrap(),
+            target,
+            oracle_redirect("10.0.0.2:1521", "10.0.0.9", 40123),
+            0,
+        );
+        let portless = key("10.0.0.1:0", "10.0.0.9:40123");
+        let f = key("10.0.0.1:41000", "10.0.0.9:40123");
+        c.on_state(&state(MS, 1, portless, "CLOSE", "SYN_SENT", 0));
+        c.on_drop(&drop_(2 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.on_state(&state(3000 * MS, 1, f, "SYN_SENT", "CLOSE", 0));
+        c.tick(3001 * MS);
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::Timeout);
+        assert_eq!(
+            i.diagnosis,
+            "listener 10.0.0.2:1521 redirected sqlplus to 10.0.0.9:40123; that leg's SYN to \
+             10.0.0.9:40123 dropped once on this node by netfilter (NETFILTER_DROP at \
+             nft_do_chain) in netns 200"
+        );
+        assert_eq!(i.oracle.unwrap().redirect.unwrap().port, 40123);
+    }
+
+    #[test]
+    fn listener_refuse_is_its_own_outcome_not_a_drop() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:41000", "10.0.0.2:1521");
+        c.on_state(&state(
+            0,
+            1,
+            key("10.0.0.1:0", "10.0.0.2:1521"),
+            "CLOSE",
+            "SYN_SENT",
+            0,
+        ));
+        c.on_state(&state(MS, 1, f, "SYN_SENT", "ESTABLISHED", 0));
+        let mut o = oracle_redirect("10.0.0.2:1521", "x", 1);
+        o.redirect = None;
+        o.packet = Some("REFUSE".into());
+        o.refuse = Some(event::Refuse {
+            code: Some(12514),
+            text: "(DESCRIPTION=(ERR=12514))".into(),
+        });
+        c.on_refuse(f, o, 2 * MS);
+        let i = c.drain().next().unwrap();
+        assert_eq!(i.outcome, Outcome::RefusedByListener);
+        assert!(i.owner.is_some(), "the listener leg's process");
+        assert_eq!(
+            i.diagnosis,
+            "listener refused: ORA-12514 service ORCLPDB1 not registered (listener \
+             10.0.0.2:1521); a listener answer, not a network drop"
+        );
+        assert_eq!(c.tracked(), 0);
     }
 
     #[test]

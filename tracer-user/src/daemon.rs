@@ -4,19 +4,20 @@ use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
-use tracer_common::{CtEvent, DropEvent, EventHeader, RetransmitEvent, StateEvent, kind};
+use tracer_common::{CtEvent, DropEvent, EventHeader, RetransmitEvent, StateEvent, TnsEvent, kind};
 
 use crate::{
     aggregate::DropAggregator,
     cgroup,
     clock::{self, Clock},
-    collectors::{Symbols, conntrack, skb_drop, tcp_state},
+    collectors::{Symbols, conntrack, skb_drop, tcp_state, tns},
     correlate::{self, Correlator},
     event::{Event, Kind, Lost, LostSource},
     preflight, report,
     signal::DropSignal,
     sinks::{Output, OutputSummary},
-    tracer::{Tracer, TracerOptions},
+    tns_track::{self, TnsTracker},
+    tracer::{Tracer, TracerOptions, Watch},
 };
 
 pub const DEFAULT_PORTS: [u16; 3] = [1521, 1522, 2484];
@@ -97,7 +98,13 @@ pub fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
+/// How long a learned Oracle redirect target stays watched in the kernel.
+const REDIRECT_WATCH_NS: u64 = 600_000_000_000;
+
 struct Pipeline {
+    tns: TnsTracker,
+    watch: Option<Watch>,
+    reported_malformed: u64,
     clock: Clock,
     symbols: Symbols,
     correlator: Correlator,
@@ -193,9 +200,62 @@ impl Pipeline {
                 }
                 self.correlator.on_conntrack(&c);
             }
+            kind::TNS => {
+                let Some(rec) = record::<TnsEvent>(bytes) else {
+                    self.summary.undecodable += 1;
+                    return;
+                };
+                self.tns_packet(&tns::decode(&rec));
+            }
             _ => self.summary.undecodable += 1,
         }
         self.flush_incidents();
+    }
+
+    fn tns_packet(&mut self, p: &tns::TnsSignal) {
+        let tracked = self.tns.on_packet(p);
+        for outcome in tracked.outcomes {
+            match outcome {
+                tns_track::Outcome::Redirect {
+                    client,
+                    host,
+                    port,
+                    target,
+                    oracle,
+                    ..
+                } => {
+                    // Watch the second leg in the kernel before the client's SYN leaves.
+                    let learned = match (target, self.watch.as_mut()) {
+                        (Some(t), Some(w)) => {
+                            self.tns.learn_target(t);
+                            w.host_port(t, clock::monotonic_ns() + REDIRECT_WATCH_NS)
+                        }
+                        // A host name: watch its port everywhere.
+                        (None, Some(w)) => w.port(port),
+                        (_, None) => Ok(()),
+                    };
+                    if let Err(e) = learned {
+                        tracing::warn!("cannot watch redirect target {host}:{port}: {e}");
+                    }
+                    tracing::info!(%client, "learned Oracle redirect target {host}:{port}");
+                    if let Some(t) = target {
+                        self.correlator.on_redirect(client, t, oracle, p.ts_ns);
+                    }
+                }
+                tns_track::Outcome::Refuse { flow, oracle, .. } => {
+                    self.correlator.on_refuse(flow, oracle, p.ts_ns);
+                }
+            }
+        }
+        for (flow, oracle) in tracked.events {
+            self.emit(&report::tns_event(
+                &flow,
+                oracle,
+                p.ts_ns,
+                &self.clock,
+                &self.node,
+            ));
+        }
     }
 
     fn drop_signal(&mut self, d: &DropSignal) {
@@ -247,6 +307,22 @@ impl Pipeline {
             });
             self.reported_evictions = evicted;
             self.summary.evicted = evicted;
+            self.emit(&e);
+        }
+    }
+
+    /// TNS bytes the parser could not decode since the last report.
+    fn report_malformed(&mut self) {
+        let total = self.tns.malformed;
+        if total > self.reported_malformed {
+            let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
+            e.count = total - self.reported_malformed;
+            e.lost = Some(Lost {
+                source: LostSource::Input,
+                reason: "tns_malformed".to_string(),
+                sink: None,
+            });
+            self.reported_malformed = total;
             self.emit(&e);
         }
     }
@@ -313,6 +389,16 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
             (conntrack::PROGRAM, None, conntrack::FUNCTION),
         ),
     ];
+    match tns::cgroup2_root() {
+        Some(root) => {
+            for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {
+                if let Err(e) = tracer.attach_cgroup_skb(prog, &root, ingress) {
+                    tracing::warn!("Oracle TNS not followed: {prog}: {e}");
+                }
+            }
+        }
+        None => tracing::warn!("Oracle TNS not followed: no cgroup v2 root mounted"),
+    }
     for (what, available, (prog, category, name)) in optional {
         let attached = available.and_then(|()| {
             match category {
@@ -350,6 +436,9 @@ pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
         .take()
         .map(|m| DropAggregator::new(m, 2 * opts.flush.as_nanos() as u64));
     let mut p = Pipeline {
+        tns: TnsTracker::new(opts.ports.iter().copied()),
+        watch: tracer.watch.take(),
+        reported_malformed: 0,
         clock: Clock::new(),
         symbols,
         aggregator,
@@ -430,6 +519,7 @@ pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
             }
             _ = poll.tick() => {
                 p.report_kernel_loss(counters.lost_in_kernel());
+                p.report_malformed();
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -23,4 +23,5 @@ pub mod replay;
 pub mod report;
 pub mod signal;
 pub mod sinks;
+pub mod tns_track;
 pub mod tracer;

@@ -135,6 +135,20 @@ pub fn stall_event(i: &Incident, clock: &Clock, node: &str) -> Event {
             .collect(),
     );
     e.conntrack = i.ct.as_ref().map(conntrack);
+    e.oracle.clone_from(&i.oracle);
     e.diagnosis = Some(i.diagnosis.clone());
+    e
+}
+
+pub fn tns_event(
+    flow: &FlowKey,
+    oracle: event::Oracle,
+    ts_ns: u64,
+    clock: &Clock,
+    node: &str,
+) -> Event {
+    let mut e = Event::new(Kind::Tns, clock.rfc3339(ts_ns), node);
+    e.flow = Some(self::flow(flow));
+    e.oracle = Some(oracle);
     e
 }

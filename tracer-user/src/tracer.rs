@@ -8,7 +8,9 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
-use tracer_common::{CtLayout, DropAgg, DropKey, Settings, SkbLayout, TcpLayout, counter};
+use tracer_common::{
+    CtLayout, DropAgg, DropKey, HostPort, Settings, SkbLayout, TcpLayout, counter,
+};
 
 /// The compiled kernel programs (see build.rs; empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -61,6 +63,52 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     Ok(unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }?)
 }
 
+/// The in-kernel watch sets the daemon extends at run time.
+pub struct Watch {
+    ports: BpfHashMap<MapData, u16, u8>,
+    hostports: BpfHashMap<MapData, HostPort, u64>,
+}
+
+impl Watch {
+    /// Watch `addr` (until `expires_ns`, CLOCK_MONOTONIC; 0 = forever).
+    pub fn host_port(
+        &mut self,
+        addr: std::net::SocketAddr,
+        expires_ns: u64,
+    ) -> Result<(), TracerError> {
+        let mut key = HostPort {
+            port: addr.port(),
+            ..HostPort::default()
+        };
+        match addr.ip() {
+            std::net::IpAddr::V4(v4) => {
+                key.family = tracer_common::AF_INET;
+                key.addr[..4].copy_from_slice(&v4.octets());
+            }
+            std::net::IpAddr::V6(v6) => {
+                key.family = tracer_common::AF_INET6;
+                key.addr = v6.octets();
+            }
+        }
+        self.hostports
+            .insert(key, expires_ns, 0)
+            .map_err(|source| TracerError::Map {
+                map: "WATCH_HOSTPORTS",
+                source,
+            })
+    }
+
+    /// Watch a port on every address.
+    pub fn port(&mut self, port: u16) -> Result<(), TracerError> {
+        self.ports
+            .insert(port, 1, 0)
+            .map_err(|source| TracerError::Map {
+                map: "WATCH_PORTS",
+                source,
+            })
+    }
+}
+
 /// Kernel-side aya-log records, readable when the program logged something.
 pub type KernelLog = AsyncFd<aya_log::EbpfLogger<&'static dyn log::Log>>;
 
@@ -86,6 +134,8 @@ pub struct Tracer {
     pub counters: Counters,
     /// Taken by the daemon's aggregator.
     pub drop_agg: Option<PerCpuHashMap<MapData, DropKey, DropAgg>>,
+    /// Learned (address, port) pairs to watch, e.g. Oracle redirect targets.
+    pub watch: Option<Watch>,
     pub logger: Option<KernelLog>,
     attached: Vec<(&'static str, Hook)>,
 }
@@ -129,21 +179,26 @@ impl Tracer {
             }
         };
 
-        {
-            let map = ebpf
-                .map_mut("WATCH_PORTS")
-                .expect("object defines WATCH_PORTS");
-            let mut ports: BpfHashMap<_, u16, u8> =
-                BpfHashMap::try_from(map).map_err(|source| TracerError::Map {
-                    map: "WATCH_PORTS",
-                    source,
-                })?;
-            for p in opts.ports.iter().copied().collect::<HashSet<_>>() {
-                ports.insert(p, 1, 0).map_err(|source| TracerError::Map {
-                    map: "WATCH_PORTS",
-                    source,
-                })?;
-            }
+        let mut watch = Watch {
+            ports: BpfHashMap::try_from(
+                ebpf.take_map("WATCH_PORTS")
+                    .expect("object defines WATCH_PORTS"),
+            )
+            .map_err(|source| TracerError::Map {
+                map: "WATCH_PORTS",
+                source,
+            })?,
+            hostports: BpfHashMap::try_from(
+                ebpf.take_map("WATCH_HOSTPORTS")
+                    .expect("object defines WATCH_HOSTPORTS"),
+            )
+            .map_err(|source| TracerError::Map {
+                map: "WATCH_HOSTPORTS",
+                source,
+            })?,
+        };
+        for p in opts.ports.iter().copied().collect::<HashSet<_>>() {
+            watch.port(p)?;
         }
 
         let events = RingBuf::try_from(ebpf.take_map("EVENTS").expect("object defines EVENTS"))
@@ -168,6 +223,7 @@ impl Tracer {
             events: readable(events)?,
             counters: Counters(counters),
             drop_agg: Some(drop_agg),
+            watch: Some(watch),
             logger,
             attached: Vec::new(),
         })
@@ -189,7 +245,8 @@ impl Tracer {
     }
 
     /// cgroup_skb program on a cgroup v2 directory (the root sees every local socket).
-    /// AllowMultiple: other programs on the root (systemd's, another droptrace) keep running.
+    /// Attached as a BPF link, which never replaces other programs on the root (systemd's,
+    /// another droptrace); link creation takes no attach flags, hence `Single`.
     pub fn attach_cgroup_skb(
         &mut self,
         prog: &'static str,
@@ -205,7 +262,7 @@ impl Tracer {
         } else {
             CgroupSkbAttachType::Egress
         };
-        p.attach(&dir, ty, CgroupAttachMode::AllowMultiple)
+        p.attach(&dir, ty, CgroupAttachMode::Single)
             .map_err(|source| TracerError::Program { prog, source })?;
         self.attached.push((prog, Hook::CgroupSkb));
         Ok(())

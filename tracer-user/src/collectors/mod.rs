@@ -3,6 +3,7 @@
 pub mod conntrack;
 pub mod skb_drop;
 pub mod tcp_state;
+pub mod tns;
 
 use crate::kernel::{btf::BtfError, tracefs::TracefsError};
 

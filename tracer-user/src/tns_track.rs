@@ -1,0 +1,249 @@
+//! Oracle Net conversations: reassembles the captured TNS packets of each connection, emits
+//! `tns` events, and tells the correlator what the listener said (a REDIRECT to another
+//! address, a REFUSE) so the blocked second leg is tied to the listener connect.
+use std::{
+    collections::{HashMap, HashSet, VecDeque},
+    net::{IpAddr, SocketAddr},
+};
+
+use crate::{
+    collectors::tns::TnsSignal,
+    event,
+    oracle::{ConnectInfo, Direction, Message, Segment, TnsStream},
+    signal::FlowKey,
+};
+
+/// Connections followed at once; the oldest is dropped beyond it.
+const MAX_CONNECTIONS: usize = 4096;
+/// Packets remembered to drop the copy seen on the other end of a local connection.
+const DEDUP: usize = 4096;
+
+/// What the listener told a client.
+#[derive(Debug, Clone)]
+pub enum Outcome {
+    /// Go to `host:port` instead (`target` when host is an address).
+    Redirect {
+        client: IpAddr,
+        listener: SocketAddr,
+        host: String,
+        port: u16,
+        target: Option<SocketAddr>,
+        oracle: event::Oracle,
+    },
+    /// No, with an ORA error code.
+    Refuse {
+        /// Client -> listener.
+        flow: FlowKey,
+        oracle: event::Oracle,
+        code: Option<u32>,
+        text: String,
+    },
+}
+
+pub struct Tracked {
+    /// `tns` events to emit.
+    pub events: Vec<(FlowKey, event::Oracle)>,
+    pub outcomes: Vec<Outcome>,
+}
+
+struct Conn {
+    stream: TnsStream,
+    connect: Option<ConnectInfo>,
+}
+
+pub struct TnsTracker {
+    /// Ports listeners answer on (the watched ports) and learned redirect targets.
+    listener_ports: HashSet<u16>,
+    targets: HashSet<SocketAddr>,
+    conns: HashMap<(SocketAddr, SocketAddr), Conn>,
+    order: VecDeque<(SocketAddr, SocketAddr)>,
+    seen: HashSet<(FlowKey, u32, u32)>,
+    seen_order: VecDeque<(FlowKey, u32, u32)>,
+    /// Bytes the parser could not decode, reported as lost input.
+    pub malformed: u64,
+}
+
+impl TnsTracker {
+    pub fn new(listener_ports: impl IntoIterator<Item = u16>) -> Self {
+        Self {
+            listener_ports: listener_ports.into_iter().collect(),
+            targets: HashSet::new(),
+            conns: HashMap::new(),
+            order: VecDeque::new(),
+            seen: HashSet::new(),
+            seen_order: VecDeque::new(),
+            malformed: 0,
+        }
+    }
+
+    /// A redirect target: connections to it are second legs (the client speaks first).
+    pub fn learn_target(&mut self, target: SocketAddr) {
+        self.targets.insert(target);
+    }
+
+    fn is_server(&self, end: SocketAddr) -> bool {
+        self.targets.contains(&end) || self.listener_ports.contains(&end.port())
+    }
+
+    pub fn on_packet(&mut self, p: &TnsSignal) -> Tracked {
+        let mut out = Tracked {
+            events: Vec::new(),
+            outcomes: Vec::new(),
+        };
+        // The same packet leaves one local socket and arrives at another: keep one copy.
+        let id = (p.flow, p.seq, p.payload_len);
+        if !self.seen.insert(id) {
+            return out;
+        }
+        self.seen_order.push_back(id);
+        if self.seen_order.len() > DEDUP
+            && let Some(old) = self.seen_order.pop_front()
+        {
+            self.seen.remove(&old);
+        }
+
+        let (dir, client, server) = if self.is_server(p.flow.dst)
+            || !self.is_server(p.flow.src) && p.flow.dst.port() < p.flow.src.port()
+        {
+            (Direction::ToServer, p.flow.src, p.flow.dst)
+        } else {
+            (Direction::ToClient, p.flow.dst, p.flow.src)
+        };
+        let key = (client, server);
+        if !self.conns.contains_key(&key) {
+            if self.conns.len() >= MAX_CONNECTIONS
+                && let Some(old) = self.order.pop_front()
+            {
+                self.conns.remove(&old);
+            }
+            self.order.push_back(key);
+            self.conns.insert(
+                key,
+                Conn {
+                    stream: TnsStream::new(),
+                    connect: None,
+                },
+            );
+        }
+        let Some(conn) = self.conns.get_mut(&key) else {
+            return out;
+        };
+        let seg = Segment::truncated(&p.data, p.payload_len as usize).with_seq(p.seq);
+        let flow = FlowKey {
+            src: client,
+            dst: server,
+        };
+        for msg in conn.stream.feed(dir, seg) {
+            let Some(mut oracle) = msg.to_oracle() else {
+                self.malformed += 1;
+                continue;
+            };
+            oracle.listener = Some(event::Listener {
+                ip: server.ip(),
+                port: server.port(),
+            });
+            // Later packets carry no connect data: repeat the client's identity on them.
+            if let Some(c) = &conn.connect {
+                oracle.service_name = oracle.service_name.or_else(|| c.service_name.clone());
+                oracle.sid = oracle.sid.or_else(|| c.sid.clone());
+                oracle.program = oracle.program.or_else(|| c.program.clone());
+                oracle.client_host = oracle.client_host.or_else(|| c.client_host.clone());
+                oracle.client_user = oracle.client_user.or_else(|| c.client_user.clone());
+            }
+            match &msg {
+                Message::Connect(c) => conn.connect = Some(c.clone()),
+                Message::Redirect(r) => {
+                    if let (Some(host), Some(port)) = (r.host.clone(), r.port) {
+                        let target = host
+                            .parse::<IpAddr>()
+                            .ok()
+                            .map(|ip| SocketAddr::new(ip, port));
+                        out.outcomes.push(Outcome::Redirect {
+                            client: client.ip(),
+                            listener: server,
+                            host,
+                            port,
+                            target,
+                            oracle: oracle.clone(),
+                        });
+                    }
+                }
+                Message::Refuse(r) => out.outcomes.push(Outcome::Refuse {
+                    flow,
+                    oracle: oracle.clone(),
+                    code: r.code,
+                    text: r.text.clone(),
+                }),
+                _ => {}
+            }
+            out.events.push((flow, oracle));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::oracle::tns::build;
+
+    fn sig(src: &str, dst: &str, seq: u32, data: &[u8]) -> TnsSignal {
+        TnsSignal {
+            ts_ns: 1,
+            flow: FlowKey {
+                src: src.parse().unwrap(),
+                dst: dst.parse().unwrap(),
+            },
+            seq,
+            payload_len: data.len() as u32,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn redirect_in_the_split_form_names_the_second_leg() {
+        let mut t = TnsTracker::new([1521]);
+        let connect = include_bytes!("../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
+        let c = t.on_packet(&sig("10.0.0.1:40000", "10.0.0.2:1521", 1, connect));
+        assert_eq!(c.events.len(), 1, "{:?}", c.events);
+        assert_eq!(c.events[0].1.packet.as_deref(), Some("CONNECT"));
+        let redirect = build::redirect_split(
+            b"(ADDRESS=(PROTOCOL=TCP)(HOST=10.0.0.9)(PORT=40123))\0(DESCRIPTION=)",
+        );
+        let r = t.on_packet(&sig("10.0.0.2:1521", "10.0.0.1:40000", 7, &redirect));
+        let Some(Outcome::Redirect {
+            client,
+            listener,
+            target,
+            oracle,
+            ..
+        }) = r.outcomes.first()
+        else {
+            panic!("{:?}", r.outcomes)
+        };
+        assert_eq!(client.to_string(), "10.0.0.1");
+        assert_eq!(listener.to_string(), "10.0.0.2:1521");
+        assert_eq!(target.unwrap().to_string(), "10.0.0.9:40123");
+        assert_eq!(oracle.program.as_deref(), Some("sqlplus"));
+        // The same packets seen again (other end of a local connection): ignored.
+        assert!(
+            t.on_packet(&sig("10.0.0.2:1521", "10.0.0.1:40000", 7, &redirect))
+                .events
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn refuse_is_reported_with_its_code() {
+        let mut t = TnsTracker::new([1521]);
+        let refuse = build::refuse(
+            b"(DESCRIPTION=(ERR=12514)(VSNNUM=0)(ERROR_STACK=(ERROR=(CODE=12514)(EMFI=4))))",
+        );
+        let r = t.on_packet(&sig("10.0.0.2:1521", "10.0.0.1:40000", 3, &refuse));
+        let Some(Outcome::Refuse { code, flow, .. }) = r.outcomes.first() else {
+            panic!("{:?}", r.outcomes)
+        };
+        assert_eq!(*code, Some(12514));
+        assert_eq!(flow.dst.port(), 1521);
+    }
+}
