@@ -72,6 +72,8 @@ struct RunArgs {
     /// counted in one record per destination with the ephemeral port shown as 0 (0: no limit).
     #[arg(long, default_value_t = 1000)]
     new_flows_per_sec: u32,
+    #[command(flatten)]
+    k8s: droptrace::k8s::ApiArgs,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -203,6 +205,20 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if args.k8s.enabled() {
+        // A bad kubeconfig is bad input, found before anything is loaded.
+        match rt.block_on(args.k8s.connect()) {
+            // TODO(lead): hand `conn` to daemon::run (k8s::KubeSource::start there).
+            Ok(conn) => tracing::warn!(
+                server = %conn.server,
+                "Kubernetes API configured but not yet used by the run loop"
+            ),
+            Err(e) => {
+                eprintln!("droptrace: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match rt.block_on(daemon::run(opts)) {
         Ok(summary) => {
             eprintln!("{}", summary.line());
@@ -218,7 +234,10 @@ fn run(args: RunArgs) -> ExitCode {
 fn explain(args: &explain::ExplainArgs) -> ExitCode {
     match explain::run(args) {
         Ok(e) if args.json => {
-            println!("{}", serde_json::to_string_pretty(&e.json()).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&e.json()).unwrap_or_default()
+            );
             ExitCode::SUCCESS
         }
         Ok(e) => {
@@ -227,7 +246,7 @@ fn explain(args: &explain::ExplainArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("droptrace: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }
