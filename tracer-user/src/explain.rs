@@ -15,13 +15,16 @@ use crate::{
 };
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(group = clap::ArgGroup::new("cluster")
+    .required(true)
+    .multiple(true)
+    .args(["k8s_snapshot", "k8s_api", "kubeconfig"]))]
 pub struct ExplainArgs {
     /// Cluster snapshot: `kubectl get pods,services,endpointslices,namespaces,networkpolicies
     /// -A -o json` output, or YAML manifests.
-    #[arg(long, value_name = "FILE", required_unless_present_any = ["k8s_api", "kubeconfig"],
-          conflicts_with_all = ["k8s_api", "kubeconfig"])]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["k8s_api", "kubeconfig"])]
     pub k8s_snapshot: Option<PathBuf>,
-    /// Or the live cluster (listed once).
+    // Or the live cluster, listed once.
     #[command(flatten)]
     pub k8s: ApiArgs,
     /// The connecting side: NAMESPACE/POD or an IP address.

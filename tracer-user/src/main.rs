@@ -29,7 +29,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Evaluate a connection against the NetworkPolicies of a cluster snapshot.
+    /// Evaluate a connection against the NetworkPolicies of a cluster snapshot or the live API.
     Explain(explain::ExplainArgs),
 }
 

@@ -131,7 +131,11 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Connection, LiveError>
         }
         None => Config::incluster().map_err(|e| LiveError::InCluster(chain(&e)))?,
     };
-    let server = config.cluster_url.to_string();
+    let server = config
+        .cluster_url
+        .to_string()
+        .trim_end_matches('/')
+        .to_string();
     let client = Client::try_from(config).map_err(|e| LiveError::Client {
         server: server.clone(),
         what: chain(&e),
@@ -520,8 +524,12 @@ async fn feed<K>(
     Object: From<K>,
 {
     // resourceVersion=0 lists come from the API server's watch cache, not etcd: what
-    // client-go informers do, and what keeps an agent per node cheap for the server.
-    let config = watcher::Config::default().any_semantic();
+    // client-go informers do, and what keeps an agent per node cheap for the server. kube
+    // leaves resourceVersion=0 out of paged lists, so no pages (the cache ignores them).
+    let config = watcher::Config {
+        page_size: None,
+        ..watcher::Config::default().any_semantic()
+    };
     let mut state = KindFeed::new(kind);
     let mut out = Vec::new();
     loop {
@@ -572,12 +580,12 @@ fn watch_error(kind: ObjectKind, e: &watcher::Error) -> (Change, bool) {
     };
     let (what, restart) = match e {
         watcher::Error::WatchFailed(kube::Error::SerdeError(se)) => {
-            let skipped = Skipped {
-                position: format!("{} watch", kind.as_str()),
-                object: None,
-                reason: one_line(&format!("undecodable watch event: {se}")),
-            };
-            return (Change::Skip(skipped), false);
+            return (undecodable(kind, &se.to_string()), false);
+        }
+        // kube reads a line that is no event as a Status if it can: code 0 says it was no
+        // Status either.
+        watcher::Error::WatchFailed(kube::Error::Api(s)) if s.code == 0 => {
+            return (undecodable(kind, "neither an event nor a Status"), false);
         }
         watcher::Error::InitialListFailed(kube::Error::Api(s)) => {
             (format!("list: {}", api(s)), false)
@@ -599,6 +607,14 @@ fn watch_error(kind: ObjectKind, e: &watcher::Error) -> (Change, bool) {
         tracing::warn!("Kubernetes API {} {what}; retrying", kind.as_str());
     }
     (Change::Error(kind, what), restart)
+}
+
+fn undecodable(kind: ObjectKind, why: &str) -> Change {
+    Change::Skip(Skipped {
+        position: format!("{} watch", kind.as_str()),
+        object: None,
+        reason: one_line(&format!("undecodable watch event: {why}")),
+    })
 }
 
 /// Turns one kind's watcher events into cluster changes, remembering which objects the
@@ -674,9 +690,14 @@ impl KindFeed {
 }
 
 fn bad(r: &ObjectRef, reason: String) -> Skipped {
+    let named = !r.key.name.is_empty();
     Skipped {
-        position: String::new(),
-        object: Some(r.to_string()),
+        position: if named {
+            String::new()
+        } else {
+            format!("{} watch", r.kind.as_str())
+        },
+        object: named.then(|| r.to_string()),
         reason: one_line(&reason),
     }
 }
@@ -686,7 +707,10 @@ fn bad(r: &ObjectRef, reason: String) -> Skipped {
 #[derive(Debug, Clone)]
 enum Lenient<K> {
     Ok(K),
-    Bad { meta: ObjectMeta, reason: String },
+    Bad {
+        meta: Box<ObjectMeta>,
+        reason: String,
+    },
 }
 
 impl<K: Resource<DynamicType = ()>> Resource for Lenient<K> {
@@ -736,7 +760,7 @@ impl<'de, K: DeserializeOwned> Deserialize<'de> for Lenient<K> {
         match serde_path_to_error::deserialize::<_, K>(&value) {
             Ok(k) => Ok(Lenient::Ok(k)),
             Err(e) => Ok(Lenient::Bad {
-                meta: meta_of(&value),
+                meta: Box::new(meta_of(&value)),
                 reason: path_error(e),
             }),
         }
@@ -860,6 +884,8 @@ mod tests {
         assert!(serde_json::from_str::<Lenient<core::Pod>>("[1,").is_err());
     }
 
+    type E = watcher::Event<Lenient<core::Pod>>;
+
     fn event(name: &str, ip: &str) -> Lenient<core::Pod> {
         lenient(pod_json(name, ip))
     }
@@ -880,25 +906,25 @@ mod tests {
     fn relist_deletes_what_vanished_and_keeps_bad_versions() {
         let mut f = KindFeed::new(ObjectKind::Pod);
         let mut out = Vec::new();
-        f.on_event(watcher::Event::Init, &mut out);
-        f.on_event(watcher::Event::InitApply(event("a", "10.0.0.1")), &mut out);
-        f.on_event(watcher::Event::InitApply(event("b", "10.0.0.2")), &mut out);
-        f.on_event(watcher::Event::InitDone, &mut out);
+        f.on_event(E::Init, &mut out);
+        f.on_event(E::InitApply(event("a", "10.0.0.1")), &mut out);
+        f.on_event(E::InitApply(event("b", "10.0.0.2")), &mut out);
+        f.on_event(E::InitDone, &mut out);
         assert_eq!(
             kinds(&mut out),
             ["apply Pod app/a", "apply Pod app/b", "synced Pod"]
         );
-        f.on_event(watcher::Event::Apply(event("c", "10.0.0.3")), &mut out);
-        f.on_event(watcher::Event::Delete(event("a", "10.0.0.1")), &mut out);
+        f.on_event(E::Apply(event("c", "10.0.0.3")), &mut out);
+        f.on_event(E::Delete(event("a", "10.0.0.1")), &mut out);
         assert_eq!(kinds(&mut out), ["apply Pod app/c", "delete Pod app/a"]);
 
         // Relist: b comes back malformed (stays as it was), c is gone.
         let mut bad_b = pod_json("b", "10.0.0.2");
         bad_b["spec"] = Value::from(3);
-        f.on_event(watcher::Event::Init, &mut out);
-        f.on_event(watcher::Event::InitApply(lenient(bad_b)), &mut out);
-        f.on_event(watcher::Event::InitApply(event("d", "10.0.0.4")), &mut out);
-        f.on_event(watcher::Event::InitDone, &mut out);
+        f.on_event(E::Init, &mut out);
+        f.on_event(E::InitApply(lenient(bad_b)), &mut out);
+        f.on_event(E::InitApply(event("d", "10.0.0.4")), &mut out);
+        f.on_event(E::InitDone, &mut out);
         let got = kinds(&mut out);
         assert!(got[0].starts_with("skip (Pod app/b): spec:"), "{got:?}");
         assert_eq!(
