@@ -443,26 +443,17 @@ async fn caches_not_synced_in_time_is_a_clear_error() {
     assert_eq!(cluster.pod_count(), 0);
 }
 
-#[tokio::test]
-async fn unreachable_server_is_a_clear_error() {
-    // A port nothing listens on.
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let dir = temp_dir();
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("unreachable");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: \
-             http://127.0.0.1:{port}\ncontexts:\n- name: c\n  context:\n    cluster: c\n    \
-             user: u\ncurrent-context: c\nusers:\n- name: u\n  user: {{}}\n"
-        ),
-    )
-    .unwrap();
-    let conn = live::connect(Some(&path)).await.unwrap();
+/// A kubeconfig like the fake API's with its server URL rewritten by `edit`.
+fn edited_kubeconfig(api: &FakeApi, name: &str, edit: impl Fn(&str) -> String) -> PathBuf {
+    let path = api.write_kubeconfig(&temp_dir().join(name));
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, edit(&text)).unwrap();
+    path
+}
+
+/// The error of a start that cannot list anything within 700 ms.
+async fn nothing_listed(kubeconfig: &Path) -> String {
+    let conn = live::connect(Some(kubeconfig)).await.unwrap();
     let quick = LiveOptions {
         sync_timeout: Duration::from_millis(700),
         ..opts()
@@ -472,11 +463,29 @@ async fn unreachable_server_is_a_clear_error() {
         .unwrap_err()
         .to_string();
     assert!(
-        msg.contains("caches not synced after 700ms: Namespace: list: "),
+        msg.contains(
+            "caches not synced after 700ms: Namespace, Pod, Service, EndpointSlice, \
+             NetworkPolicy, Node: list: "
+        ),
         "{msg}"
     );
-    assert!(msg.to_lowercase().contains("connection refused"), "{msg}");
     assert!(!msg.contains('\n'));
+    msg
+}
+
+#[tokio::test]
+async fn unreachable_server_is_a_clear_error() {
+    // A port nothing listens on.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let api = FakeApi::start().await;
+    let path = edited_kubeconfig(&api, "unreachable", |t| {
+        t.replace(&api.url(), &format!("http://127.0.0.1:{port}"))
+    });
+    let msg = nothing_listed(&path).await;
+    assert!(msg.to_lowercase().contains("connection refused"), "{msg}");
 }
 
 fn kubeconfig_error(name: &str, text: Option<&str>) -> (String, String) {
@@ -660,4 +669,13 @@ async fn bad_kubeconfig_exits_2_with_one_line() {
         err.starts_with("error: the argument '--k8s-snapshot <FILE>' cannot be used with"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn https_goes_through_rustls() {
+    // The fake API speaks plain HTTP: the TLS handshake (ring provider) must fail cleanly.
+    let api = FakeApi::start().await;
+    let path = edited_kubeconfig(&api, "tls", |t| t.replace("http://", "https://"));
+    let msg = nothing_listed(&path).await;
+    assert!(msg.ends_with("tls handshake eof"), "{msg}");
 }

@@ -348,14 +348,18 @@ impl KubeSource {
     }
 
     fn not_synced(&self, timeout: Duration, why: &str) -> LiveError {
-        let waiting: Vec<String> = self
-            .kinds
+        // Kinds failing the same way (a server that cannot be reached) share one line.
+        let mut by_error: Vec<(&str, Vec<&str>)> = Vec::new();
+        for k in self.kinds.iter().filter(|k| !self.synced.contains(k)) {
+            let e = self.last_error.get(k).map_or("no answer", String::as_str);
+            match by_error.iter_mut().find(|(x, _)| *x == e) {
+                Some((_, kinds)) => kinds.push(k.as_str()),
+                None => by_error.push((e, vec![k.as_str()])),
+            }
+        }
+        let waiting: Vec<String> = by_error
             .iter()
-            .filter(|k| !self.synced.contains(k))
-            .map(|k| match self.last_error.get(k) {
-                Some(e) => format!("{}: {e}", k.as_str()),
-                None => format!("{}: no answer", k.as_str()),
-            })
+            .map(|(e, kinds)| format!("{}: {e}", kinds.join(", ")))
             .collect();
         let mut what = waiting.join("; ");
         if !why.is_empty() {

@@ -272,7 +272,8 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&chunk[..n]),
         }
-        if head.len() > 65536 {
+        // A TLS ClientHello (record type 0x16) is no HTTP: hang up.
+        if head.len() > 65536 || head.first() == Some(&0x16) {
             return;
         }
     }
