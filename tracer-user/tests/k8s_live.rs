@@ -372,7 +372,13 @@ async fn objects_the_model_rejects_are_skipped_and_counted() {
         "{reasons:?}"
     );
     assert!(reasons.iter().all(|r| !r.contains('\n')));
-    assert_eq!(src.take_skipped().count, 0);
+    let lost = report.lost().unwrap();
+    assert_eq!(
+        serde_json::to_value(&lost).unwrap(),
+        json!({"source": "input", "reason": "k8s_object_skipped"})
+    );
+    let nothing = src.take_skipped();
+    assert_eq!((nothing.count, nothing.lost()), (0, None));
 
     // In the watch: a line that is not JSON, an unknown event type, a bad update of a good
     // pod (its previous version stays), then a good pod: the watch goes on.

@@ -11,6 +11,29 @@
 //! No reflector store is kept: the Cluster is the store, and a second copy of every object
 //! would double the memory. managedFields and annotations (the model reads neither) are
 //! dropped before objects are even typed.
+//!
+//! In the run loop:
+//! ```no_run
+//! # async fn run(args: droptrace::k8s::ApiArgs) -> Result<(), droptrace::k8s::LiveError> {
+//! use droptrace::k8s::{KubeSource, LiveOptions};
+//! let conn = args.connect().await?; // a bad kubeconfig: exit 2
+//! let (mut kube, mut cluster) = KubeSource::start(&conn, &LiveOptions::default()).await?;
+//! let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
+//! loop {
+//!     tokio::select! {
+//!         _ = kube.changed() => {
+//!             kube.apply(&mut cluster);
+//!         }
+//!         _ = every_second.tick() => {
+//!             let skipped = kube.take_skipped();
+//!             if let Some(lost) = skipped.lost() {
+//!                 // emit a `lost` event: count = skipped.count, lost = lost
+//!             }
+//!         }
+//!     }
+//! }
+//! # }
+//! ```
 use std::{
     borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashSet},
@@ -43,6 +66,7 @@ use super::{
     model::{self, ObjectKey, Pod},
     snapshot::{Skipped, one_line, path_error},
 };
+use crate::event::{Lost, LostSource};
 
 /// Updates in flight between the watchers and the daemon; beyond it the watchers wait.
 const CHANNEL_CAPACITY: usize = 1024;
@@ -250,12 +274,27 @@ impl LiveCounts {
 }
 
 /// Objects left out since the last [`KubeSource::take_skipped`]: the daemon reports `count`
-/// as a `lost` event with `source: input`.
+/// as a `lost` event ([`SkipReport::lost`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SkipReport {
     pub count: u64,
     /// The first few, for the log.
     pub reasons: Vec<Skipped>,
+}
+
+/// `lost.reason` of API objects or watch events the model could not use.
+pub const LOST_REASON: &str = "k8s_object_skipped";
+
+impl SkipReport {
+    /// The `lost` section for an event with `count` = [`SkipReport::count`]; None when
+    /// nothing was skipped.
+    pub fn lost(&self) -> Option<Lost> {
+        (self.count > 0).then(|| Lost {
+            source: LostSource::Input,
+            reason: LOST_REASON.to_string(),
+            sink: None,
+        })
+    }
 }
 
 /// The live identity source: watcher tasks and the updates they produce.
