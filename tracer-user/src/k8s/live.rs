@@ -605,6 +605,10 @@ async fn feed<K>(
                 break;
             }
         }
+        if !restart {
+            // kube's watcher never ends; should it, do not spin.
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
         // A new watcher starts with a fresh list.
     }
 }
