@@ -57,7 +57,7 @@ NATIVE_DEFS = {
                    "description": "ringbuf_full, queue_full, spool_full, rejected, shutdown, unparsable, ..."},
     }, {"sink": {"type": "string", "description": "The --output value, for source sink."}}),
     "process": obj({"pid": U32, "tgid": U32, "comm": STR, "cgroup_id": U64},
-                   {"container_id": STR}),
+                   {"container_id": STR, "pod_uid": STR}),
     "attempt": obj({
         "id": U64, "started": TIME, "syn_retransmits": U32, "duration_ms": U64,
         "outcome": {"enum": ["timeout", "refused", "unreachable", "established_late",

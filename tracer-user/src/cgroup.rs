@@ -10,15 +10,20 @@ pub fn container_id_from_path(path: &str) -> Option<String> {
     (id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())).then(|| id.to_string())
 }
 
-/// Container id of `tgid` from /proc (the unified hierarchy line first).
-pub fn container_id(tgid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
+/// Container id and pod UID of `tgid` from /proc (the unified hierarchy line first).
+pub fn identity(tgid: u32) -> (Option<String>, Option<String>) {
+    let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/cgroup")) else {
+        return (None, None);
+    };
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort_by_key(|l| !l.starts_with("0::"));
-    lines
-        .iter()
-        .filter_map(|l| l.splitn(3, ':').nth(2))
-        .find_map(container_id_from_path)
+    let paths = || lines.iter().filter_map(|l| l.splitn(3, ':').nth(2));
+    let pod = paths().find_map(crate::k8s::cgroup::parse_cgroup_path);
+    let container = pod
+        .as_ref()
+        .and_then(|p| p.container_id.clone())
+        .or_else(|| paths().find_map(container_id_from_path));
+    (container, pod.map(|p| p.pod_uid))
 }
 
 #[cfg(test)]

@@ -851,6 +851,7 @@ mod tests {
             comm: "python".into(),
             cgroup_id: 7,
             container_id: None,
+            pod_uid: None,
         }
     }
 

@@ -13,6 +13,7 @@ use crate::{
     collectors::{Symbols, conntrack, skb_drop, tcp_state, tns},
     correlate::{self, Correlator},
     event::{Event, Kind, Lost, LostSource},
+    identity::Identity,
     preflight, report,
     signal::DropSignal,
     sinks::{Output, OutputSummary},
@@ -102,6 +103,7 @@ pub fn hostname() -> String {
 const REDIRECT_WATCH_NS: u64 = 600_000_000_000;
 
 struct Pipeline {
+    identity: Option<Identity>,
     tns: TnsTracker,
     watch: Option<Watch>,
     reported_malformed: u64,
@@ -128,7 +130,14 @@ fn record<T: Copy>(bytes: &[u8]) -> Option<T> {
 
 impl Pipeline {
     fn emit(&mut self, event: &Event) {
-        self.out.send(event);
+        match &self.identity {
+            Some(id) if matches!(event.kind, Kind::Drop | Kind::Stall) => {
+                let mut e = event.clone();
+                id.enrich(&mut e);
+                self.out.send(&e);
+            }
+            _ => self.out.send(event),
+        }
         *self.summary.events.entry(event.kind.as_str()).or_default() += 1;
         if event.kind != Kind::Lost {
             self.emitted += 1;
@@ -170,7 +179,7 @@ impl Pipeline {
                     && let Some(o) = s.owner.as_mut()
                 {
                     // Read now, while the connecting process is alive.
-                    o.container_id = cgroup::container_id(o.tgid);
+                    (o.container_id, o.pod_uid) = cgroup::identity(o.tgid);
                 }
                 if self.raw {
                     self.emit(&report::state_event(&s, &self.clock, &self.node));
@@ -419,7 +428,11 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
 
 /// Traces until stopped; `output` (started by the caller, so bad sinks fail before any
 /// kernel work) is flushed and shut down at the end.
-pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
+pub async fn run(
+    opts: RunOptions,
+    output: Output,
+    identity: Option<Identity>,
+) -> anyhow::Result<Summary> {
     let (mut tracer, symbols) = start(&opts)?;
     if let Some(m) = output.metrics() {
         m.set_ready(true);
@@ -436,6 +449,7 @@ pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
         .take()
         .map(|m| DropAggregator::new(m, 2 * opts.flush.as_nanos() as u64));
     let mut p = Pipeline {
+        identity,
         tns: TnsTracker::new(opts.ports.iter().copied()),
         watch: tracer.watch.take(),
         reported_malformed: 0,
@@ -517,9 +531,24 @@ pub async fn run(opts: RunOptions, output: Output) -> anyhow::Result<Summary> {
                 p.tick();
                 if p.done() { break; }
             }
+            _ = async {
+                match p.identity.as_mut() {
+                    Some(id) => id.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if let Some(id) = p.identity.as_mut() {
+                    id.apply();
+                }
+            }
             _ = poll.tick() => {
                 p.report_kernel_loss(counters.lost_in_kernel());
                 p.report_malformed();
+                let node = p.node.clone();
+                let reports = p.identity.as_mut().map(|id| id.poll(&node)).unwrap_or_default();
+                for e in &reports {
+                    p.emit(e);
+                }
             }
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,

@@ -182,6 +182,9 @@ pub struct Process {
     pub cgroup_id: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container_id: Option<String>,
+    /// Pod UID from the process's cgroup path (kubepods slices), when it runs in a pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,8 @@ use serde_json::json;
 
 use crate::{
     k8s::{
-        Cluster, DEFAULT_IP_HISTORY, FlowQuery, FlowReport, SnapshotError, evaluate_flow,
+        ApiArgs, Cluster, DEFAULT_IP_HISTORY, FlowQuery, FlowReport, LiveError, LiveOptions,
+        SnapshotError, evaluate_flow, live,
         model::{self, ObjectKey, Protocol},
         snapshot::{Mode, Snapshot},
     },
@@ -14,11 +15,18 @@ use crate::{
 };
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(group = clap::ArgGroup::new("cluster")
+    .required(true)
+    .multiple(true)
+    .args(["k8s_snapshot", "k8s_api", "kubeconfig"]))]
 pub struct ExplainArgs {
     /// Cluster snapshot: `kubectl get pods,services,endpointslices,namespaces,networkpolicies
     /// -A -o json` output, or YAML manifests.
-    #[arg(long, value_name = "FILE")]
-    pub k8s_snapshot: PathBuf,
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["k8s_api", "kubeconfig"])]
+    pub k8s_snapshot: Option<PathBuf>,
+    // Or the live cluster, listed once.
+    #[command(flatten)]
+    pub k8s: ApiArgs,
     /// The connecting side: NAMESPACE/POD or an IP address.
     #[arg(long, value_name = "NS/POD|IP")]
     pub from: String,
@@ -44,8 +52,20 @@ pub struct ExplainArgs {
 pub enum ExplainError {
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    #[error(transparent)]
+    Api(#[from] LiveError),
     #[error("{0}")]
     Input(String),
+}
+
+impl ExplainError {
+    /// 2 for bad input, 1 for a cluster that could not be read (an API server down, say).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            ExplainError::Api(e) if !e.is_input() => 1,
+            _ => 2,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -66,11 +86,31 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         .collect::<Result<Vec<_>, _>>()?;
     let protocol = Protocol::from_str(&args.protocol)
         .map_err(|e| ExplainError::Input(format!("--protocol: {e}")))?;
-    let cluster = Snapshot::read(&args.k8s_snapshot, Mode::Strict)?
-        .into_cluster(model::now(), DEFAULT_IP_HISTORY);
-    let file = args.k8s_snapshot.display().to_string();
-    let (src, from) = resolve(&cluster, &file, &args.from, false)?;
-    let (dst, to) = resolve(&cluster, &file, &args.to, true)?;
+    // Where objects come from, for messages: the file, or the API server.
+    let (cluster, origin) = match &args.k8s_snapshot {
+        Some(path) => (
+            Snapshot::read(path, Mode::Strict)?.into_cluster(model::now(), DEFAULT_IP_HISTORY),
+            Origin {
+                name: path.display().to_string(),
+                what: "the snapshot",
+            },
+        ),
+        None => {
+            let opts = LiveOptions {
+                // Policies are evaluated on pods: nodes only refine node addresses.
+                nodes: false,
+                ..LiveOptions::default()
+            };
+            let (cluster, server) = live::load_once(&args.k8s, &opts)?;
+            let origin = Origin {
+                name: server,
+                what: "the cluster",
+            };
+            (cluster, origin)
+        }
+    };
+    let (src, from) = resolve(&cluster, &origin, &args.from, false)?;
+    let (dst, to) = resolve(&cluster, &origin, &args.to, true)?;
     let q = FlowQuery {
         src,
         dst,
@@ -96,25 +136,27 @@ fn parse_port(flag: &str, s: &str) -> Result<u16, ExplainError> {
     }
 }
 
+struct Origin {
+    name: String,
+    what: &'static str,
+}
+
 /// An address and how to name it: `ns/pod (ip)`.
 fn resolve(
     cluster: &Cluster,
-    file: &str,
+    origin: &Origin,
     spec: &str,
     services_too: bool,
 ) -> Result<(IpAddr, String), ExplainError> {
     if let Ok(ip) = spec.parse::<IpAddr>() {
         return Ok((ip, ip.to_string()));
     }
-    let Some((ns, name)) = spec
-        .split_once('/')
-        .filter(|(n, p)| !n.is_empty() && !p.is_empty())
-    else {
+    let Some(key) = ObjectKey::parse(spec) else {
         return Err(ExplainError::Input(format!(
             "{spec:?} is neither NAMESPACE/POD nor an IP address"
         )));
     };
-    let key = ObjectKey::new(ns, name);
+    let file = &origin.name;
     if let Some(pod) = cluster.pod(&key) {
         let ip = pod
             .ips
@@ -126,7 +168,8 @@ fn resolve(
         return Ok((*ip, format!("service {key} ({ip})")));
     }
     Err(ExplainError::Input(format!(
-        "{file}: no pod {key} in the snapshot"
+        "{file}: no pod {key} in {}",
+        origin.what
     )))
 }
 

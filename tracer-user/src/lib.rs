@@ -13,6 +13,7 @@ pub mod daemon;
 pub mod encode;
 pub mod event;
 pub mod explain;
+pub mod identity;
 pub mod k8s;
 pub mod kernel;
 pub mod metrics;

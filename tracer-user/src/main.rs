@@ -4,7 +4,9 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
-    daemon, explain, preflight, replay,
+    daemon, explain,
+    identity::{Identity, IdentityError, IdentityOptions},
+    preflight, replay,
     sinks::{Output, OutputOptions, cli::OutputArgs},
 };
 
@@ -32,7 +34,7 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Evaluate a connection against the NetworkPolicies of a cluster snapshot.
+    /// Evaluate a connection against the NetworkPolicies of a cluster snapshot or the live API.
     Explain(explain::ExplainArgs),
     /// Send a captured droptrace.v1 NDJSON stream through the outputs (no kernel needed).
     Replay(ReplayArgs),
@@ -91,6 +93,18 @@ struct RunArgs {
     new_flows_per_sec: u32,
     #[command(flatten)]
     output: OutputArgs,
+    #[command(flatten)]
+    k8s: droptrace::k8s::ApiArgs,
+    /// Cluster identity from a file: `kubectl get pods,services,endpointslices,namespaces,
+    /// networkpolicies -A -o json`, or YAML manifests.
+    #[arg(long, value_name = "FILE")]
+    k8s_snapshot: Option<PathBuf>,
+    /// Reload --k8s-snapshot when the file changes.
+    #[arg(long, requires = "k8s_snapshot")]
+    watch_snapshot: bool,
+    /// How long the addresses of deleted pods still attribute late events.
+    #[arg(long, default_value = "10m", value_parser = parse_duration)]
+    ip_history: Duration,
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -216,10 +230,37 @@ fn run(args: RunArgs) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };
+    let api = if args.k8s.enabled() {
+        // A bad kubeconfig is bad input, found before anything is loaded.
+        match rt.block_on(args.k8s.connect()) {
+            Ok(conn) => Some(conn),
+            Err(e) => {
+                eprintln!("droptrace: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    } else {
+        None
+    };
+    let identity = match rt.block_on(Identity::start(IdentityOptions {
+        snapshot: args.k8s_snapshot,
+        watch_snapshot: args.watch_snapshot,
+        api,
+        ip_history: args.ip_history,
+    })) {
+        Ok(id) => id,
+        Err(e) => {
+            eprintln!("droptrace: {e}");
+            return ExitCode::from(match e {
+                IdentityError::Input(_) => 2,
+                IdentityError::Api(_) => 1,
+            });
+        }
+    };
     let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false)) else {
         return ExitCode::from(2);
     };
-    match rt.block_on(daemon::run(opts, output)) {
+    match rt.block_on(daemon::run(opts, output, identity)) {
         Ok(summary) => {
             eprintln!("{}", summary.line());
             ExitCode::SUCCESS
@@ -246,7 +287,7 @@ fn explain(args: &explain::ExplainArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("droptrace: {e}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }

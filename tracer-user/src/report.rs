@@ -52,6 +52,7 @@ pub fn process(o: &Owner) -> event::Process {
         comm: o.comm.clone(),
         cgroup_id: o.cgroup_id,
         container_id: o.container_id.clone(),
+        pod_uid: o.pod_uid.clone(),
     }
 }
 

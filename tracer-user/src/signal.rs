@@ -26,6 +26,7 @@ pub struct Owner {
     pub cgroup_id: u64,
     /// From the process's cgroup path when it runs in a container (filled by the daemon).
     pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
 }
 
 /// A TCP state number with this kernel's name for it ("SYN_SENT", ...).

@@ -94,6 +94,7 @@ fn owner(has: u32, o: &tracer_common::Owner) -> Option<Owner> {
         comm: signal::comm(&o.comm),
         cgroup_id: o.cgroup_id,
         container_id: None,
+        pod_uid: None,
     })
 }
 

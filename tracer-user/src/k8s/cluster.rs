@@ -125,8 +125,17 @@ impl Object {
 
     /// Kind, namespace and name as far as the object says (for messages and deletes).
     pub fn object_ref(&self) -> ObjectRef {
-        let meta = self.meta();
-        let kind = self.kind();
+        ObjectRef::from_meta(self.kind(), self.meta())
+    }
+}
+
+impl ObjectRef {
+    /// The reference of a `kind` object with this metadata (the namespace defaults to
+    /// `default` for namespaced kinds, as kubectl does).
+    pub fn from_meta(
+        kind: ObjectKind,
+        meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    ) -> Self {
         let namespace = if kind.namespaced() {
             meta.namespace
                 .clone()

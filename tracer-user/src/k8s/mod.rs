@@ -1,13 +1,15 @@
-//! Kubernetes identity for flows: a model of the cluster fed by snapshot files (and later by
-//! API watchers through [`Cluster::apply`] / [`Cluster::delete`]), address history, cgroup
-//! identity and event enrichment.
+//! Kubernetes identity for flows: a model of the cluster fed by snapshot files or by API
+//! watchers ([`live`]) through [`Cluster::apply`] / [`Cluster::delete`], address history,
+//! cgroup identity and event enrichment.
 pub mod cgroup;
 pub mod cluster;
 pub mod enrich;
 pub mod ip_history;
+pub mod live;
 pub mod model;
 pub mod snapshot;
 
 pub use cluster::{Cluster, DEFAULT_IP_HISTORY, Object, ObjectKind, ObjectRef};
 pub use enrich::{EnrichOptions, FlowQuery, FlowReport, enrich, evaluate_flow};
+pub use live::{ApiArgs, KubeSource, LiveError, LiveOptions};
 pub use snapshot::{Mode, Reload, Skipped, Snapshot, SnapshotError, SnapshotWatcher};

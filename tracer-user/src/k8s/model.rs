@@ -40,6 +40,13 @@ impl ObjectKey {
             name: name.into(),
         }
     }
+
+    /// `NAMESPACE/NAME` as people type it; None unless both parts are there.
+    pub fn parse(spec: &str) -> Option<Self> {
+        spec.split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+            .map(|(ns, name)| Self::new(ns, name))
+    }
 }
 
 impl fmt::Display for ObjectKey {

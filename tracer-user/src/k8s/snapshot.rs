@@ -275,14 +275,17 @@ fn typed<T: serde::de::DeserializeOwned>(
 ) -> Result<Object, String> {
     serde_path_to_error::deserialize::<_, T>(value)
         .map(wrap)
-        .map_err(|e| {
-            let path = e.path().to_string();
-            if path == "." {
-                e.inner().to_string()
-            } else {
-                format!("{path}: {}", e.inner())
-            }
-        })
+        .map_err(path_error)
+}
+
+/// `<json path>: <what>` of a typed deserialisation failure.
+pub(crate) fn path_error<E: std::fmt::Display>(e: serde_path_to_error::Error<E>) -> String {
+    let path = e.path().to_string();
+    if path == "." {
+        e.inner().to_string()
+    } else {
+        format!("{path}: {}", e.inner())
+    }
 }
 
 /// What [`Cluster::apply`] would reject, checked up front so errors carry a position.
@@ -311,7 +314,7 @@ fn json_type(v: &Value) -> &'static str {
     }
 }
 
-fn one_line(s: &str) -> String {
+pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 

@@ -106,6 +106,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         comm: "java".into(),
         cgroup_id: 12345,
         container_id: Some("3f2a9c0d1e".into()),
+        pod_uid: Some("5b1d3a9e-8a7c-4a44-9d55-0f6c1e2b7a10".into()),
     });
     drop.source = Some(pod("shop", "checkout-7d9f", "10.244.1.17", "node-a"));
     let mut db = pod("data", "oracle-0", "10.244.2.9", "node-b");

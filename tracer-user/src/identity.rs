@@ -1,0 +1,186 @@
+//! The enrich stage's view of the cluster: one `Cluster` fed by a snapshot file (reloaded on
+//! change with --watch-snapshot) or by the live API, and the node-local identity of processes
+//! (pod UID from the cgroup path). The daemon owns it on its single thread: lookups take no
+//! lock.
+use std::{path::PathBuf, time::Duration};
+
+use crate::{
+    clock,
+    event::{Event, Kind, Lost, LostSource},
+    k8s::{
+        self, Cluster, EnrichOptions, KubeSource, LiveOptions, SnapshotWatcher, live::Connection,
+    },
+};
+
+pub struct IdentityOptions {
+    pub snapshot: Option<PathBuf>,
+    pub watch_snapshot: bool,
+    pub api: Option<Connection>,
+    pub ip_history: Duration,
+}
+
+pub struct Identity {
+    cluster: Cluster,
+    snapshot: Option<SnapshotWatcher>,
+    watch_snapshot: bool,
+    api: Option<KubeSource>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// Bad input: the CLI exits 2.
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Api(String),
+}
+
+impl Identity {
+    /// Loads the snapshot (strictly: any bad object is an error) or lists the live API (waits
+    /// for every cache); None when no source is configured.
+    pub async fn start(opts: IdentityOptions) -> Result<Option<Self>, IdentityError> {
+        match (opts.snapshot, opts.api) {
+            (Some(_), Some(_)) => Err(IdentityError::Input(
+                "--k8s-snapshot and --k8s-api/--kubeconfig are alternatives; pass one".into(),
+            )),
+            (Some(path), None) => {
+                let (watcher, cluster) =
+                    SnapshotWatcher::start(&path, k8s::model::now(), opts.ip_history)
+                        .map_err(|e| IdentityError::Input(e.to_string()))?;
+                Ok(Some(Self {
+                    cluster,
+                    snapshot: Some(watcher),
+                    watch_snapshot: opts.watch_snapshot,
+                    api: None,
+                }))
+            }
+            (None, Some(conn)) => {
+                let live = LiveOptions {
+                    ip_history: opts.ip_history,
+                    ..LiveOptions::default()
+                };
+                let (source, cluster) = KubeSource::start(&conn, &live).await.map_err(|e| {
+                    if e.is_input() {
+                        IdentityError::Input(e.to_string())
+                    } else {
+                        IdentityError::Api(e.to_string())
+                    }
+                })?;
+                Ok(Some(Self {
+                    cluster,
+                    snapshot: None,
+                    watch_snapshot: false,
+                    api: Some(source),
+                }))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        &self.cluster
+    }
+
+    /// Fills `source`, `destination` and `policy` of drop and stall events. A stall of an
+    /// Oracle second leg gets a fix covering both the listener port and the redirect port.
+    pub fn enrich(&self, e: &mut Event) {
+        if !matches!(e.kind, Kind::Drop | Kind::Stall) {
+            return;
+        }
+        let mut extra_ports = Vec::new();
+        if let Some(o) = &e.oracle {
+            let port = e.flow.as_ref().map(|f| f.dst_port);
+            for p in [
+                o.listener.as_ref().map(|l| l.port),
+                o.redirect.as_ref().map(|r| r.port),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if Some(p) != port && !extra_ports.contains(&p) {
+                    extra_ports.push(p);
+                }
+            }
+        }
+        k8s::enrich(&self.cluster, e, &EnrichOptions { extra_ports });
+        // Node-local identity: the connecting process's pod, from its cgroup, when the
+        // address alone does not name it (hostNetwork pods share the node address).
+        if let Some(uid) = e.process.as_ref().and_then(|p| p.pod_uid.clone())
+            && let Some(src) = e.source.as_mut()
+            && src.pod.is_none()
+            && let Some(pod) = self.cluster.pod_by_uid(&uid)
+            && let Some(ip) = src.ip
+        {
+            *src = k8s::enrich::pod_endpoint(&self.cluster, pod, ip);
+        }
+    }
+
+    /// Snapshot reloads and API objects skipped since the last call, as `lost` events.
+    pub fn poll(&mut self, node: &str) -> Vec<Event> {
+        let mut out = Vec::new();
+        if self.watch_snapshot
+            && let Some(w) = self.snapshot.as_mut()
+        {
+            match w.poll(&mut self.cluster, k8s::model::now()) {
+                Ok(Some(reload)) => {
+                    tracing::info!(
+                        objects = reload.objects,
+                        skipped = reload.skipped.len(),
+                        "reloaded {}",
+                        w.path().display()
+                    );
+                    for s in &reload.skipped {
+                        tracing::warn!("snapshot: skipped {s}");
+                    }
+                    if !reload.skipped.is_empty() {
+                        out.push(lost(
+                            node,
+                            reload.skipped.len() as u64,
+                            "k8s_object_skipped",
+                        ));
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!("snapshot not reloaded: {e}"),
+            }
+        }
+        if let Some(api) = self.api.as_mut() {
+            let report = api.take_skipped();
+            for s in &report.reasons {
+                tracing::warn!("Kubernetes API: skipped {s}");
+            }
+            if let Some(l) = report.lost() {
+                let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), node);
+                e.count = report.count;
+                e.lost = Some(l);
+                out.push(e);
+            }
+        }
+        out
+    }
+
+    /// Resolves when the live API has updates to apply (never without one).
+    pub async fn changed(&mut self) {
+        match self.api.as_mut() {
+            Some(api) => api.changed().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    pub fn apply(&mut self) {
+        if let Some(api) = self.api.as_mut() {
+            api.apply(&mut self.cluster);
+        }
+    }
+}
+
+fn lost(node: &str, count: u64, reason: &str) -> Event {
+    let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), node);
+    e.count = count;
+    e.lost = Some(Lost {
+        source: LostSource::Input,
+        reason: reason.to_string(),
+        sink: None,
+    });
+    e
+}
