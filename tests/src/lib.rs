@@ -4,6 +4,7 @@
 //! process. Everything a fixture creates is removed on drop, also when a test fails.
 pub mod deploy;
 pub mod netns;
+pub mod netpol_render;
 pub mod oracle_client;
 pub mod oracledb_client;
 pub mod scenario;
