@@ -45,7 +45,20 @@ pub struct Finished {
 impl Droptrace {
     /// Starts `droptrace run ARGS` and waits until it reports its programs attached.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(binary())
+        Self::start_with(&[], args)
+    }
+
+    /// Like `start`, behind a wrapper command (e.g. `setpriv ... --`).
+    pub fn start_with(wrapper: &[&str], args: &[&str]) -> Self {
+        let mut cmd = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary());
+                c
+            }
+            None => Command::new(binary()),
+        };
+        let mut child = cmd
             .arg("run")
             .args(args)
             .env("DROPTRACE_LOG", "info")

@@ -117,3 +117,51 @@ fn default_deny_egress_is_named_and_its_fix_lets_the_client_in() {
     );
     let _ = std::fs::remove_file(&file);
 }
+
+#[test]
+fn pod_flag_keeps_only_that_pods_flows() {
+    let mine = AppDb::new(Family::V4);
+    let other = AppDb::new(Family::V4);
+    mine.iptables_drop_ingress(1521);
+    other.iptables_drop_ingress(1521);
+    let snapshot = json!({
+        "apiVersion": "v1", "kind": "List",
+        "items": [
+            namespace("app"),
+            pod("app", "client", "11111111-2222-3333-4444-555555555555", json!({"app": "client"}), &mine.app_ip.to_string(), None),
+        ]
+    });
+    let file = scratch_dir().join(format!("snapshot-pod-{}.json", std::process::id()));
+    std::fs::write(&file, serde_json::to_vec(&snapshot).unwrap()).unwrap();
+    let tracer = Droptrace::start(&[
+        "--for",
+        "30s",
+        "--pod",
+        "app/client",
+        "--k8s-snapshot",
+        file.to_str().unwrap(),
+    ]);
+    let a = oracle_client::Connect::start(&mine.app, mine.db_ip, 1521, "ORCLPDB1", 2.0);
+    let b = oracle_client::Connect::start(&other.app, other.db_ip, 1521, "ORCLPDB1", 2.0);
+    a.wait();
+    b.wait();
+    tracer
+        .wait_for(Duration::from_secs(8), |v| {
+            str_at(v, "kind") == "stall" && str_at(v, "flow.src_ip") == mine.app_ip.to_string()
+        })
+        .expect("the pod's stall");
+    let fin = tracer.stop();
+    let theirs = other.app_ip.to_string();
+    assert!(
+        !fin.events
+            .iter()
+            .any(|v| str_at(v, "flow.src_ip") == theirs || str_at(v, "flow.dst_ip") == theirs),
+        "another pod's flows are filtered out"
+    );
+    assert!(
+        fin.events
+            .iter()
+            .any(|v| str_at(v, "kind") == "drop" && str_at(v, "source.pod") == "client")
+    );
+    let _ = std::fs::remove_file(&file);
+}

@@ -42,6 +42,8 @@ pub struct RunOptions {
     pub agg_entries: u32,
     /// New-flow drop records per second per CPU before a storm is folded per destination.
     pub new_flows_per_sec: u32,
+    /// `--pod NAMESPACE/NAME`: only events of this pod's flows (needs an identity source).
+    pub pod: Option<String>,
 }
 
 /// Totals printed to stderr at exit.
@@ -104,6 +106,8 @@ const REDIRECT_WATCH_NS: u64 = 600_000_000_000;
 
 struct Pipeline {
     identity: Option<Identity>,
+    /// `--pod`: the pod and its addresses, refreshed as the cluster changes.
+    pod: Option<(String, Vec<std::net::IpAddr>)>,
     tns: TnsTracker,
     watch: Option<Watch>,
     reported_malformed: u64,
@@ -130,6 +134,12 @@ fn record<T: Copy>(bytes: &[u8]) -> Option<T> {
 
 impl Pipeline {
     fn emit(&mut self, event: &Event) {
+        if let (Some((_, ips)), Some(f)) = (&self.pod, &event.flow)
+            && !ips.contains(&f.src_ip)
+            && !ips.contains(&f.dst_ip)
+        {
+            return;
+        }
         match &self.identity {
             Some(id) if matches!(event.kind, Kind::Drop | Kind::Stall) => {
                 let mut e = event.clone();
@@ -448,7 +458,15 @@ pub async fn run(
         .drop_agg
         .take()
         .map(|m| DropAggregator::new(m, 2 * opts.flush.as_nanos() as u64));
+    let pod = match (&opts.pod, &identity) {
+        (Some(spec), Some(id)) => {
+            Some((spec.clone(), id.pod_ips(spec).map_err(anyhow::Error::msg)?))
+        }
+        (Some(_), None) => anyhow::bail!("--pod needs --k8s-api, --kubeconfig or --k8s-snapshot"),
+        (None, _) => None,
+    };
     let mut p = Pipeline {
+        pod,
         identity,
         tns: TnsTracker::new(opts.ports.iter().copied()),
         watch: tracer.watch.take(),
@@ -539,6 +557,12 @@ pub async fn run(
             } => {
                 if let Some(id) = p.identity.as_mut() {
                     id.apply();
+                    // A re-created pod can come back with another address.
+                    if let Some((spec, ips)) = p.pod.as_mut()
+                        && let Ok(now) = id.pod_ips(spec)
+                    {
+                        *ips = now;
+                    }
                 }
             }
             _ = poll.tick() => {

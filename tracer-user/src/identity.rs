@@ -81,6 +81,13 @@ impl Identity {
         &self.cluster
     }
 
+    /// `--pod NAMESPACE/NAME`: its current addresses (one line on error).
+    pub fn pod_ips(&self, spec: &str) -> Result<Vec<std::net::IpAddr>, String> {
+        k8s::live::pod_addresses(&self.cluster, spec)
+            .map(|p| p.ips)
+            .map_err(|e| format!("--pod: {e}"))
+    }
+
     /// Fills `source`, `destination` and `policy` of drop and stall events. A stall of an
     /// Oracle second leg gets a fix covering both the listener port and the redirect port.
     pub fn enrich(&self, e: &mut Event) {

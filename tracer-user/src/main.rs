@@ -61,8 +61,12 @@ struct RunArgs {
     #[arg(long)]
     all_tcp: bool,
     /// Stop after this long (e.g. 30s, 5m).
-    #[arg(long, value_parser = parse_duration)]
+    #[arg(long, visible_alias = "for", value_parser = parse_duration)]
     duration: Option<Duration>,
+    /// Only this pod's flows (`NAMESPACE/NAME`, resolved from --k8s-api/--kubeconfig or
+    /// --k8s-snapshot).
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    pod: Option<String>,
     /// Stop after this many events.
     #[arg(long)]
     max_events: Option<u64>,
@@ -226,6 +230,7 @@ fn run(args: RunArgs) -> ExitCode {
         flush: args.flush,
         agg_entries: args.agg_entries,
         new_flows_per_sec: args.new_flows_per_sec,
+        pod: args.pod.clone(),
     };
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
@@ -257,6 +262,16 @@ fn run(args: RunArgs) -> ExitCode {
             });
         }
     };
+    if let Some(spec) = &opts.pod {
+        let resolved = match &identity {
+            Some(id) => id.pod_ips(spec).map(|_| ()),
+            None => Err("--pod needs --k8s-api, --kubeconfig or --k8s-snapshot".to_string()),
+        };
+        if let Err(e) = resolved {
+            eprintln!("droptrace: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false)) else {
         return ExitCode::from(2);
     };

@@ -11,8 +11,17 @@ use crate::{
     },
 };
 
-/// Capabilities `run` needs (CAP_SYS_ADMIN covers the first two).
-pub const REQUIRED_CAPS: [u32; 3] = [caps::CAP_BPF, caps::CAP_PERFMON, caps::CAP_NET_ADMIN];
+/// Capabilities `run` needs, each proven necessary by tests/tests/privileges.rs (the same list
+/// as deploy/capabilities.txt): BPF to load, PERFMON to attach tracepoints and read kernel
+/// memory, NET_ADMIN for the cgroup_skb programs, SYSLOG for kallsyms addresses (drop
+/// locations), DAC_READ_SEARCH for the root-only tracefs.
+pub const REQUIRED_CAPS: [u32; 5] = [
+    caps::CAP_BPF,
+    caps::CAP_PERFMON,
+    caps::CAP_NET_ADMIN,
+    caps::CAP_SYSLOG,
+    caps::CAP_DAC_READ_SEARCH,
+];
 
 #[derive(Debug, Serialize)]
 pub struct Check {
@@ -55,7 +64,8 @@ pub fn missing_privileges() -> Option<String> {
     }
     let names: Vec<_> = missing.iter().map(|&c| caps::name(c)).collect();
     Some(format!(
-        "missing capability {} (run as root, or grant CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN)",
+        "missing capability {} (run as root, or grant CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, \
+         CAP_SYSLOG and CAP_DAC_READ_SEARCH)",
         names.join(", ")
     ))
 }

@@ -1,8 +1,11 @@
 //! Effective capabilities of this process, for naming the one that is missing.
 use std::fs;
 
+pub const CAP_DAC_OVERRIDE: u32 = 1;
+pub const CAP_DAC_READ_SEARCH: u32 = 2;
 pub const CAP_NET_ADMIN: u32 = 12;
 pub const CAP_SYS_ADMIN: u32 = 21;
+pub const CAP_SYSLOG: u32 = 34;
 pub const CAP_PERFMON: u32 = 38;
 pub const CAP_BPF: u32 = 39;
 
@@ -12,6 +15,9 @@ pub fn name(cap: u32) -> &'static str {
         CAP_SYS_ADMIN => "CAP_SYS_ADMIN",
         CAP_PERFMON => "CAP_PERFMON",
         CAP_BPF => "CAP_BPF",
+        CAP_SYSLOG => "CAP_SYSLOG",
+        CAP_DAC_READ_SEARCH => "CAP_DAC_READ_SEARCH",
+        CAP_DAC_OVERRIDE => "CAP_DAC_OVERRIDE",
         _ => "CAP_?",
     }
 }
@@ -32,7 +38,7 @@ pub fn parse_cap_eff(status: &str) -> Option<u64> {
 }
 
 /// The capabilities tracing needs that `mask` lacks. CAP_SYS_ADMIN stands in for CAP_BPF and
-/// CAP_PERFMON (kernels before 5.8 only know it).
+/// CAP_PERFMON (kernels before 5.8 only know it), CAP_DAC_OVERRIDE for CAP_DAC_READ_SEARCH.
 pub fn missing(mask: u64, needed: &[u32]) -> Vec<u32> {
     let has = |c: u32| mask & (1u64 << c) != 0;
     needed

@@ -1,0 +1,98 @@
+//! Least privilege, proven: droptrace run as an unprivileged user holding exactly the
+//! capabilities of deploy/capabilities.txt traces the sqlplus stall; without any one of them it
+//! refuses with one line naming the missing capability.
+use std::{process::Command, time::Duration};
+
+use droptrace_tests::{
+    deploy::capabilities,
+    netns::{AppDb, Family},
+    oracle_client, require_root,
+    tracer::{Droptrace, at, binary, str_at},
+};
+
+/// setpriv arguments: uid/gid 65534 (nobody), no groups, exactly `caps` (ambient, so they
+/// survive exec as a non-root user).
+fn as_nobody_with(caps: &[String]) -> Vec<String> {
+    let list = if caps.is_empty() {
+        "-all".to_string()
+    } else {
+        format!(
+            "-all,{}",
+            caps.iter()
+                .map(|c| format!("+{}", c.to_lowercase()))
+                .collect::<Vec<_>>()
+                .join(",")
+        )
+    };
+    vec![
+        "setpriv".into(),
+        "--reuid=65534".into(),
+        "--regid=65534".into(),
+        "--clear-groups".into(),
+        format!("--inh-caps={list}"),
+        format!("--ambient-caps={list}"),
+        format!("--bounding-set={list}"),
+        "--".into(),
+    ]
+}
+
+#[test]
+fn documented_capabilities_suffice_to_trace_the_sqlplus_stall() {
+    require_root();
+    let caps = capabilities();
+    assert!(!caps.is_empty());
+    println!("capabilities: {caps:?}");
+    let topo = AppDb::new(Family::V4);
+    topo.iptables_drop_ingress(1521);
+    let wrapper = as_nobody_with(&caps);
+    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+    let tracer = Droptrace::start_with(&wrapper, &[]);
+
+    let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, "ORCLPDB1", 3.0);
+    assert!(out.error.contains("timed out"), "{out:?}");
+    let db = topo.db_ip.to_string();
+    let s = tracer
+        .wait_for(Duration::from_secs(8), |v| {
+            str_at(v, "kind") == "stall"
+                && str_at(v, "flow.dst_ip") == db
+                && str_at(v, "attempt.outcome") == "timeout"
+        })
+        .unwrap_or_else(|| panic!("no stall as nobody: {:#?}", tracer.events()));
+    let fin = tracer.stop();
+    assert_eq!(fin.code, Some(0), "{}", fin.stderr);
+    println!("stall as uid 65534 with {caps:?}: {s}");
+    let drops = at(&s, "drops").as_array().unwrap();
+    assert_eq!(str_at(&drops[0], "reason"), "NETFILTER_DROP");
+    // CAP_SYSLOG: the dropping function is named, not a bare address.
+    assert!(str_at(&drops[0], "location").contains("+0x"), "{s}");
+    assert!(!str_at(&drops[0], "location").starts_with("0x"), "{s}");
+    assert!(str_at(&s, "process.comm").starts_with("python"), "{s}");
+}
+
+#[test]
+fn each_missing_capability_is_named() {
+    require_root();
+    let caps = capabilities();
+    for missing in &caps {
+        let rest: Vec<String> = caps.iter().filter(|c| *c != missing).cloned().collect();
+        let wrapper = as_nobody_with(&rest);
+        let out = Command::new(&wrapper[0])
+            .args(&wrapper[1..])
+            .arg(binary())
+            .args(["run", "--duration", "1s"])
+            .output()
+            .expect("setpriv");
+        let err = String::from_utf8_lossy(&out.stderr);
+        println!(
+            "without {missing}: exit {:?}: {}",
+            out.status.code(),
+            err.trim()
+        );
+        assert_eq!(out.status.code(), Some(2), "without {missing}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(&format!("missing capability CAP_{missing}")),
+            "without {missing}: {err}"
+        );
+    }
+}
