@@ -85,7 +85,7 @@ impl DropAggregator {
                         tcp_flags: flags,
                         reason: symbols.drop_reason(key.reason),
                         reason_code: key.reason,
-                        location: symbols.kallsyms.symbolize(key.location),
+                        location: symbols.location(key.location),
                         netns,
                         ifindex,
                         count: 0,

@@ -140,7 +140,7 @@ impl Pipeline {
         {
             return;
         }
-        match &self.identity {
+        match &mut self.identity {
             Some(id) if matches!(event.kind, Kind::Drop | Kind::Stall) => {
                 let mut e = event.clone();
                 id.enrich(&mut e);

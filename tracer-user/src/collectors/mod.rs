@@ -17,7 +17,7 @@ pub enum LayoutError {
     Missing(String),
 }
 
-use std::{collections::HashMap, path::Path};
+use std::{cell::RefCell, collections::HashMap, path::Path};
 
 use tracer_common::{CtLayout, SkbLayout, TcpLayout};
 
@@ -31,9 +31,24 @@ pub struct Symbols {
     pub drop_reasons: HashMap<u32, String>,
     pub tcp_states: tcp_state::StateNames,
     pub ct: conntrack::CtNames,
+    /// `function+0xoffset` by address: drops come from a handful of places, and formatting
+    /// each one anew was a measurable part of decoding.
+    pub locations: RefCell<HashMap<u64, String>>,
 }
 
 impl Symbols {
+    pub fn location(&self, addr: u64) -> String {
+        let mut cache = self.locations.borrow_mut();
+        if let Some(s) = cache.get(&addr) {
+            return s.clone();
+        }
+        let s = self.kallsyms.symbolize(addr);
+        if cache.len() < 4096 {
+            cache.insert(addr, s.clone());
+        }
+        s
+    }
+
     pub fn drop_reason(&self, code: u32) -> String {
         self.drop_reasons
             .get(&code)

@@ -49,7 +49,7 @@ pub fn decode(rec: &DropEvent, symbols: &Symbols) -> DropSignal {
         tcp_flags: rec.tcp_flags,
         reason: symbols.drop_reason(rec.reason),
         reason_code: rec.reason,
-        location: symbols.kallsyms.symbolize(rec.location),
+        location: symbols.location(rec.location),
         netns: rec.netns,
         ifindex: rec.ifindex,
         count: u64::from(rec.count.max(1)),

@@ -526,6 +526,7 @@ impl Output {
                     has_spool: spool.is_some(),
                     shared: Mutex::new(Shared { spool, spooling }),
                     batch: opts.batch.max(1),
+                    last_self_report: Mutex::new(None),
                 }),
                 transport,
                 rx,
@@ -668,7 +669,13 @@ struct SinkCtx {
     has_spool: bool,
     shared: Mutex<Shared>,
     batch: usize,
+    /// When this sink last announced its own discards: at most once per
+    /// [`SELF_REPORT_EVERY`] while running, so a sustained overload is one `lost` record a
+    /// second, not one per queue drain.
+    last_self_report: Mutex<Option<std::time::Instant>>,
 }
+
+const SELF_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 struct Shared {
     spool: Option<spool::Spool>,
@@ -680,6 +687,22 @@ impl SinkCtx {
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         // A panic while holding the lock cannot leave the spool worse than a crash would.
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Discards of this sink not yet announced to itself.
+    fn pending_self(&self) -> bool {
+        DISCARDS.iter().any(|w| {
+            let i = *w as usize;
+            self.stats.discarded[i].load(Ordering::Relaxed)
+                > self.stats.reported_self[i].load(Ordering::Relaxed)
+        })
+    }
+
+    fn self_report_due(&self) -> bool {
+        self.last_self_report
+            .lock()
+            .map(|t| t.is_none_or(|t| t.elapsed() >= SELF_REPORT_EVERY))
+            .unwrap_or(true)
     }
 
     fn update_gauge(&self, sh: &Shared) {
@@ -1037,7 +1060,8 @@ async fn delivery(
         let mut source = Source::Direct;
         drain(&mut direct, ctx.batch, &mut batch);
         if batch.is_empty() {
-            match from_spool_or_self(&ctx, &lost) {
+            let urgent = !direct_open || *phase.borrow() != Phase::Running;
+            match from_spool_or_self(&ctx, &lost, urgent) {
                 Ok(Some((b, src))) => {
                     batch = b;
                     source = src;
@@ -1063,6 +1087,8 @@ async fn delivery(
                     None => { direct_open = false; continue; }
                 },
                 _ = phase.changed() => continue,
+                // Discards held back by the once-a-second limit: announce them when due.
+                _ = tokio::time::sleep(SELF_REPORT_EVERY), if ctx.pending_self() => continue,
             }
             drain(&mut direct, ctx.batch, &mut batch);
         }
@@ -1152,9 +1178,11 @@ async fn delivery(
 
 /// With the direct channel empty: the spool head, else (caught up) this sink's own pending
 /// discard announcements, else nothing.
+/// `urgent` (draining): announce pending discards now, not at the next one-second mark.
 fn from_spool_or_self(
     ctx: &SinkCtx,
     lost: &LostMaker,
+    urgent: bool,
 ) -> std::io::Result<Option<(Vec<Arc<Record>>, Source)>> {
     let mut sh = ctx.lock();
     if let Some(sp) = sh.spool.as_mut().filter(|s| !s.is_empty()) {
@@ -1175,8 +1203,11 @@ fn from_spool_or_self(
         })
         .filter(|(_, n)| *n > 0)
         .collect();
-    if pending.is_empty() {
+    if pending.is_empty() || !(urgent || ctx.self_report_due()) {
         return Ok(None);
+    }
+    if let Ok(mut t) = ctx.last_self_report.lock() {
+        *t = Some(std::time::Instant::now());
     }
     let batch = pending
         .iter()
