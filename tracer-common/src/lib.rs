@@ -20,6 +20,14 @@ pub mod kind {
     pub const TNS: u8 = 5;
 }
 
+/// Bits of the per-port WATCH_PORTS array.
+pub mod watch {
+    /// Watched on every address.
+    pub const PORT_ALL: u8 = 1;
+    /// Watched on learned addresses only (see WATCH_HOSTPORTS).
+    pub const PORT_HOSTS: u8 = 2;
+}
+
 /// Bytes of a TNS packet copied to userspace: enough for a REDIRECT address, a REFUSE text or
 /// a CONNECT descriptor, without copying whole payloads.
 pub const TNS_CAPTURE: usize = 512;

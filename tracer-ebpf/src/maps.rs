@@ -3,7 +3,7 @@
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
     CtLayout, DropAgg, DropKey, Flow, HostPort, Owner, RateWindow, Settings, SkbLayout, TcpLayout,
@@ -41,9 +41,12 @@ pub fn ro<T: Copy>(field: &T) -> T {
 #[map]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(1 << 20, 0);
 
-/// Watched TCP ports (value unused). Userspace fills the defaults or `--ports`.
+/// Per TCP port: bit `PORT_ALL` = watched on every address (the defaults or `--ports`), bit
+/// `PORT_HOSTS` = watched on some learned addresses (look in WATCH_HOSTPORTS). An array, not a
+/// hash: the cgroup_skb programs check every packet of every local socket, and an array
+/// lookup is a bounds check and a load.
 #[map]
-pub static WATCH_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(1024, 0);
+pub static WATCH_PORTS: Array<u8> = Array::with_max_entries(65536, 0);
 
 /// Watched (address, port) pairs learned at run time, with an expiry.
 #[map]
@@ -89,18 +92,25 @@ pub fn wakeup_flags() -> u64 {
     }
 }
 
+use tracer_common::watch::{PORT_ALL, PORT_HOSTS};
+
+#[inline(always)]
+fn port_bits(port: u16) -> u8 {
+    WATCH_PORTS.get(port as u32).copied().unwrap_or(0)
+}
+
 #[inline(always)]
 pub fn port_watched(sport: u16, dport: u16) -> bool {
     if ro(&SETTINGS.all_tcp) != 0 {
         return true;
     }
-    unsafe { WATCH_PORTS.get(dport).is_some() || WATCH_PORTS.get(sport).is_some() }
+    (port_bits(dport) | port_bits(sport)) & PORT_ALL != 0
 }
 
-/// In the port map (ignoring --all-tcp).
+/// Watched on every address (ignoring --all-tcp).
 #[inline(always)]
 pub fn port_watched_strict(port: u16) -> bool {
-    unsafe { WATCH_PORTS.get(port).is_some() }
+    port_bits(port) & PORT_ALL != 0
 }
 
 #[inline(always)]
@@ -144,7 +154,22 @@ pub fn new_flow_allowed(now: u64) -> bool {
 /// A watched port at either end, or a learned (address, port) at either end.
 #[inline(always)]
 pub fn flow_watched(f: &Flow) -> bool {
-    port_watched(f.sport, f.dport)
-        || host_port_watched(f.family, &f.daddr, f.dport)
-        || host_port_watched(f.family, &f.saddr, f.sport)
+    if ro(&SETTINGS.all_tcp) != 0 {
+        return true;
+    }
+    ports_watched(f, port_bits(f.sport), port_bits(f.dport))
+}
+
+/// `flow_watched` with the port bits already looked up.
+#[inline(always)]
+pub fn ports_watched(f: &Flow, sbits: u8, dbits: u8) -> bool {
+    (sbits | dbits) & PORT_ALL != 0
+        || (dbits & PORT_HOSTS != 0 && host_port_watched(f.family, &f.daddr, f.dport))
+        || (sbits & PORT_HOSTS != 0 && host_port_watched(f.family, &f.saddr, f.sport))
+}
+
+/// Whether a packet between these ports can be of interest at all (cheap pre-filter).
+#[inline(always)]
+pub fn any_port_of_interest(a: u16, b: u16) -> bool {
+    ro(&SETTINGS.all_tcp) != 0 || (port_bits(a) | port_bits(b)) != 0
 }

@@ -53,6 +53,20 @@ impl Reader for Packet<'_> {
 }
 
 fn try_tns(ctx: &SkBuffContext, direction: u32) -> Result<(), i64> {
+    // Every packet of every local socket passes here: reject by the socket's ports before
+    // reading any packet byte. local_port is host order; remote_port holds the network-order
+    // port in its upper 16 bits on little-endian machines (the kernel's context rewrite).
+    // SAFETY: the context pointer of a cgroup_skb program.
+    let (local, remote) = unsafe {
+        let skb = ctx.skb.skb;
+        (
+            (*skb).local_port as u16,
+            u16::from_be(((*skb).remote_port >> 16) as u16),
+        )
+    };
+    if !maps::any_port_of_interest(local, remote) {
+        return Ok(());
+    }
     let p = Packet(ctx);
     let Some(pkt) = parse_tcp(&p, 0, 0)? else {
         return Ok(());

@@ -4,7 +4,7 @@ use std::{collections::HashSet, os::fd::AsRawFd as _};
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
@@ -65,7 +65,7 @@ fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
 
 /// The in-kernel watch sets the daemon extends at run time.
 pub struct Watch {
-    ports: BpfHashMap<MapData, u16, u8>,
+    ports: Array<MapData, u8>,
     hostports: BpfHashMap<MapData, HostPort, u64>,
 }
 
@@ -95,17 +95,22 @@ impl Watch {
             .map_err(|source| TracerError::Map {
                 map: "WATCH_HOSTPORTS",
                 source,
-            })
+            })?;
+        self.set_port_bit(addr.port(), tracer_common::watch::PORT_HOSTS)
     }
 
     /// Watch a port on every address.
     pub fn port(&mut self, port: u16) -> Result<(), TracerError> {
-        self.ports
-            .insert(port, 1, 0)
-            .map_err(|source| TracerError::Map {
-                map: "WATCH_PORTS",
-                source,
-            })
+        self.set_port_bit(port, tracer_common::watch::PORT_ALL)
+    }
+
+    fn set_port_bit(&mut self, port: u16, bit: u8) -> Result<(), TracerError> {
+        let err = |source| TracerError::Map {
+            map: "WATCH_PORTS",
+            source,
+        };
+        let old = self.ports.get(&u32::from(port), 0).map_err(err)?;
+        self.ports.set(u32::from(port), old | bit, 0).map_err(err)
     }
 }
 
@@ -180,7 +185,7 @@ impl Tracer {
         };
 
         let mut watch = Watch {
-            ports: BpfHashMap::try_from(
+            ports: Array::try_from(
                 ebpf.take_map("WATCH_PORTS")
                     .expect("object defines WATCH_PORTS"),
             )

@@ -28,7 +28,9 @@ pub fn run() -> anyhow::Result<Vec<(String, (String, String))>> {
         status(
             Command::new("cargo")
                 .current_dir(&root)
-                .env("DROPTRACE_EBPF", "stub")
+                // The real object, as the release binary under test has: a stub here would
+                // rebuild target/release/droptrace without its eBPF programs.
+                .env("DROPTRACE_EBPF", "build")
                 .args(["bench", "-p", "tracer-user", "--bench", bench])
                 .stdout(Stdio::null()),
         )
@@ -98,7 +100,7 @@ pub fn snapshot_rss(droptrace: &Path, scratch: &Path) -> anyhow::Result<Option<(
     status(
         Command::new("cargo")
             .current_dir(&root)
-            .env("DROPTRACE_EBPF", "stub")
+            .env("DROPTRACE_EBPF", "build")
             .args([
                 "run",
                 "--quiet",
@@ -120,6 +122,9 @@ pub fn snapshot_rss(droptrace: &Path, scratch: &Path) -> anyhow::Result<Option<(
         let mut child = c.stdout(Stdio::null()).stderr(Stdio::null()).spawn()?;
         // Attached and settled.
         thread::sleep(Duration::from_secs(5));
+        if let Ok(Some(st)) = child.try_wait() {
+            anyhow::bail!("droptrace exited during the memory measurement ({st})");
+        }
         let kib = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
             .unwrap_or_default()
             .lines()
