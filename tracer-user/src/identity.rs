@@ -63,6 +63,15 @@ impl Identity {
     /// Loads the snapshot (strictly: any bad object is an error) or lists the live API (waits
     /// for every cache); None when no source is configured.
     pub async fn start(opts: IdentityOptions) -> Result<Option<Self>, IdentityError> {
+        let id = Self::load(opts).await;
+        // Parsing a large cluster leaves megabytes of freed JSON and API objects in the heap;
+        // hand them back to the system rather than carry them for the life of the daemon.
+        // SAFETY: malloc_trim only releases free memory.
+        unsafe { libc::malloc_trim(0) };
+        id
+    }
+
+    async fn load(opts: IdentityOptions) -> Result<Option<Self>, IdentityError> {
         match (opts.snapshot, opts.api) {
             (Some(_), Some(_)) => Err(IdentityError::Input(
                 "--k8s-snapshot and --k8s-api/--kubeconfig are alternatives; pass one".into(),

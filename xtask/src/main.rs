@@ -57,7 +57,7 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         iperf_secs: u64,
         /// Alternating traced/untraced iperf3 rounds.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
     /// Build the container image (Dockerfile) with docker, podman or buildah.
