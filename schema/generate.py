@@ -42,7 +42,8 @@ NATIVE_DEFS = {
         "proto": {"const": "tcp"},
         "family": {"enum": ["ipv4", "ipv6"]},
         "src_ip": IP, "src_port": U16, "dst_ip": IP, "dst_port": U16,
-    }, desc="The flow as seen on the wire at the drop point."),
+    }, {"community_id": {"type": "string", "pattern": "^1:[A-Za-z0-9+/]{27}=$"}},
+        desc="The flow as seen on the wire at the drop point."),
     "tcp": obj({"flags": {"type": "string", "pattern": f"^({FLAG}(\\|{FLAG})*)?$",
                           "description": "Set flags joined by '|', \"\" when none."}}),
     "drop": obj({

@@ -76,6 +76,7 @@ fn bench(c: &mut Criterion) {
         src_port: 40000,
         dst_ip: denied.dst,
         dst_port: 1521,
+        community_id: None,
     });
     event.tcp = Some(Tcp {
         flags: "SYN".into(),

@@ -133,6 +133,10 @@ pub struct Flow {
     pub src_port: u16,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// Community ID v1 of the flow (direction independent; the same value Zeek, Suricata and
+    /// Elastic compute), for joining with other sources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub community_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

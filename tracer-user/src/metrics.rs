@@ -352,6 +352,7 @@ mod tests {
             src_port: 40000,
             dst_ip: "10.0.0.2".parse().unwrap(),
             dst_port: port,
+            community_id: None,
         });
         e.source = Some(Endpoint {
             namespace: Some("ns".into()),

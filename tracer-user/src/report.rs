@@ -20,6 +20,12 @@ pub fn flow(k: &FlowKey) -> event::Flow {
         src_port: k.src.port(),
         dst_ip: k.dst.ip(),
         dst_port: k.dst.port(),
+        community_id: crate::encode::community_id::tcp(
+            k.src.ip(),
+            k.src.port(),
+            k.dst.ip(),
+            k.dst.port(),
+        ),
     }
 }
 

@@ -65,6 +65,7 @@ fn drop_event(time: &str, src: &str, sport: u16, dst: &str, dport: u16, flags: &
         src_port: sport,
         dst_ip: ip(dst),
         dst_port: dport,
+        community_id: None,
     });
     e.tcp = Some(Tcp {
         flags: flags.into(),

@@ -106,7 +106,10 @@ mod tests {
         assert_eq!(
             v["flow"],
             serde_json::json!({"proto":"tcp","family":"ipv4","src_ip":"10.0.0.1","src_port":40000,
-                               "dst_ip":"10.0.0.2","dst_port":1521})
+                               "dst_ip":"10.0.0.2","dst_port":1521,
+                               "community_id": crate::encode::community_id::tcp(
+                                   "10.0.0.1".parse().unwrap(), 40000,
+                                   "10.0.0.2".parse().unwrap(), 1521)})
         );
         assert_eq!(v["tcp"]["flags"], "SYN");
         assert_eq!(

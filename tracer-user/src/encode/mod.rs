@@ -75,6 +75,22 @@ pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
 /// One NDJSON line (without the newline).
 pub fn native(event: &Event, buf: &mut Vec<u8>) {
     buf.clear();
+    // Records made by the daemon carry their Community ID; replayed or hand-made ones get it
+    // here, so every native line with a flow has it.
+    if event
+        .flow
+        .as_ref()
+        .is_some_and(|f| f.community_id.is_none())
+    {
+        let mut e = event.clone();
+        if let Some(f) = e.flow.as_mut() {
+            f.community_id = community_id(f);
+        }
+        if serde_json::to_writer(&mut *buf, &e).is_err() {
+            buf.clear();
+        }
+        return;
+    }
     // Writing plain structs of strings and numbers into a Vec cannot fail; if it ever did,
     // an empty line is caught by every consumer instead of a panic in the tracing loop.
     if serde_json::to_writer(&mut *buf, event).is_err() {
@@ -244,6 +260,9 @@ fn write_with_sections(
 }
 
 fn community_id(f: &Flow) -> Option<String> {
+    if f.community_id.is_some() {
+        return f.community_id.clone();
+    }
     community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port)
 }
 

@@ -82,6 +82,7 @@ fn flow4(sp: u16, dp: u16) -> Flow {
         src_port: sp,
         dst_ip: "10.244.2.9".parse().unwrap(),
         dst_port: dp,
+        community_id: None,
     }
 }
 
@@ -152,6 +153,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         src_port: 50000,
         dst_ip: "fd00::2".parse().unwrap(),
         dst_port: 2484,
+        community_id: None,
     });
     drop6.tcp = Some(Tcp {
         flags: "ACK|PSH".into(),
@@ -209,6 +211,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         src_port: 43700,
         dst_ip: "10.244.2.9".parse().unwrap(),
         dst_port: 1521,
+        community_id: None,
     });
     tns.oracle = Some(Oracle {
         packet: Some("REFUSE".into()),
