@@ -6,7 +6,6 @@ pub mod deploy;
 pub mod netns;
 pub mod netpol_render;
 pub mod oracle_client;
-pub mod oracledb_client;
 pub mod scenario;
 pub mod tns_listener;
 pub mod tracer;

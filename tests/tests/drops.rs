@@ -56,6 +56,7 @@ fn sqlplus_stall_netfilter_drop() {
     let ev = tracer
         .wait_for(Duration::from_secs(5), |v| is_drop_to(v, &topo, 1521))
         .expect("a drop event for the blocked connect");
+    println!("drop: {ev}");
     check_drop_event(&ev, &topo, "NETFILTER_DROP");
     let location = str_at(&ev, "drop.location");
     assert!(

@@ -1,15 +1,14 @@
 //! The fake TNS listener against the real python-oracledb thin client, on loopback.
 //!
-//! Needs python-oracledb (see droptrace_tests::oracledb_client): these tests fail, not skip,
+//! Needs python-oracledb (see droptrace_tests::oracle_client): these tests fail, not skip,
 //! when it is missing. With DROPTRACE_WRITE_FIXTURES=1 the redirect test also refreshes the
 //! captured-bytes fixtures under tracer-user/tests/fixtures/tns/.
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::Child;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use droptrace::oracle::{Direction, Message, Segment, TnsStream};
-use droptrace_tests::oracledb_client::{self, MACHINE, OSUSER, Outcome, PROGRAM};
+use droptrace_tests::oracle_client::{Connect, MACHINE, OSUSER, Outcome, PROGRAM};
 use droptrace_tests::tns_listener::{Behavior, FakeListener, Sent};
 
 const SERVICE: &str = "ORCLPDB1";
@@ -19,31 +18,14 @@ fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
 
-fn start_client(listener: &FakeListener) -> Child {
-    oracledb_client::check().expect("python-oracledb is required for these tests");
-    let dsn = format!("127.0.0.1:{}/{SERVICE}", listener.port());
-    oracledb_client::command(&dsn, Duration::from_secs(3))
-        .spawn()
-        .expect("spawn python")
+fn start_client(listener: &FakeListener) -> Connect {
+    let host = "127.0.0.1".parse().unwrap();
+    Connect::start_here(host, listener.port(), SERVICE, 3.0)
 }
 
 /// Waits for the client to finish (killing it after `WAIT`) and returns its outcome.
-fn finish(mut child: Child) -> Outcome {
-    let deadline = Instant::now() + WAIT;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("output");
-            panic!(
-                "client still running after {WAIT:?}; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let out = child.wait_with_output().expect("output");
-    let outcome = oracledb_client::parse(&out.stdout)
-        .unwrap_or_else(|e| panic!("{e:#}; stderr: {}", String::from_utf8_lossy(&out.stderr)));
+fn finish(client: Connect) -> Outcome {
+    let outcome = client.wait_within(WAIT);
     eprintln!("client outcome: {outcome:?}");
     outcome
 }
@@ -96,7 +78,7 @@ fn client_follows_split_redirect_to_second_port() {
         c2.flags
     );
     assert_eq!(c2.service_name(), Some(SERVICE));
-    assert!(!outcome.ok);
+    assert!(!outcome.connected);
     assert!(outcome.error.contains("DPY-4011"), "{outcome:?}");
 
     // The parser on the real client's bytes.
@@ -130,9 +112,13 @@ fn client_follows_split_redirect_to_second_port() {
 fn refuse_12514_fails_immediately_with_dpy_6001() {
     let listener = FakeListener::refuse(loopback(), 12514).unwrap();
     let outcome = finish(start_client(&listener));
-    assert!(!outcome.ok);
+    assert!(!outcome.connected);
     assert!(outcome.error.contains("DPY-6001"), "{outcome:?}");
-    assert!(outcome.elapsed < 2.0, "took {}s", outcome.elapsed);
+    assert!(
+        outcome.elapsed < Duration::from_secs(2),
+        "took {:?}",
+        outcome.elapsed
+    );
 
     let seen = listener.seen();
     assert_eq!(seen.connects.len(), 1);
@@ -162,7 +148,11 @@ fn resend_makes_client_resend_and_go_on() {
         [Sent::Resend, Sent::Refuse { err: 12505, .. }]
     ));
     // The client ends on the next behaviour (REFUSE 12505 -> DPY-6003), not on the RESEND.
-    assert!(!outcome.ok);
+    assert!(!outcome.connected);
     assert!(outcome.error.contains("DPY-6003"), "{outcome:?}");
-    assert!(outcome.elapsed < 2.0, "took {}s", outcome.elapsed);
+    assert!(
+        outcome.elapsed < Duration::from_secs(2),
+        "took {:?}",
+        outcome.elapsed
+    );
 }
