@@ -43,9 +43,9 @@ struct CacheKey {
 
 #[derive(Debug, Clone)]
 struct Enriched {
-    source: Option<Endpoint>,
-    destination: Option<Endpoint>,
-    policy: Option<Policy>,
+    source: Option<Box<Endpoint>>,
+    destination: Option<Box<Endpoint>>,
+    policy: Option<Box<Policy>>,
 }
 
 const CACHE_MAX: usize = 4096;
@@ -208,7 +208,7 @@ impl Identity {
             && let Some(pod) = self.cluster.pod_by_uid(&uid)
             && let Some(ip) = src.ip
         {
-            *src = k8s::enrich::pod_endpoint(&self.cluster, pod, ip);
+            **src = k8s::enrich::pod_endpoint(&self.cluster, pod, ip);
         }
     }
 

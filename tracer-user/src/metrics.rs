@@ -354,11 +354,11 @@ mod tests {
             dst_port: port,
             community_id: None,
         });
-        e.source = Some(Endpoint {
+        e.source = Some(Box::new(Endpoint {
             namespace: Some("ns".into()),
             pod: Some(pod.into()),
             ..Default::default()
-        });
+        }));
         e
     }
 

@@ -76,7 +76,7 @@ pub fn drop_event(d: &DropSignal, clock: &Clock, node: &str) -> Event {
     e.netns = Some(d.netns);
     e.ifindex = Some(d.ifindex);
     e.count = d.count;
-    e.conntrack = d.ct.as_ref().map(conntrack);
+    e.conntrack = d.ct.as_ref().map(|c| Box::new(conntrack(c)));
     e
 }
 
@@ -108,7 +108,7 @@ pub fn retransmit_event(r: &RetransmitSignal, clock: &Clock, node: &str) -> Even
 pub fn conntrack_event(c: &CtSignal, clock: &Clock, node: &str) -> Event {
     let mut e = Event::new(Kind::Conntrack, clock.rfc3339(c.ts_ns), node);
     e.flow = Some(flow(&c.ct.original));
-    e.conntrack = Some(conntrack(&c.ct));
+    e.conntrack = Some(Box::new(conntrack(&c.ct)));
     e.netns = Some(c.netns);
     e
 }
@@ -141,8 +141,8 @@ pub fn stall_event(i: &Incident, clock: &Clock, node: &str) -> Event {
             })
             .collect(),
     );
-    e.conntrack = i.ct.as_ref().map(conntrack);
-    e.oracle.clone_from(&i.oracle);
+    e.conntrack = i.ct.as_ref().map(|c| Box::new(conntrack(c)));
+    e.oracle = i.oracle.clone().map(Box::new);
     e.diagnosis = Some(i.diagnosis.clone());
     e
 }
@@ -156,6 +156,6 @@ pub fn tns_event(
 ) -> Event {
     let mut e = Event::new(Kind::Tns, clock.rfc3339(ts_ns), node);
     e.flow = Some(self::flow(flow));
-    e.oracle = Some(oracle);
+    e.oracle = Some(Box::new(oracle));
     e
 }

@@ -319,7 +319,7 @@ fn syn_ack_reply_is_judged_as_the_connection_it_answers() {
         dst_ip: ip(d),
         dst_port: dp,
     };
-    data.conntrack = Some(Conntrack {
+    data.conntrack = Some(Box::new(Conntrack {
         state: "ESTABLISHED".into(),
         status: vec!["SEEN_REPLY".into()],
         original: tuple(&yb, 40000, &xa, 80),
@@ -327,7 +327,7 @@ fn syn_ack_reply_is_judged_as_the_connection_it_answers() {
         nat: "none".into(),
         mark: 0,
         zone: 0,
-    });
+    }));
     enrich(&c, &mut data, &EnrichOptions::default());
     assert_eq!(data.policy.unwrap().verdict, "allowed");
 }

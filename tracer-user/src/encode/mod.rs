@@ -119,8 +119,8 @@ fn prune(v: &mut Value) -> bool {
 /// endpoint that is a pod on this node, else the first that is a pod at all; source first.
 fn subject(e: &Event) -> Option<(Side, &Endpoint)> {
     let sides = [
-        (Side::Source, e.source.as_ref()),
-        (Side::Destination, e.destination.as_ref()),
+        (Side::Source, e.source.as_deref()),
+        (Side::Destination, e.destination.as_deref()),
     ];
     let pods = || {
         sides
@@ -216,12 +216,12 @@ impl<'a> Sections<'a> {
             }),
             attempt: e.attempt.as_ref(),
             drops: e.drops.as_ref(),
-            conntrack: e.conntrack.as_ref(),
+            conntrack: e.conntrack.as_deref(),
             diagnosis: e.diagnosis.as_deref(),
-            source: e.source.as_ref(),
-            destination: e.destination.as_ref(),
-            policy: e.policy.as_ref(),
-            oracle: e.oracle.as_ref(),
+            source: e.source.as_deref(),
+            destination: e.destination.as_deref(),
+            policy: e.policy.as_deref(),
+            oracle: e.oracle.as_deref(),
         }
     }
 }

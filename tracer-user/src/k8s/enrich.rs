@@ -203,10 +203,10 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
                 endpoint(cluster, flow_dst, at),
             )
         };
-    event.source = Some(source);
-    event.destination = Some(destination);
+    event.source = Some(Box::new(source));
+    event.destination = Some(Box::new(destination));
     if involves_pod {
-        event.policy = Some(report.policy);
+        event.policy = Some(Box::new(report.policy));
     }
 }
 

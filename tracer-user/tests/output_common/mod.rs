@@ -109,11 +109,16 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         container_id: Some("3f2a9c0d1e".into()),
         pod_uid: Some("5b1d3a9e-8a7c-4a44-9d55-0f6c1e2b7a10".into()),
     });
-    drop.source = Some(pod("shop", "checkout-7d9f", "10.244.1.17", "node-a"));
+    drop.source = Some(Box::new(pod(
+        "shop",
+        "checkout-7d9f",
+        "10.244.1.17",
+        "node-a",
+    )));
     let mut db = pod("data", "oracle-0", "10.244.2.9", "node-b");
     db.service = Some("oracle.data.svc".into());
-    drop.destination = Some(db.clone());
-    drop.conntrack = Some(Conntrack {
+    drop.destination = Some(Box::new(db.clone()));
+    drop.conntrack = Some(Box::new(Conntrack {
         state: "NEW".into(),
         status: vec!["DNAT".into()],
         original: Tuple {
@@ -131,8 +136,8 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         nat: "dnat".into(),
         mark: 0,
         zone: 0,
-    });
-    drop.policy = Some(Policy {
+    }));
+    drop.policy = Some(Box::new(Policy {
         verdict: "denied".into(),
         direction: "egress".into(),
         policies: vec![PolicyRef {
@@ -142,7 +147,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         }],
         explanation: "egress from shop/checkout-7d9f is isolated by shop/default-deny".into(),
         suggested_fix: Some("allow egress to data/oracle on 1521".into()),
-    });
+    }));
 
     // A bare drop: host-network process, IPv6, nothing resolved.
     let mut drop6 = Event::new(Kind::Drop, t("00:01.500000"), "node-a");
@@ -163,12 +168,12 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         reason_code: 48,
         location: "tcp_validate_incoming+0x9a".into(),
     });
-    drop6.source = Some(Endpoint {
+    drop6.source = Some(Box::new(Endpoint {
         ip: Some("fd00::1".parse().unwrap()),
         host_network: true,
         node: Some("node-a".into()),
         ..Default::default()
-    });
+    }));
 
     let mut stall = Event::new(Kind::Stall, t("00:05.250000"), "node-a");
     stall.flow = Some(flow4(43512, 1521));
@@ -189,7 +194,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     stall.diagnosis = Some("SYNs dropped by netfilter in the client's namespace".into());
     stall.process = drop.process.clone();
     stall.source = drop.source.clone();
-    stall.destination = Some(db.clone());
+    stall.destination = Some(Box::new(db.clone()));
     stall.policy = drop.policy.clone();
 
     let mut late = Event::new(Kind::Stall, t("00:07.000000"), "node-a");
@@ -213,7 +218,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         dst_port: 1521,
         community_id: None,
     });
-    tns.oracle = Some(Oracle {
+    tns.oracle = Some(Box::new(Oracle {
         packet: Some("REFUSE".into()),
         service_name: Some("ORCLPDB1".into()),
         sid: None,
@@ -229,20 +234,20 @@ pub fn samples() -> Vec<(&'static str, Event)> {
             code: Some(12514),
             text: "ORA-12514: listener does not currently know of service".into(),
         }),
-    });
+    }));
     tns.source = drop.source.clone();
-    tns.destination = Some(db);
+    tns.destination = Some(Box::new(db));
 
     let mut redirect = Event::new(Kind::Tns, t("00:10.000000"), "node-b");
     redirect.flow = Some(flow4(43800, 1521));
-    redirect.oracle = Some(Oracle {
+    redirect.oracle = Some(Box::new(Oracle {
         packet: Some("REDIRECT".into()),
         redirect: Some(HostPort {
             host: "oracle-1.data".into(),
             port: 1522,
         }),
         ..Default::default()
-    });
+    }));
 
     let mut lost_kernel = Event::new(Kind::Lost, t("00:11.000000"), "node-a");
     lost_kernel.count = 17;
