@@ -2,7 +2,11 @@
 //!
 //! Field names are a contract (docs/events.md, schema/droptrace.v1.schema.json). Sections that
 //! do not apply to a kind are left out of the JSON, never emitted as null.
-use std::net::IpAddr;
+use std::{
+    net::IpAddr,
+    ops::Deref,
+    sync::{Arc, OnceLock},
+};
 
 use serde::{Deserialize, Serialize};
 
@@ -41,9 +45,72 @@ impl Kind {
     }
 }
 
+/// An event section that every event of a flow carries unchanged (who the endpoints are, what
+/// the policy says): built once by the enrichment cache, cloned by reference count, and written
+/// as JSON once, since escaping its strings again for every event was most of the cost of
+/// encoding an enriched event. Only serde_json understands the cached form (its writer copies
+/// it verbatim, `to_value` parses it): events are written with serde_json alone.
+#[derive(Debug)]
+pub struct Shared<T>(Arc<SharedInner<T>>);
+
+#[derive(Debug)]
+struct SharedInner<T> {
+    value: T,
+    json: OnceLock<Option<Box<serde_json::value::RawValue>>>,
+}
+
+impl<T> Shared<T> {
+    pub fn new(value: T) -> Self {
+        Self(Arc::new(SharedInner {
+            value,
+            json: OnceLock::new(),
+        }))
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<T> Deref for Shared<T> {
+    type Target = T;
+    fn deref(&self) -> &T {
+        &self.0.value
+    }
+}
+
+impl<T: PartialEq> PartialEq for Shared<T> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.value == other.0.value
+    }
+}
+
+impl<T: Serialize> Serialize for Shared<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let raw = self
+            .0
+            .json
+            .get_or_init(|| serde_json::value::to_raw_value(&self.0.value).ok());
+        match raw {
+            Some(raw) => raw.serialize(s),
+            None => self.0.value.serialize(s),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Shared<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::deserialize(d).map(Self::new)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 // The large sections most events lack are boxed: an Event is built, moved and dropped once
 // per kernel record, and a 1.5 KiB struct made those moves a measurable part of encoding.
+// Identity and policy are `Shared` with the enrichment cache, which hands the same answer
+// to every event of a flow.
 pub struct Event {
     pub schema: String,
     pub kind: Kind,
@@ -80,11 +147,11 @@ pub struct Event {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<Box<Endpoint>>,
+    pub source: Option<Shared<Endpoint>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub destination: Option<Box<Endpoint>>,
+    pub destination: Option<Shared<Endpoint>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub policy: Option<Box<Policy>>,
+    pub policy: Option<Shared<Policy>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oracle: Option<Box<Oracle>>,
 }
@@ -372,6 +439,30 @@ pub fn tcp_flags(bits: u8) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_sections_write_the_same_json_as_their_value() {
+        let ep = Endpoint {
+            ip: Some("10.0.0.7".parse().unwrap()),
+            namespace: Some("db".into()),
+            pod: Some("oracle-0".into()),
+            labels: [("app".to_string(), "ora\"cle\n".to_string())].into(),
+            ..Endpoint::default()
+        };
+        let plain = serde_json::to_string(&ep).unwrap();
+        let shared = Shared::new(ep.clone());
+        let copy = shared.clone();
+        // First write fills the cache, later writes (and clones) reuse it.
+        assert_eq!(serde_json::to_string(&shared).unwrap(), plain);
+        assert_eq!(serde_json::to_string(&copy).unwrap(), plain);
+        assert_eq!(
+            serde_json::to_value(&copy).unwrap(),
+            serde_json::to_value(&ep).unwrap()
+        );
+        let back: Shared<Endpoint> = serde_json::from_str(&plain).unwrap();
+        assert_eq!(*back, ep);
+        assert!(back == shared);
+    }
 
     #[test]
     fn tcp_flag_names() {

@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
     clock,
-    event::{Endpoint, Event, Kind, Lost, LostSource, Policy},
+    event::{Endpoint, Event, Kind, Lost, LostSource, Policy, Shared},
     k8s::{
         self, Cluster, EnrichOptions, KubeSource, LiveOptions, SnapshotWatcher, live::Connection,
     },
@@ -43,9 +43,9 @@ struct CacheKey {
 
 #[derive(Debug, Clone)]
 struct Enriched {
-    source: Option<Box<Endpoint>>,
-    destination: Option<Box<Endpoint>>,
-    policy: Option<Box<Policy>>,
+    source: Option<Shared<Endpoint>>,
+    destination: Option<Shared<Endpoint>>,
+    policy: Option<Shared<Policy>>,
 }
 
 const CACHE_MAX: usize = 4096;
@@ -208,7 +208,7 @@ impl Identity {
             && let Some(pod) = self.cluster.pod_by_uid(&uid)
             && let Some(ip) = src.ip
         {
-            **src = k8s::enrich::pod_endpoint(&self.cluster, pod, ip);
+            *src = Shared::new(k8s::enrich::pod_endpoint(&self.cluster, pod, ip));
         }
     }
 

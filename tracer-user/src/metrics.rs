@@ -354,7 +354,7 @@ mod tests {
             dst_port: port,
             community_id: None,
         });
-        e.source = Some(Box::new(Endpoint {
+        e.source = Some(crate::event::Shared::new(Endpoint {
             namespace: Some("ns".into()),
             pod: Some(pod.into()),
             ..Default::default()

@@ -362,7 +362,7 @@ fn enrich_leaves_other_kinds_and_unknown_addresses_alone() {
     enrich(&c, &mut e, &EnrichOptions::default());
     let s = e.source.unwrap();
     assert_eq!(
-        (s.node.as_deref(), s.host_network, s.pod),
+        (s.node.as_deref(), s.host_network, s.pod.clone()),
         (Some("worker-1"), true, None)
     );
     let p = e.policy.unwrap();

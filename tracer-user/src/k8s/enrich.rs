@@ -9,7 +9,7 @@ use super::{
     model::{Pod, Protocol},
 };
 use crate::{
-    event::{self, Endpoint, Event, Kind},
+    event::{self, Endpoint, Event, Kind, Shared},
     policy::{Side, Verdict, fix},
 };
 
@@ -203,10 +203,10 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
                 endpoint(cluster, flow_dst, at),
             )
         };
-    event.source = Some(Box::new(source));
-    event.destination = Some(Box::new(destination));
+    event.source = Some(Shared::new(source));
+    event.destination = Some(Shared::new(destination));
     if involves_pod {
-        event.policy = Some(Box::new(report.policy));
+        event.policy = Some(Shared::new(report.policy));
     }
 }
 

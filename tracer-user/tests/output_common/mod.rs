@@ -109,7 +109,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         container_id: Some("3f2a9c0d1e".into()),
         pod_uid: Some("5b1d3a9e-8a7c-4a44-9d55-0f6c1e2b7a10".into()),
     });
-    drop.source = Some(Box::new(pod(
+    drop.source = Some(droptrace::event::Shared::new(pod(
         "shop",
         "checkout-7d9f",
         "10.244.1.17",
@@ -117,7 +117,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     )));
     let mut db = pod("data", "oracle-0", "10.244.2.9", "node-b");
     db.service = Some("oracle.data.svc".into());
-    drop.destination = Some(Box::new(db.clone()));
+    drop.destination = Some(droptrace::event::Shared::new(db.clone()));
     drop.conntrack = Some(Box::new(Conntrack {
         state: "NEW".into(),
         status: vec!["DNAT".into()],
@@ -137,7 +137,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         mark: 0,
         zone: 0,
     }));
-    drop.policy = Some(Box::new(Policy {
+    drop.policy = Some(droptrace::event::Shared::new(Policy {
         verdict: "denied".into(),
         direction: "egress".into(),
         policies: vec![PolicyRef {
@@ -168,7 +168,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         reason_code: 48,
         location: "tcp_validate_incoming+0x9a".into(),
     });
-    drop6.source = Some(Box::new(Endpoint {
+    drop6.source = Some(droptrace::event::Shared::new(Endpoint {
         ip: Some("fd00::1".parse().unwrap()),
         host_network: true,
         node: Some("node-a".into()),
@@ -194,7 +194,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     stall.diagnosis = Some("SYNs dropped by netfilter in the client's namespace".into());
     stall.process = drop.process.clone();
     stall.source = drop.source.clone();
-    stall.destination = Some(Box::new(db.clone()));
+    stall.destination = Some(droptrace::event::Shared::new(db.clone()));
     stall.policy = drop.policy.clone();
 
     let mut late = Event::new(Kind::Stall, t("00:07.000000"), "node-a");
@@ -236,7 +236,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         }),
     }));
     tns.source = drop.source.clone();
-    tns.destination = Some(Box::new(db));
+    tns.destination = Some(droptrace::event::Shared::new(db));
 
     let mut redirect = Event::new(Kind::Tns, t("00:10.000000"), "node-b");
     redirect.flow = Some(flow4(43800, 1521));
