@@ -40,6 +40,38 @@ pub enum TracerError {
     Io(#[from] std::io::Error),
     #[error("kernel BTF for fentry: {0}")]
     Btf(String),
+    /// BPF_PROG_LOAD failed before the verifier said anything (aya's message would end in an
+    /// empty "Verifier output:").
+    #[error("program {prog}: the kernel refused to load it ({io}){hint}")]
+    Refused {
+        prog: &'static str,
+        io: std::io::Error,
+        hint: &'static str,
+    },
+}
+
+impl TracerError {
+    fn load(prog: &'static str, source: aya::programs::ProgramError) -> Self {
+        match source {
+            aya::programs::ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            } if verifier_log.to_string().trim().is_empty() => {
+                let hint = if io_error.raw_os_error() == Some(libc::EPERM) {
+                    ": this kernel does not allow this program type here (kernel lockdown, or \
+                     no BPF trampoline support)"
+                } else {
+                    ""
+                };
+                Self::Refused {
+                    prog,
+                    io: io_error,
+                    hint,
+                }
+            }
+            source => Self::Program { prog, source },
+        }
+    }
 }
 
 pub struct TracerOptions {
@@ -241,8 +273,7 @@ impl Tracer {
         name: &str,
     ) -> Result<(), TracerError> {
         let p: &mut TracePoint = self.program(prog)?;
-        p.load()
-            .map_err(|source| TracerError::Program { prog, source })?;
+        p.load().map_err(|source| TracerError::load(prog, source))?;
         p.attach(category, name)
             .map_err(|source| TracerError::Program { prog, source })?;
         self.attached.push((prog, Hook::TracePoint));
@@ -260,8 +291,7 @@ impl Tracer {
     ) -> Result<(), TracerError> {
         let dir = std::fs::File::open(cgroup)?;
         let p: &mut CgroupSkb = self.program(prog)?;
-        p.load()
-            .map_err(|source| TracerError::Program { prog, source })?;
+        p.load().map_err(|source| TracerError::load(prog, source))?;
         let ty = if ingress {
             CgroupSkbAttachType::Ingress
         } else {
@@ -278,7 +308,7 @@ impl Tracer {
         let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
         let p: &mut FEntry = self.program(prog)?;
         p.load(function, &btf)
-            .map_err(|source| TracerError::Program { prog, source })?;
+            .map_err(|source| TracerError::load(prog, source))?;
         p.attach()
             .map_err(|source| TracerError::Program { prog, source })?;
         self.attached.push((prog, Hook::FEntry));
