@@ -247,3 +247,58 @@ fn established_then_blocked() {
     );
     tracer.stop();
 }
+
+/// Where the kernel refuses the nf_ct_delete program (this one does: lockdown), droptrace
+/// listens to ctnetlink DESTROY events of its own network namespace. Run in "app", it sees the
+/// client's SYN_SENT entry go away unreplied; the attempt was reported already, so the removal
+/// is a raw record and no second incident.
+#[test]
+fn unreplied_conntrack_removal_is_reported() {
+    let topo = AppDb::new(Family::V4);
+    topo.iptables_drop_ingress(1521);
+    // Connection tracking in "app" (a rule that uses it), so the SYN leaves a SYN_SENT entry.
+    topo.app.exec(&[
+        "iptables",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-m",
+        "conntrack",
+        "--ctstate",
+        "NEW",
+        "-j",
+        "ACCEPT",
+    ]);
+    let tracer = Droptrace::start_with(&["ip", "netns", "exec", &topo.app.name], &["--raw"]);
+    let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, "ORCLPDB1", 3.0);
+    assert!(out.error.contains("timed out"), "{out:?}");
+    let db = topo.db_ip.to_string();
+    wait_final(&tracer, &db, 1521, Duration::from_secs(5));
+
+    // What the entry's expiry (120 s for SYN_SENT) does, now.
+    let del = topo
+        .app
+        .exec(&["conntrack", "-D", "-p", "tcp", "--dport", "1521"]);
+    assert!(
+        String::from_utf8_lossy(&del.stderr).contains("1 flow entries"),
+        "conntrack -D: {del:?}"
+    );
+    let ct = tracer
+        .wait_for(Duration::from_secs(5), |v| str_at(v, "kind") == "conntrack")
+        .unwrap_or_else(|| panic!("no conntrack record: {:#?}", tracer.events()));
+    println!("conntrack: {ct}");
+    let fin = tracer.stop();
+    assert!(
+        fin.stderr.contains("ctnetlink DESTROY events") || fin.stderr.contains("nf_ct_delete"),
+        "{}",
+        fin.stderr
+    );
+    assert_eq!(str_at(&ct, "conntrack.state"), "UNREPLIED");
+    assert_eq!(str_at(&ct, "conntrack.original.dst_ip"), db);
+    assert_eq!(at(&ct, "conntrack.original.dst_port"), 1521);
+    assert_eq!(str_at(&ct, "conntrack.reply.src_ip"), db);
+    assert_eq!(at(&ct, "netns"), topo.app.inode(), "{ct}");
+    let s = one_incident(&fin.events, &db, 1521);
+    assert_eq!(str_at(&s, "attempt.outcome"), "timeout");
+}

@@ -156,6 +156,9 @@ pub struct Correlator {
     ended: usize,
     /// Second legs announced by a listener REDIRECT, by (client address, target).
     expected: HashMap<(IpAddr, SocketAddr), ExpectedLeg>,
+    /// Flows whose attempt was already reported, with when it ended: an unreplied conntrack
+    /// entry outlives its attempt (120 s for SYN_SENT), and its removal then adds nothing.
+    reported: HashMap<FlowKey, u64>,
 }
 
 /// How long a REDIRECT target waits for the client's connect.
@@ -181,6 +184,7 @@ impl Correlator {
             out: Vec::new(),
             ended: 0,
             expected: HashMap::new(),
+            reported: HashMap::new(),
         }
     }
 
@@ -302,6 +306,9 @@ impl Correlator {
 
     fn remove(&mut self, id: u64) -> Option<Attempt> {
         let a = self.attempts.remove(&id)?;
+        if a.key.src.port() != 0 && self.reported.len() < self.cfg.capacity {
+            self.reported.insert(a.key, a.last_signal_ns);
+        }
         if a.ended.is_some() {
             self.ended -= 1;
         }
@@ -542,6 +549,9 @@ impl Correlator {
             a.last_signal_ns = c.ts_ns;
             return;
         }
+        if self.reported.remove(&key).is_some() {
+            return;
+        }
         // The attempt is gone (or was never seen): the entry's removal is the only trace.
         let mut a = Self::new_attempt(key, c.ts_ns, None, c.netns);
         a.ct = Some(c.ct.clone());
@@ -553,6 +563,9 @@ impl Correlator {
 
     /// Time passes: report attempts that ended or stalled, end the ones nothing will end.
     pub fn tick(&mut self, now_ns: u64) {
+        let window = self.cfg.max_age_ns;
+        self.reported
+            .retain(|_, ended| now_ns.saturating_sub(*ended) < window);
         if self.ended > 0 {
             let ended: Vec<u64> = self
                 .attempts
@@ -1112,6 +1125,31 @@ mod tests {
             "{}",
             i.diagnosis
         );
+    }
+
+    #[test]
+    fn conntrack_removal_after_the_reported_attempt_adds_nothing() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_state(&state(0, 1, f, "CLOSE", "SYN_SENT", 0));
+        c.on_drop(&drop_(1, f, 0x02, "NETFILTER_DROP"));
+        c.on_state(&state(3000 * MS, 1, f, "SYN_SENT", "CLOSE", ETIMEDOUT));
+        c.tick(3001 * MS);
+        assert_eq!(c.drain().next().unwrap().outcome, Outcome::Timeout);
+        // The SYN_SENT entry expires two minutes later.
+        c.on_conntrack(&CtSignal {
+            ts_ns: 123_000 * MS,
+            netns: 300,
+            ct: CtSnapshot {
+                state: "UNREPLIED".into(),
+                status: vec!["CONFIRMED".into()],
+                original: f,
+                reply: f.reversed(),
+                mark: 0,
+                zone: 0,
+            },
+        });
+        assert_eq!(c.drain().count(), 0, "the attempt was reported already");
     }
 
     #[test]

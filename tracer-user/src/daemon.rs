@@ -10,12 +10,16 @@ use crate::{
     aggregate::DropAggregator,
     cgroup,
     clock::{self, Clock},
-    collectors::{Symbols, conntrack, skb_drop, tcp_state, tns},
+    collectors::{
+        Symbols, conntrack,
+        ct_netlink::{self, CtDestroyEvents},
+        skb_drop, tcp_state, tns,
+    },
     correlate::{self, Correlator},
     event::{Event, Kind, Lost, LostSource},
     identity::Identity,
     preflight, report,
-    signal::DropSignal,
+    signal::{self, DropSignal},
     sinks::{Output, OutputSummary},
     tns_track::{self, TnsTracker},
     tracer::{Tracer, TracerOptions, Watch},
@@ -111,6 +115,8 @@ struct Pipeline {
     tns: TnsTracker,
     watch: Option<Watch>,
     reported_malformed: u64,
+    reported_ct_overruns: u64,
+    reported_ct_malformed: u64,
     clock: Clock,
     symbols: Symbols,
     correlator: Correlator,
@@ -214,10 +220,7 @@ impl Pipeline {
                     self.summary.undecodable += 1;
                     return;
                 };
-                if self.raw {
-                    self.emit(&report::conntrack_event(&c, &self.clock, &self.node));
-                }
-                self.correlator.on_conntrack(&c);
+                self.conntrack_removed(&c);
             }
             kind::TNS => {
                 let Some(rec) = record::<TnsEvent>(bytes) else {
@@ -299,6 +302,37 @@ impl Pipeline {
         }
         self.flushed = flushed;
         self.flush_incidents();
+    }
+
+    /// An unreplied conntrack entry went away (from the kernel program or ctnetlink).
+    fn conntrack_removed(&mut self, c: &signal::CtSignal) {
+        if self.raw {
+            self.emit(&report::conntrack_event(c, &self.clock, &self.node));
+        }
+        self.correlator.on_conntrack(c);
+    }
+
+    /// ctnetlink overruns and unparsable messages since the last report.
+    fn report_ct_netlink(&mut self, ct: &CtDestroyEvents) {
+        let overruns = ct.overruns.saturating_sub(self.reported_ct_overruns);
+        let malformed = ct.malformed.saturating_sub(self.reported_ct_malformed);
+        self.reported_ct_overruns = ct.overruns;
+        self.reported_ct_malformed = ct.malformed;
+        for (count, source, reason) in [
+            (overruns, LostSource::Kernel, "ctnetlink_overrun"),
+            (malformed, LostSource::Input, "ctnetlink_malformed"),
+        ] {
+            if count > 0 {
+                let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
+                e.count = count;
+                e.lost = Some(Lost {
+                    source,
+                    reason: reason.to_string(),
+                    sink: None,
+                });
+                self.emit(&e);
+            }
+        }
     }
 
     fn flush_incidents(&mut self) {
@@ -444,6 +478,27 @@ pub async fn run(
     identity: Option<Identity>,
 ) -> anyhow::Result<Summary> {
     let (mut tracer, symbols) = start(&opts)?;
+    // Where the kernel refuses the nf_ct_delete program, its own DESTROY events stand in.
+    let mut ct_events = if tracer.attached().contains(&conntrack::PROGRAM) {
+        None
+    } else {
+        let filter = ct_netlink::Filter {
+            ports: opts.ports.clone(),
+            all_tcp: opts.all_tcp,
+        };
+        match CtDestroyEvents::open(symbols.ct.clone(), filter).and_then(crate::tracer::readable) {
+            Ok(fd) => {
+                tracing::info!(
+                    "conntrack removals from ctnetlink DESTROY events (this network namespace)"
+                );
+                Some(fd)
+            }
+            Err(e) => {
+                tracing::warn!("conntrack removals not reported: ctnetlink: {e}");
+                None
+            }
+        }
+    };
     if let Some(m) = output.metrics() {
         m.set_ready(true);
     }
@@ -471,6 +526,8 @@ pub async fn run(
         tns: TnsTracker::new(opts.ports.iter().copied()),
         watch: tracer.watch.take(),
         reported_malformed: 0,
+        reported_ct_overruns: 0,
+        reported_ct_malformed: 0,
         clock: Clock::new(),
         symbols,
         aggregator,
@@ -549,6 +606,23 @@ pub async fn run(
                 p.tick();
                 if p.done() { break; }
             }
+            guard = async {
+                match ct_events.as_mut() {
+                    Some(c) => c.readable_mut().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let mut guard = guard?;
+                let now = clock::monotonic_ns();
+                let mut removed = Vec::new();
+                guard.get_inner_mut().drain(now, |c| removed.push(c));
+                guard.clear_ready();
+                for c in &removed {
+                    p.conntrack_removed(c);
+                }
+                p.flush_incidents();
+                if p.done() { break; }
+            }
             _ = async {
                 match p.identity.as_mut() {
                     Some(id) => id.changed().await,
@@ -568,6 +642,9 @@ pub async fn run(
             _ = poll.tick() => {
                 p.report_kernel_loss(counters.lost_in_kernel());
                 p.report_malformed();
+                if let Some(c) = ct_events.as_ref() {
+                    p.report_ct_netlink(c.get_ref());
+                }
                 let node = p.node.clone();
                 let reports = p.identity.as_mut().map(|id| id.poll(&node)).unwrap_or_default();
                 for e in &reports {

@@ -178,6 +178,22 @@ pub fn run(probe_hooks: bool) -> Report {
                                         "unreplied conntrack entries",
                                     ),
                                 ),
+                                (
+                                    "ctnetlink conntrack DESTROY events",
+                                    optional(
+                                        &crate::collectors::ct_netlink::CtDestroyEvents::open(
+                                            crate::collectors::conntrack::CtNames::default(),
+                                            crate::collectors::ct_netlink::Filter {
+                                                ports: Vec::new(),
+                                                all_tcp: false,
+                                            },
+                                        )
+                                        .map(drop)
+                                        .map_err(|e| e.to_string()),
+                                        "unreplied conntrack entries of this network \
+                                         namespace, where fentry is refused",
+                                    ),
+                                ),
                             ] {
                                 push(name, ok, false, detail);
                             }

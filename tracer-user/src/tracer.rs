@@ -90,7 +90,7 @@ pub struct TracerOptions {
 }
 
 /// Registers a map-backed reader with the reactor for readability.
-fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+pub(crate) fn readable<T: std::os::fd::AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: `inner` owns its map fd and keeps it open, unchanged, until the AsyncFd drops it.
     Ok(unsafe { AsyncFd::register_with_interest(inner, Interest::READABLE) }?)
 }

@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("clang", "clang"),
     ("hping3", "hping3"),
+    // Deletes conntrack entries (the ctnetlink removal test).
+    ("conntrack", "conntrack"),
     // The syslog sink tests run a real rsyslog (TCP and TLS).
     ("rsyslogd", "rsyslog"),
     ("dpkg:rsyslog-gnutls", "rsyslog-gnutls"),

@@ -56,7 +56,7 @@ impl CtNames {
         }
     }
 
-    fn status(&self, status: u64) -> Vec<String> {
+    pub(crate) fn status(&self, status: u64) -> Vec<String> {
         self.status_bits
             .iter()
             .filter(|(bit, _)| *bit < 64 && status & (1u64 << bit) != 0)

@@ -1,6 +1,7 @@
 //! One module per kernel signal. Each knows how to check the running kernel can support it,
 //! what layout to hand its program, how to attach, and how to decode its records.
 pub mod conntrack;
+pub mod ct_netlink;
 pub mod skb_drop;
 pub mod tcp_state;
 pub mod tns;
