@@ -1102,12 +1102,9 @@ mod tests {
         assert_eq!(c.tracked(), 0);
     }
 
-    #[test]
-    fn conntrack_removal_without_an_attempt_is_its_own_incident() {
-        let mut c = Correlator::new(cfg());
-        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
-        c.on_conntrack(&CtSignal {
-            ts_ns: 5,
+    fn unreplied_removal(ts_ns: u64, f: FlowKey) -> CtSignal {
+        CtSignal {
+            ts_ns,
             netns: 300,
             ct: CtSnapshot {
                 state: "UNREPLIED".into(),
@@ -1117,7 +1114,14 @@ mod tests {
                 mark: 0,
                 zone: 0,
             },
-        });
+        }
+    }
+
+    #[test]
+    fn conntrack_removal_without_an_attempt_is_its_own_incident() {
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:1521");
+        c.on_conntrack(&unreplied_removal(5, f));
         let i = c.drain().next().unwrap();
         assert_eq!(i.outcome, Outcome::Timeout);
         assert!(
@@ -1137,18 +1141,7 @@ mod tests {
         c.tick(3001 * MS);
         assert_eq!(c.drain().next().unwrap().outcome, Outcome::Timeout);
         // The SYN_SENT entry expires two minutes later.
-        c.on_conntrack(&CtSignal {
-            ts_ns: 123_000 * MS,
-            netns: 300,
-            ct: CtSnapshot {
-                state: "UNREPLIED".into(),
-                status: vec!["CONFIRMED".into()],
-                original: f,
-                reply: f.reversed(),
-                mark: 0,
-                zone: 0,
-            },
-        });
+        c.on_conntrack(&unreplied_removal(123_000 * MS, f));
         assert_eq!(c.drain().count(), 0, "the attempt was reported already");
     }
 
