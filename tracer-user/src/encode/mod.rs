@@ -6,7 +6,8 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::event::{
-    Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy, Tcp,
+    Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy,
+    Shared, Tcp,
 };
 
 pub mod community_id;
@@ -184,11 +185,11 @@ struct Sections<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     diagnosis: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    source: Option<&'a Endpoint>,
+    source: Option<&'a Shared<Endpoint>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    destination: Option<&'a Endpoint>,
+    destination: Option<&'a Shared<Endpoint>>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    policy: Option<&'a Policy>,
+    policy: Option<&'a Shared<Policy>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     oracle: Option<&'a Oracle>,
 }
@@ -218,9 +219,10 @@ impl<'a> Sections<'a> {
             drops: e.drops.as_ref(),
             conntrack: e.conntrack.as_deref(),
             diagnosis: e.diagnosis.as_deref(),
-            source: e.source.as_deref(),
-            destination: e.destination.as_deref(),
-            policy: e.policy.as_deref(),
+            // The shared sections, so their JSON written once per flow is reused here too.
+            source: e.source.as_ref(),
+            destination: e.destination.as_ref(),
+            policy: e.policy.as_ref(),
             oracle: e.oracle.as_deref(),
         }
     }
