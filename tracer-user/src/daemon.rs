@@ -46,6 +46,8 @@ pub struct RunOptions {
     pub agg_entries: u32,
     /// New-flow drop records per second per CPU before a storm is folded per destination.
     pub new_flows_per_sec: u32,
+    /// Fall back to ctnetlink DESTROY events for conntrack removals where fentry is refused.
+    pub ct_netlink: bool,
     /// `--pod NAMESPACE/NAME`: only events of this pod's flows (needs an identity source).
     pub pod: Option<String>,
 }
@@ -479,7 +481,7 @@ pub async fn run(
 ) -> anyhow::Result<Summary> {
     let (mut tracer, symbols) = start(&opts)?;
     // Where the kernel refuses the nf_ct_delete program, its own DESTROY events stand in.
-    let mut ct_events = if tracer.attached().contains(&conntrack::PROGRAM) {
+    let mut ct_events = if !opts.ct_netlink || tracer.attached().contains(&conntrack::PROGRAM) {
         None
     } else {
         let filter = ct_netlink::Filter {

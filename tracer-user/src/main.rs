@@ -95,6 +95,11 @@ struct RunArgs {
     /// counted in one record per destination with the ephemeral port shown as 0 (0: no limit).
     #[arg(long, default_value_t = 1000)]
     new_flows_per_sec: u32,
+    /// Where the kernel refuses the nf_ct_delete program, do not fall back to ctnetlink
+    /// DESTROY events (with a listener, the kernel builds a message for every conntrack entry
+    /// removed in this network namespace: a cost on nodes with very high connection churn).
+    #[arg(long)]
+    no_ctnetlink: bool,
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
@@ -230,6 +235,7 @@ fn run(args: RunArgs) -> ExitCode {
         flush: args.flush,
         agg_entries: args.agg_entries,
         new_flows_per_sec: args.new_flows_per_sec,
+        ct_netlink: !args.no_ctnetlink,
         pod: args.pod.clone(),
     };
     let Some(rt) = runtime() else {
