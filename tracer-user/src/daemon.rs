@@ -16,7 +16,7 @@ use crate::{
         skb_drop, tcp_state, tns,
     },
     correlate::{self, Correlator},
-    event::{Event, Kind, Lost, LostSource},
+    event::{Event, Kind, LostSource},
     identity::Identity,
     preflight, report,
     signal::{self, DropSignal},
@@ -316,25 +316,34 @@ impl Pipeline {
 
     /// ctnetlink overruns and unparsable messages since the last report.
     fn report_ct_netlink(&mut self, ct: &CtDestroyEvents) {
-        let overruns = ct.overruns.saturating_sub(self.reported_ct_overruns);
-        let malformed = ct.malformed.saturating_sub(self.reported_ct_malformed);
-        self.reported_ct_overruns = ct.overruns;
-        self.reported_ct_malformed = ct.malformed;
-        for (count, source, reason) in [
-            (overruns, LostSource::Kernel, "ctnetlink_overrun"),
-            (malformed, LostSource::Input, "ctnetlink_malformed"),
-        ] {
-            if count > 0 {
-                let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
-                e.count = count;
-                e.lost = Some(Lost {
-                    source,
-                    reason: reason.to_string(),
-                    sink: None,
-                });
-                self.emit(&e);
-            }
+        self.reported_ct_overruns = self.report_growth(
+            ct.overruns,
+            self.reported_ct_overruns,
+            LostSource::Kernel,
+            "ctnetlink_overrun",
+        );
+        self.reported_ct_malformed = self.report_growth(
+            ct.malformed,
+            self.reported_ct_malformed,
+            LostSource::Input,
+            "ctnetlink_malformed",
+        );
+    }
+
+    /// A `lost` record for what a running counter gained since `reported`; returns the new
+    /// reported total.
+    fn report_growth(
+        &mut self,
+        total: u64,
+        reported: u64,
+        source: LostSource,
+        reason: &str,
+    ) -> u64 {
+        if total > reported {
+            let e = Event::lost(&self.node, total - reported, source, reason, None);
+            self.emit(&e);
         }
+        total.max(reported)
     }
 
     fn flush_incidents(&mut self) {
@@ -353,47 +362,33 @@ impl Pipeline {
         self.flush_incidents();
         let evicted = self.correlator.evicted;
         if evicted > self.reported_evictions {
-            let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
-            e.count = evicted - self.reported_evictions;
-            e.lost = Some(Lost {
-                source: LostSource::Correlation,
-                reason: "flow_table_full".to_string(),
-                sink: None,
-            });
-            self.reported_evictions = evicted;
             self.summary.evicted = evicted;
-            self.emit(&e);
         }
+        self.reported_evictions = self.report_growth(
+            evicted,
+            self.reported_evictions,
+            LostSource::Correlation,
+            "flow_table_full",
+        );
     }
 
     /// TNS bytes the parser could not decode since the last report.
     fn report_malformed(&mut self) {
-        let total = self.tns.malformed;
-        if total > self.reported_malformed {
-            let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
-            e.count = total - self.reported_malformed;
-            e.lost = Some(Lost {
-                source: LostSource::Input,
-                reason: "tns_malformed".to_string(),
-                sink: None,
-            });
-            self.reported_malformed = total;
-            self.emit(&e);
-        }
+        self.reported_malformed = self.report_growth(
+            self.tns.malformed,
+            self.reported_malformed,
+            LostSource::Input,
+            "tns_malformed",
+        );
     }
 
     fn report_kernel_loss(&mut self, total_lost: u64) {
-        if total_lost > self.summary.lost_kernel {
-            let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
-            e.count = total_lost - self.summary.lost_kernel;
-            e.lost = Some(Lost {
-                source: LostSource::Kernel,
-                reason: "ringbuf_full".to_string(),
-                sink: None,
-            });
-            self.summary.lost_kernel = total_lost;
-            self.emit(&e);
-        }
+        self.summary.lost_kernel = self.report_growth(
+            total_lost,
+            self.summary.lost_kernel,
+            LostSource::Kernel,
+            "ringbuf_full",
+        );
     }
 }
 

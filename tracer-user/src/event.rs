@@ -184,6 +184,24 @@ impl Event {
             oracle: None,
         }
     }
+
+    /// A `lost` record stamped now: `count` events from `source` that never made it.
+    pub fn lost(
+        node: &str,
+        count: u64,
+        source: LostSource,
+        reason: &str,
+        sink: Option<&str>,
+    ) -> Self {
+        let mut e = Self::new(Kind::Lost, crate::clock::now_rfc3339(), node);
+        e.count = count;
+        e.lost = Some(Lost {
+            source,
+            reason: reason.to_string(),
+            sink: sink.map(str::to_string),
+        });
+        e
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

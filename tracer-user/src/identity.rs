@@ -5,8 +5,7 @@
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    clock,
-    event::{Endpoint, Event, Kind, Lost, LostSource, Policy, Shared},
+    event::{Endpoint, Event, Kind, LostSource, Policy, Shared},
     k8s::{
         self, Cluster, EnrichOptions, KubeSource, LiveOptions, SnapshotWatcher, live::Connection,
     },
@@ -248,10 +247,13 @@ impl Identity {
                 tracing::warn!("Kubernetes API: skipped {s}");
             }
             if let Some(l) = report.lost() {
-                let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), node);
-                e.count = report.count;
-                e.lost = Some(l);
-                out.push(e);
+                out.push(Event::lost(
+                    node,
+                    report.count,
+                    l.source,
+                    &l.reason,
+                    l.sink.as_deref(),
+                ));
             }
         }
         out
@@ -275,12 +277,5 @@ impl Identity {
 }
 
 fn lost(node: &str, count: u64, reason: &str) -> Event {
-    let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), node);
-    e.count = count;
-    e.lost = Some(Lost {
-        source: LostSource::Input,
-        reason: reason.to_string(),
-        sink: None,
-    });
-    e
+    Event::lost(node, count, LostSource::Input, reason, None)
 }

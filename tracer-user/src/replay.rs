@@ -9,8 +9,7 @@ use tokio::{
 };
 
 use crate::{
-    clock,
-    event::{Event, Kind, Lost, LostSource},
+    event::{Event, LostSource},
     sinks::Output,
 };
 
@@ -80,13 +79,13 @@ pub async fn run(input: &Path, output: &mut Output, node: &str) -> anyhow::Resul
         }
     }
     if summary.unparsable > 0 {
-        let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), node);
-        e.count = summary.unparsable;
-        e.lost = Some(Lost {
-            source: LostSource::Input,
-            reason: "unparsable".to_string(),
-            sink: None,
-        });
+        let e = Event::lost(
+            node,
+            summary.unparsable,
+            LostSource::Input,
+            "unparsable",
+            None,
+        );
         output.send_wait(&e).await;
     }
     Ok(summary)

@@ -27,9 +27,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::{
-    clock,
     encode::{self, Format},
-    event::{Event, Kind, Lost, LostSource},
+    event::{Event, Kind, LostSource},
     metrics::Metrics,
 };
 
@@ -399,13 +398,13 @@ struct LostMaker {
 
 impl LostMaker {
     fn record(&self, sink: &str, why: Discard, count: u64) -> (Event, Arc<Record>) {
-        let mut e = Event::new(Kind::Lost, clock::now_rfc3339(), &self.node);
-        e.count = count;
-        e.lost = Some(Lost {
-            source: LostSource::Sink,
-            reason: why.as_str().to_string(),
-            sink: Some(sink.to_string()),
-        });
+        let e = Event::lost(
+            &self.node,
+            count,
+            LostSource::Sink,
+            why.as_str(),
+            Some(sink),
+        );
         let rec = Arc::new(record(self.format, &e, &mut Vec::new()));
         (e, rec)
     }
