@@ -64,7 +64,7 @@ impl CtNames {
             .collect()
     }
 
-    fn bit(&self, name: &str) -> Option<u32> {
+    pub(crate) fn bit(&self, name: &str) -> Option<u32> {
         self.status_bits
             .iter()
             .find(|(_, n)| n == name)

@@ -60,6 +60,8 @@ pub struct CtDestroyEvents {
     names: CtNames,
     filter: Filter,
     netns: u32,
+    /// IPS_SEEN_REPLY of this kernel (0 when BTF does not name it: every entry then counts).
+    seen_reply: u32,
     buf: Vec<u8>,
     /// Times the kernel reported it had to drop messages for this socket (ENOBUFS).
     pub overruns: u64,
@@ -108,6 +110,7 @@ impl CtDestroyEvents {
             .unwrap_or(0);
         Ok(Self {
             fd,
+            seen_reply: names.bit("SEEN_REPLY").map_or(0, |b| 1 << b),
             names,
             filter,
             netns,
@@ -142,14 +145,14 @@ impl CtDestroyEvents {
             if n == 0 {
                 return;
             }
+            // Most removals on a node were answered or are for other ports: decided on the raw
+            // status and tuple, before any name is looked up.
+            let wanted = |status: u32, original: &FlowKey| {
+                status & self.seen_reply == 0 && self.filter.watches(original.dst.port())
+            };
             for msg in messages(&self.buf[..n as usize]) {
-                match parse_destroy(msg, &self.names) {
+                match parse_destroy(msg, &self.names, wanted) {
                     Ok(Some(ct)) => {
-                        if ct.status.iter().any(|s| s == "SEEN_REPLY")
-                            || !self.filter.watches(ct.original.dst.port())
-                        {
-                            continue;
-                        }
                         f(CtSignal {
                             ts_ns,
                             ct,
@@ -285,9 +288,13 @@ fn tuple(nest: &[u8]) -> Result<(u8, FlowKey), ParseError> {
     ))
 }
 
-/// A ctnetlink DELETE message as a removed-entry snapshot; `None` for other messages and
-/// non-TCP entries.
-pub fn parse_destroy(msg: &[u8], names: &CtNames) -> Result<Option<CtSnapshot>, ParseError> {
+/// A ctnetlink DELETE message as a removed-entry snapshot; `None` for other messages,
+/// non-TCP entries and those `wanted(status, original tuple)` turns down.
+pub fn parse_destroy(
+    msg: &[u8],
+    names: &CtNames,
+    wanted: impl Fn(u32, &FlowKey) -> bool,
+) -> Result<Option<CtSnapshot>, ParseError> {
     if msg.len() < NLMSG_HDRLEN + NFGENMSG_LEN {
         return Err(ParseError::Truncated("message header"));
     }
@@ -309,7 +316,7 @@ pub fn parse_destroy(msg: &[u8], names: &CtNames) -> Result<Option<CtSnapshot>, 
     }
     let (proto, original) = original.ok_or(ParseError::Missing("CTA_TUPLE_ORIG"))?;
     let (_, reply) = reply.ok_or(ParseError::Missing("CTA_TUPLE_REPLY"))?;
-    if proto != IPPROTO_TCP {
+    if proto != IPPROTO_TCP || !wanted(status, &original) {
         return Ok(None);
     }
     Ok(Some(CtSnapshot {
@@ -393,6 +400,10 @@ mod tests {
         m
     }
 
+    fn all(_: u32, _: &FlowKey) -> bool {
+        true
+    }
+
     fn names() -> CtNames {
         CtNames::from_btf(&KernelBtf::vmlinux().unwrap())
     }
@@ -401,13 +412,27 @@ mod tests {
     fn decodes_an_unreplied_dnat_entry() {
         // CONFIRMED | DST_NAT | DST_NAT_DONE, no SEEN_REPLY
         let msg = destroy_message((1 << 3) | (1 << 5) | (1 << 8));
-        let ct = parse_destroy(&msg, &names()).unwrap().unwrap();
+        let ct = parse_destroy(&msg, &names(), all).unwrap().unwrap();
         assert_eq!(ct.original.dst, "10.96.0.20:1521".parse().unwrap());
         assert_eq!(ct.reply.src, "10.244.1.7:1521".parse().unwrap());
         assert_eq!(ct.nat(), "dnat");
         assert_eq!(ct.mark, 7);
         assert!(ct.status.contains(&"DNAT".to_string()), "{:?}", ct.status);
         assert!(!ct.status.contains(&"SEEN_REPLY".to_string()));
+    }
+
+    #[test]
+    fn entries_turned_down_by_status_or_tuple_are_not_built() {
+        let names = names();
+        let replied = destroy_message((1 << 1) | (1 << 3));
+        let seen_reply = 1 << 1;
+        let unreplied = |status: u32, _: &FlowKey| status & seen_reply == 0;
+        assert_eq!(parse_destroy(&replied, &names, unreplied), Ok(None));
+        let other_port = |_: u32, o: &FlowKey| o.dst.port() == 1522;
+        assert_eq!(
+            parse_destroy(&destroy_message(0), &names, other_port),
+            Ok(None)
+        );
     }
 
     #[test]
@@ -422,7 +447,7 @@ mod tests {
         let names = names();
         let msg = destroy_message(0);
         for cut in 0..msg.len() {
-            let _ = parse_destroy(&msg[..cut], &names);
+            let _ = parse_destroy(&msg[..cut], &names, all);
         }
         let mut x: u32 = 0x9e37_79b9;
         for _ in 0..2000 {
@@ -434,9 +459,9 @@ mod tests {
                 let i = x as usize % m.len();
                 m[i] = (x >> 8) as u8;
             }
-            let _ = parse_destroy(&m, &names);
+            let _ = parse_destroy(&m, &names, all);
             let _ = messages(&m).count();
         }
-        assert!(parse_destroy(&msg[..10], &names).is_err());
+        assert!(parse_destroy(&msg[..10], &names, all).is_err());
     }
 }
