@@ -222,6 +222,7 @@ fn test(args: &[String]) -> anyhow::Result<()> {
              and load eBPF programs); run `sudo -E cargo xtask test`"
         );
     }
+    let _node = e2e_lock()?;
     status(
         cargo()
             .env("DROPTRACE_BIN", &bin)
@@ -229,6 +230,28 @@ fn test(args: &[String]) -> anyhow::Result<()> {
             .args(["test", "--package", "droptrace-tests"])
             .args(args),
     )
+}
+
+/// The privileged tests own the node while they run: every droptrace they start sees every
+/// drop on the machine, so two suites at once (two checkouts, a bench) would read each other's
+/// packets. Held until the returned file is dropped; a second suite waits for it.
+pub fn e2e_lock() -> anyhow::Result<std::fs::File> {
+    let path = Path::new("/run/lock/droptrace-e2e.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))?;
+    if f.try_lock().is_err() {
+        step(&format!(
+            "waiting for another privileged run on this node ({})",
+            path.display()
+        ));
+        f.lock()
+            .with_context(|| format!("lock {}", path.display()))?;
+    }
+    Ok(f)
 }
 
 fn unsafe_geteuid() -> u32 {
