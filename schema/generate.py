@@ -48,10 +48,18 @@ NATIVE_DEFS = {
                           "description": "Set flags joined by '|', \"\" when none."}}),
     "drop": obj({
         "reason": {"type": "string", "pattern": "^[A-Z0-9_]+$",
-                   "description": "Kernel drop reason without the SKB_DROP_REASON_ prefix."},
-        "reason_code": U32,
+                   "description": "Kernel drop reason without the SKB_DROP_REASON_ prefix; "
+                                  "UNAVAILABLE on kernels before 5.17."},
+        "class": ref("drop_class"),
         "location": {"type": "string", "description": "function+0xoffset"},
+    }, {
+        "reason_code": U32,
+        "storm": {**U64, "description": "The storm incident this folded record belongs to."},
     }),
+    "drop_class": {"enum": ["network", "local", "unknown"],
+                   "description": "network: lost on its way (policy, firewall, tc, routing, "
+                                  "queues, no socket); local: the host's own socket "
+                                  "housekeeping; unknown."},
     "lost": obj({
         "source": {"enum": ["kernel", "sink", "input", "correlation"]},
         "reason": {"type": "string", "minLength": 1,
@@ -62,13 +70,25 @@ NATIVE_DEFS = {
     "attempt": obj({
         "id": U64, "started": TIME, "syn_retransmits": U32, "duration_ms": U64,
         "outcome": {"enum": ["timeout", "refused", "unreachable", "established_late",
-                             "abandoned", "data_stalled", "refused_by_listener", "in_progress"]},
-    }, {"data_retransmits": U32}),
+                             "abandoned", "data_stalled", "refused_by_listener", "in_progress",
+                             "established"]},
+    }, {"data_retransmits": U32, "side": {"enum": ["client", "server"]}, "storm": U64}),
+    "storm": obj({
+        "id": U64, "started": TIME, "duration_ms": U64,
+        "outcome": {"enum": ["in_progress", "ended"]},
+        "drops": U64, "peak_per_sec": U64,
+        "sources": obj({
+            "distinct": U64,
+            "top": {"type": "array", "items": obj({"ip": IP, "drops": U64})},
+        }, {"more": {"type": "boolean"}, "estimated": {"type": "boolean"}}),
+    }),
     "tcp_state": obj({"old": STR, "new": STR, "error": {"type": "integer"}},
                      desc="TCP state names of the running kernel without TCP_."),
     "retransmit": obj({"state": STR, "snd_una": U32}),
-    "drop_summary": obj({"reason": STR, "location": STR, "netns": U32, "count": U64}),
-    "tuple": obj({"src_ip": IP, "src_port": U16, "dst_ip": IP, "dst_port": U16}),
+    "drop_summary": obj({"reason": STR, "class": ref("drop_class"), "location": STR,
+                         "netns": U32, "count": U64}),
+    "tuple": obj({"src_ip": IP, "src_port": U16, "dst_ip": IP, "dst_port": U16},
+                 {"community_id": {"type": "string", "pattern": "^1:[A-Za-z0-9+/]{27}=$"}}),
     "conntrack": obj({
         "state": {"enum": ["NEW", "ESTABLISHED", "RELATED", "INVALID", "UNTRACKED", "UNREPLIED"]},
         "status": {"type": "array", "items": STR},
@@ -110,6 +130,7 @@ SECTIONS = {
     "attempt": ref("attempt"), "drops": {"type": "array", "items": ref("drop_summary")},
     "conntrack": ref("conntrack"), "diagnosis": STR, "source": ref("endpoint"),
     "destination": ref("endpoint"), "policy": ref("policy"), "oracle": ref("oracle"),
+    "storm": ref("storm"),
 }
 
 # Sections each kind always has; the others may appear (absent ones are left out, never null).
@@ -121,6 +142,8 @@ KIND_REQUIRED = {
     "tcp_state": ["flow", "tcp_state"],
     "retransmit": ["flow", "retransmit"],
     "conntrack": ["flow", "conntrack"],
+    "storm": ["flow", "storm", "drops"],
+    "connect": ["flow", "attempt"],
 }
 KIND_DESC = {
     "drop": "A packet of a watched flow dropped by the kernel (count = packets aggregated).",
@@ -130,6 +153,8 @@ KIND_DESC = {
     "tcp_state": "--raw: a TCP state change of a watched socket.",
     "retransmit": "--raw: a TCP retransmission on a watched flow.",
     "conntrack": "--raw: a watched conntrack entry removed without ever seeing a reply.",
+    "storm": "A flood of drops toward one destination from many sources, as one incident.",
+    "connect": "--emit connects: a connect to a watched port that succeeded.",
 }
 KINDS = list(KIND_REQUIRED)
 
@@ -196,8 +221,9 @@ def ecs():
             "destination": flow_side,
             "network": obj({
                 "transport": {"const": "tcp"}, "iana_number": {"const": "6"},
-                "type": {"enum": ["ipv4", "ipv6"]}, "community_id": COMMUNITY_ID,
-            }, {"direction": {"enum": ["ingress", "egress"]}, "protocol": {"const": "tns"}}),
+                "type": {"enum": ["ipv4", "ipv6"]},
+            }, {"direction": {"enum": ["ingress", "egress"]}, "protocol": {"const": "tns"},
+                "community_id": COMMUNITY_ID}),
             "process": obj({"pid": U32, "name": STR, "thread": obj({"id": U32})}),
             "container": obj({"id": STR}),
             "orchestrator": obj({
@@ -217,7 +243,11 @@ def ecs():
         "additionalProperties": False,
         "allOf": [{
             "if": flow_kinds,
-            "then": {"required": ["source", "destination", "network"]},
+            "then": {"required": ["destination", "network"]},
+        }, {
+            # Every flow has a Community ID, except a storm's folded one (no source).
+            "if": {"required": ["source"]},
+            "then": {"properties": {"network": {"required": ["community_id"]}}},
         }],
         "$defs": NATIVE_DEFS,
     }

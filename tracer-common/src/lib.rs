@@ -18,7 +18,14 @@ pub mod kind {
     pub const CT_UNREPLIED: u8 = 4;
     /// Bounded prefix of an Oracle Net (TNS) packet on a watched flow.
     pub const TNS: u8 = 5;
+    /// The real source of one in every [`STORM_SAMPLE_EVERY`](super::STORM_SAMPLE_EVERY)
+    /// drops the kernel folded into a per-destination aggregate.
+    pub const STORM_SAMPLE: u8 = 6;
 }
+
+/// One folded drop in this many (per CPU) sends its real source as a [`StormSample`]: enough
+/// to name the top sources of a flood at a few hundred records per second.
+pub const STORM_SAMPLE_EVERY: u32 = 256;
 
 /// Bits of the per-port WATCH_PORTS array.
 pub mod watch {
@@ -116,6 +123,17 @@ pub struct DropEvent {
     pub count: u32,
     /// The skb's conntrack entry (present = 0 when it had none or conntrack is not readable).
     pub ct: CtInfo,
+}
+
+/// The real source of a drop the kernel folded into a per-destination aggregate.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StormSample {
+    pub hdr: EventHeader,
+    /// The aggregate it was folded into (one end unspecified).
+    pub folded: Flow,
+    /// The drop's own tuple.
+    pub flow: Flow,
 }
 
 /// The process that opened a socket, recorded in process context at connect().
@@ -481,6 +499,7 @@ mod pod {
     unsafe impl aya::Pod for DropAgg {}
     unsafe impl aya::Pod for TnsEvent {}
     unsafe impl aya::Pod for RateWindow {}
+    unsafe impl aya::Pod for StormSample {}
 }
 
 #[cfg(test)]
@@ -504,5 +523,6 @@ mod tests {
         assert_eq!(size_of::<CtLayout>(), 18 * 4);
         assert_eq!(size_of::<DropKey>(), 56);
         assert_eq!(size_of::<DropAgg>(), 32);
+        assert_eq!(size_of::<StormSample>(), 16 + 2 * 40);
     }
 }

@@ -2,7 +2,9 @@
 //! conntrack entry they carried.
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
 use aya_log_ebpf::warn;
-use tracer_common::{ABSENT, DropAgg, DropEvent, DropKey, counter, kind};
+use tracer_common::{
+    ABSENT, DropAgg, DropEvent, DropKey, Flow, STORM_SAMPLE_EVERY, StormSample, counter, kind,
+};
 
 use crate::{
     conntrack,
@@ -45,8 +47,9 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
 
     let location: u64 = field(ctx, ro(&L.tp_location))?;
     let reason_off = ro(&L.tp_reason);
+    // Kernels before 5.17 have no reason: ABSENT tells userspace (it classes by location).
     let reason: u32 = if reason_off == ABSENT {
-        0
+        ABSENT
     } else {
         field(ctx, reason_off)?
     };
@@ -60,15 +63,20 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
         _pad: 0,
         location,
     };
-    if add_repeat(&key, now) {
+    if add_repeat(&key, now).is_some() {
         return Ok(());
     }
     if !maps::new_flow_allowed(now) {
-        // A storm of distinct flows: fold it into one aggregate per destination by zeroing
-        // the ephemeral port, so records stay bounded and the counts stay exact.
-        fold_ephemeral_port(&mut key);
+        // A storm of distinct flows (rotating ports, random source addresses): fold it into
+        // one aggregate per destination by zeroing the other end, address and port, so
+        // records stay bounded whatever the sources and the counts stay exact.
+        let flow = key.flow;
+        fold_other_end(&mut key);
         maps::count(counter::STORM_FOLDED);
-        if add_repeat(&key, now) {
+        if let Some(n) = add_repeat(&key, now) {
+            if n % STORM_SAMPLE_EVERY as u64 == 0 {
+                sample(&key, &flow, now);
+            }
             return Ok(());
         }
     }
@@ -84,7 +92,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
     const BPF_NOEXIST: u64 = 1;
     if maps::DROP_AGG.insert(key, fresh, BPF_NOEXIST).is_err() {
         // Another CPU inserted it first: count there. Map full: a record of its own.
-        if add_repeat(&key, now) {
+        if add_repeat(&key, now).is_some() {
             return Ok(());
         }
         maps::count(counter::AGG_FULL);
@@ -92,7 +100,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
 
     let Some(mut entry) = maps::EVENTS.reserve::<DropEvent>(0) else {
         // Not lost while the aggregation entry exists: the next flush reports it.
-        if !add_repeat(&key, now) {
+        if add_repeat(&key, now).is_none() {
             maps::count(counter::RINGBUF_FULL);
         }
         return Ok(());
@@ -117,33 +125,53 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
     Ok(())
 }
 
-/// Zeroes the port that is not the service's: the unwatched one, or the higher of two.
+/// Zeroes the end that is not the service's, address and port: the end whose port is not
+/// watched, or the one with the higher port when that does not tell.
 #[inline(always)]
-fn fold_ephemeral_port(key: &mut DropKey) {
+fn fold_other_end(key: &mut DropKey) {
     let f = &mut key.flow;
     let s_watched = maps::port_watched_strict(f.sport);
     let d_watched = maps::port_watched_strict(f.dport);
     if d_watched && !s_watched || (d_watched == s_watched && f.sport >= f.dport) {
         f.sport = 0;
+        f.saddr = [0; 16];
     } else {
         f.dport = 0;
+        f.daddr = [0; 16];
     }
 }
 
-/// Counts one more drop into an existing aggregation entry; false when there is none.
+/// The real tuple of one folded drop, so userspace can name a flood's top sources. Best
+/// effort: a full ring buffer only costs a sample.
 #[inline(always)]
-fn add_repeat(key: &DropKey, now: u64) -> bool {
-    let Some(agg) = maps::DROP_AGG.get_ptr_mut(key) else {
-        return false;
-    };
+fn sample(key: &DropKey, flow: &Flow, now: u64) {
+    if let Some(mut entry) = maps::EVENTS.reserve::<StormSample>(0) {
+        let ev = entry.as_mut_ptr();
+        // SAFETY: `ev` points at a reserved, writable record of the right size.
+        unsafe {
+            (*ev).hdr = header(kind::STORM_SAMPLE);
+            (*ev).hdr.ts_ns = now;
+            (*ev).folded = key.flow;
+            (*ev).flow = *flow;
+        }
+        entry.submit(maps::wakeup_flags());
+    }
+}
+
+/// Counts one more drop into an existing aggregation entry: this CPU's count of it so far,
+/// or None when there is no entry.
+#[inline(always)]
+fn add_repeat(key: &DropKey, now: u64) -> Option<u64> {
+    let agg = maps::DROP_AGG.get_ptr_mut(key)?;
     // SAFETY: this CPU's slot of a per-CPU map value, valid for this program run; no other
     // CPU writes it, so a plain add is exact.
-    unsafe {
+    let n = unsafe {
         (*agg).repeats += 1;
         (*agg).last_ns = now;
-    }
+        (*agg).repeats
+    };
     maps::count(counter::AGG_MERGED);
-    true
+    Some(n)
 }
 
 /// ifindex and netns inode of skb->dev; without a device (early local output) the netns of

@@ -10,11 +10,11 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use droptrace::{
     clock::Clock,
     collectors::{Symbols, skb_drop},
-    correlate::{Config, Correlator},
     encode::{self, Format},
     identity::Identity,
     k8s::{Cluster, Object, model::now},
     kernel::kallsyms::Kallsyms,
+    pipeline::{self, Pipeline},
     report,
 };
 use tracer_common::{AF_INET, DropEvent, EventHeader, Flow, IPPROTO_TCP, kind};
@@ -124,21 +124,27 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // The daemon's own core, as the run loop drives it: raw records in, events out.
     let mut identity = Identity::from_cluster(cluster());
-    let mut correlator = Correlator::new(Config::default());
+    let mut core = Pipeline::new(
+        pipeline::Config::new("node-1", &[1521]),
+        clock,
+        self::symbols(),
+        Box::new(pipeline::Procfs),
+    );
     g.bench_function(
         "decode+correlate+enrich+encode (10k pods, 2k policies)",
         |b| {
             b.iter(|| {
                 for r in &recs {
-                    let d = skb_drop::decode(&decode(r), &symbols);
-                    correlator.on_drop(&d);
-                    let mut e = report::drop_event(&d, &clock, "node-1");
-                    identity.enrich(&mut e);
-                    encode::encode(Format::Native, &e, &mut buf);
-                    black_box(&buf);
+                    core.record(r);
+                    for o in core.drain() {
+                        let mut e = o.event;
+                        identity.enrich(&mut e);
+                        encode::encode(Format::Native, &e, &mut buf);
+                        black_box(&buf);
+                    }
                 }
-                correlator.drain().for_each(drop);
             })
         },
     );

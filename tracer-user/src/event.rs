@@ -10,6 +10,8 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+use crate::drop_class::DropClass;
+
 pub const SCHEMA: &str = "droptrace.v1";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -29,6 +31,10 @@ pub enum Kind {
     Retransmit,
     /// `--raw`: a conntrack entry of a watched flow removed without a reply.
     Conntrack,
+    /// A flood of drops toward one destination from many sources, as one incident.
+    Storm,
+    /// `--emit connects`: a connect to a watched port that succeeded.
+    Connect,
 }
 
 impl Kind {
@@ -41,6 +47,8 @@ impl Kind {
             Kind::TcpState => "tcp_state",
             Kind::Retransmit => "retransmit",
             Kind::Conntrack => "conntrack",
+            Kind::Storm => "storm",
+            Kind::Connect => "connect",
         }
     }
 }
@@ -154,6 +162,8 @@ pub struct Event {
     pub policy: Option<Shared<Policy>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oracle: Option<Box<Oracle>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<Box<Storm>>,
 }
 
 impl Event {
@@ -182,6 +192,7 @@ impl Event {
             destination: None,
             policy: None,
             oracle: None,
+            storm: None,
         }
     }
 
@@ -234,12 +245,55 @@ pub struct Tcp {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Drop {
-    /// Kernel drop reason without the SKB_DROP_REASON_ prefix, e.g. "NETFILTER_DROP".
+    /// Kernel drop reason without the SKB_DROP_REASON_ prefix, e.g. "NETFILTER_DROP";
+    /// "UNAVAILABLE" on kernels before 5.17, which have none.
     pub reason: String,
     /// The running kernel's numeric value (numbers move between kernels; names do not).
-    pub reason_code: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason_code: Option<u32>,
+    /// network | local | unknown (see docs/events.md).
+    #[serde(default = "unknown_class")]
+    pub class: DropClass,
     /// Code that dropped it, `function+0xoffset`.
     pub location: String,
+    /// The `storm` incident this record was folded into (its source is then unspecified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<u64>,
+}
+
+/// One flood of drops toward a destination (`kind: storm`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Storm {
+    /// Same for the `in_progress` record and the final record of one storm.
+    pub id: u64,
+    pub started: String,
+    pub duration_ms: u64,
+    /// in_progress | ended
+    pub outcome: String,
+    /// Drops toward the destination since the storm began (all records' counts).
+    pub drops: u64,
+    /// Most drops within one second.
+    pub peak_per_sec: u64,
+    pub sources: StormSources,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StormSources {
+    /// Distinct source addresses seen (in full records or in the kernel's samples).
+    pub distinct: u64,
+    /// More sources than droptrace keeps per storm (65,536) were seen.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
+    /// `top[].drops` partly estimated from samples (one folded drop in 256 is sampled).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub estimated: bool,
+    pub top: Vec<StormSource>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StormSource {
+    pub ip: IpAddr,
+    pub drops: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,15 +363,28 @@ pub struct Attempt {
     /// Data retransmits without acknowledgement (data_stalled).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub data_retransmits: u32,
+    /// `connect` records: which end is on this node, "client" or "server".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub side: Option<String>,
+    /// The `storm` toward the same destination this attempt ran into, when it saw no drop of
+    /// its own: its SYNs may be among the storm's folded drops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storm: Option<u64>,
 }
 
 fn is_zero(v: &u32) -> bool {
     *v == 0
 }
 
+fn unknown_class() -> DropClass {
+    DropClass::Unknown
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropSummary {
     pub reason: String,
+    #[serde(default = "unknown_class")]
+    pub class: DropClass,
     pub location: String,
     pub netns: u32,
     pub count: u64,
@@ -329,6 +396,10 @@ pub struct Tuple {
     pub src_port: u16,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// Community ID v1 of this tuple: the reply tuple's ID of a Service connect is the
+    /// `flow.community_id` the destination's node reports for the same connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub community_id: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

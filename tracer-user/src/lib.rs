@@ -4,11 +4,11 @@
 //! correlate ([`correlate`], [`aggregate`]) -> enrich ([`k8s`], [`policy`], [`oracle`]) ->
 //! [`event`] -> [`encode`] -> [`sinks`] (and [`metrics`]). Everything kernel-specific is
 //! resolved at load time ([`kernel`]).
-pub mod aggregate;
 pub mod cgroup;
 pub mod clock;
 pub mod collectors;
 pub mod correlate;
+pub mod drop_class;
 pub mod daemon;
 pub mod encode;
 pub mod event;
@@ -18,6 +18,7 @@ pub mod k8s;
 pub mod kernel;
 pub mod metrics;
 pub mod oracle;
+pub mod pipeline;
 pub mod policy;
 pub mod preflight;
 pub mod replay;

@@ -5,6 +5,7 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
     daemon, explain,
+    pipeline::Emit,
     identity::{Identity, IdentityError, IdentityOptions},
     preflight, replay,
     sinks::{Output, OutputOptions, cli::OutputArgs},
@@ -76,7 +77,12 @@ struct RunArgs {
     /// Kernel ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf)]
     ringbuf_bytes: u32,
-    /// Also emit every per-signal record (tcp_state, retransmit, conntrack).
+    /// Records beyond problems to put in the stream, comma-separated: all-drops (drops of
+    /// every class, not only network), tns (every Oracle Net handshake), connects (each
+    /// successful connect to a watched port), signals (tcp_state, retransmit, conntrack), all.
+    #[arg(long, value_name = "LIST", value_parser = parse_emit)]
+    emit: Option<Emit>,
+    /// Everything in the stream: the same as `--emit all`.
     #[arg(long)]
     raw: bool,
     /// Report a connection attempt (or an established flow) that made no progress this long.
@@ -136,6 +142,10 @@ fn parse_period(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is too short (at least 10ms)"));
     }
     Ok(d)
+}
+
+fn parse_emit(s: &str) -> Result<Emit, String> {
+    Emit::parse(s).map_err(|e| e.to_string())
 }
 
 fn parse_ringbuf(s: &str) -> Result<u32, String> {
@@ -229,7 +239,11 @@ fn run(args: RunArgs) -> ExitCode {
         max_events: args.max_events,
         node: args.node_name.unwrap_or_else(daemon::hostname),
         ringbuf_bytes: args.ringbuf_bytes,
-        raw: args.raw,
+        emit: if args.raw {
+            Emit::all()
+        } else {
+            args.emit.unwrap_or_default()
+        },
         stall_after: args.stall_after,
         flow_table: args.flow_table as usize,
         flush: args.flush,

@@ -43,8 +43,8 @@ pub struct Metrics {
 #[derive(Default)]
 struct Inner {
     events: BTreeMap<&'static str, u64>,
-    /// (reason, namespace, pod, port) -> drops
-    drops: BTreeMap<(String, String, String, String), u64>,
+    /// (reason, class, namespace, pod, port) -> drops
+    drops: BTreeMap<(String, &'static str, String, String, String), u64>,
     pods: HashSet<(String, String)>,
     ports: HashSet<u16>,
     reasons: HashSet<String>,
@@ -85,6 +85,7 @@ impl Metrics {
         *m.events.entry(e.kind.as_str()).or_default() += 1;
         match e.kind {
             Kind::Drop => {
+                let class = e.drop.as_ref().map_or("unknown", |d| d.class.as_str());
                 let reason = e.drop.as_ref().map_or("UNKNOWN", |d| d.reason.as_str());
                 let reason = admit(&mut m.reasons, reason.to_string(), MAX_REASONS)
                     .unwrap_or_else(|| OTHER.to_string());
@@ -111,7 +112,7 @@ impl Metrics {
                         .map_or_else(|| OTHER.to_string(), |p| p.to_string()),
                     None => String::new(),
                 };
-                *m.drops.entry((reason, ns, pod, port)).or_default() += e.count;
+                *m.drops.entry((reason, class, ns, pod, port)).or_default() += e.count;
             }
             Kind::Stall => {
                 let outcome = e.attempt.as_ref().map_or("unknown", |a| a.outcome.as_str());
@@ -130,7 +131,12 @@ impl Metrics {
                     m.kernel_lost += e.count;
                 }
             }
-            Kind::Tns | Kind::TcpState | Kind::Retransmit | Kind::Conntrack => {}
+            Kind::Tns
+            | Kind::TcpState
+            | Kind::Retransmit
+            | Kind::Conntrack
+            | Kind::Storm
+            | Kind::Connect => {}
         }
     }
 
@@ -153,9 +159,19 @@ impl Metrics {
                 &mut out,
                 "droptrace_events_total",
                 "counter",
-                "Events emitted, by kind.",
+                "Events produced, by kind (in the stream or held back by --emit).",
             );
-            for kind in ["drop", "lost", "stall", "tns"] {
+            for kind in [
+                "drop",
+                "lost",
+                "stall",
+                "storm",
+                "tns",
+                "connect",
+                "tcp_state",
+                "retransmit",
+                "conntrack",
+            ] {
                 let n = m.events.get(kind).copied().unwrap_or(0);
                 let _ = writeln!(out, "droptrace_events_total{{kind=\"{kind}\"}} {n}");
             }
@@ -165,10 +181,10 @@ impl Metrics {
                 "counter",
                 "Packets dropped on watched flows (aggregated drop records count each packet).",
             );
-            for ((reason, ns, pod, port), n) in &m.drops {
+            for ((reason, class, ns, pod, port), n) in &m.drops {
                 let _ = writeln!(
                     out,
-                    "droptrace_drops_total{{reason=\"{}\",namespace=\"{}\",pod=\"{}\",port=\"{}\"}} {n}",
+                    "droptrace_drops_total{{reason=\"{}\",class=\"{class}\",namespace=\"{}\",pod=\"{}\",port=\"{}\"}} {n}",
                     esc(reason),
                     esc(ns),
                     esc(pod),
@@ -342,8 +358,10 @@ mod tests {
         e.count = 2;
         e.drop = Some(Drop {
             reason: "NETFILTER_DROP".into(),
-            reason_code: 1,
+            reason_code: Some(1),
+            class: crate::drop_class::DropClass::Network,
             location: "x".into(),
+            storm: None,
         });
         e.flow = Some(Flow {
             proto: "tcp".into(),
@@ -369,7 +387,7 @@ mod tests {
             m.observe(&drop_event(pod, 1521));
         }
         let text = m.render();
-        assert!(text.contains("droptrace_drops_total{reason=\"NETFILTER_DROP\",namespace=\"ns\",pod=\"a\",port=\"1521\"} 4"), "{text}");
+        assert!(text.contains("droptrace_drops_total{reason=\"NETFILTER_DROP\",class=\"network\",namespace=\"ns\",pod=\"a\",port=\"1521\"} 4"), "{text}");
         assert!(text.contains("pod=\"other\",port=\"1521\"} 4"), "{text}");
         assert!(text.contains("droptrace_events_total{kind=\"drop\"} 5"));
         assert!(text.contains("droptrace_build_info{version="));

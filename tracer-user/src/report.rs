@@ -3,12 +3,18 @@ use std::net::SocketAddr;
 
 use crate::{
     clock::Clock,
-    correlate::{Incident, Outcome},
+    correlate::{Connected, DropTally, Incident, Outcome, storm::StormIncident},
     event::{self, Event, Kind},
     signal::{CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal},
 };
 
 pub fn flow(k: &FlowKey) -> event::Flow {
+    // A folded storm record has no one flow: no Community ID.
+    let community_id = if k.is_folded() {
+        None
+    } else {
+        crate::encode::community_id::tcp(k.src.ip(), k.src.port(), k.dst.ip(), k.dst.port())
+    };
     event::Flow {
         proto: "tcp".to_string(),
         family: if k.src.is_ipv6() {
@@ -20,12 +26,7 @@ pub fn flow(k: &FlowKey) -> event::Flow {
         src_port: k.src.port(),
         dst_ip: k.dst.ip(),
         dst_port: k.dst.port(),
-        community_id: crate::encode::community_id::tcp(
-            k.src.ip(),
-            k.src.port(),
-            k.dst.ip(),
-            k.dst.port(),
-        ),
+        community_id,
     }
 }
 
@@ -36,6 +37,7 @@ fn tuple(k: &FlowKey) -> event::Tuple {
         src_port: s.port(),
         dst_ip: d.ip(),
         dst_port: d.port(),
+        community_id: crate::encode::community_id::tcp(s.ip(), s.port(), d.ip(), d.port()),
     }
 }
 
@@ -71,7 +73,9 @@ pub fn drop_event(d: &DropSignal, clock: &Clock, node: &str) -> Event {
     e.drop = Some(event::Drop {
         reason: d.reason.clone(),
         reason_code: d.reason_code,
+        class: d.class,
         location: d.location.clone(),
+        storm: None,
     });
     e.netns = Some(d.netns);
     e.ifindex = Some(d.ifindex);
@@ -129,21 +133,84 @@ pub fn stall_event(i: &Incident, clock: &Clock, node: &str) -> Event {
         } else {
             0
         },
+        side: None,
+        storm: i.storm,
     });
     e.drops = Some(
         i.drops
             .iter()
-            .map(|t| event::DropSummary {
-                reason: t.reason.clone(),
-                location: t.location.clone(),
-                netns: t.netns,
-                count: t.count,
-            })
+            .map(drop_summary)
             .collect(),
     );
     e.conntrack = i.ct.as_ref().map(|c| Box::new(conntrack(c)));
     e.oracle = i.oracle.clone().map(Box::new);
     e.diagnosis = Some(i.diagnosis.clone());
+    e
+}
+
+fn drop_summary(t: &DropTally) -> event::DropSummary {
+    event::DropSummary {
+        reason: t.reason.clone(),
+        class: t.class,
+        location: t.location.clone(),
+        netns: t.netns,
+        count: t.count,
+    }
+}
+
+/// A storm: the destination as the flow's `dst`, its source unspecified.
+pub fn storm_event(s: &StormIncident, clock: &Clock, node: &str) -> Event {
+    let mut e = Event::new(Kind::Storm, clock.rfc3339(s.at_ns), node);
+    let any = match s.server.ip() {
+        std::net::IpAddr::V4(_) => std::net::IpAddr::from([0u8; 4]),
+        std::net::IpAddr::V6(_) => std::net::IpAddr::from([0u8; 16]),
+    };
+    e.flow = Some(flow(&FlowKey {
+        src: SocketAddr::new(any, 0),
+        dst: s.server,
+    }));
+    e.storm = Some(Box::new(event::Storm {
+        id: s.id,
+        started: clock.rfc3339(s.started_ns),
+        duration_ms: s.at_ns.saturating_sub(s.started_ns) / 1_000_000,
+        outcome: s.outcome.as_str().to_string(),
+        drops: s.total,
+        peak_per_sec: s.peak_per_sec,
+        sources: event::StormSources {
+            distinct: s.distinct_sources,
+            more: s.other_sources,
+            estimated: s.estimated,
+            top: s
+                .top
+                .iter()
+                .map(|t| event::StormSource {
+                    ip: t.ip,
+                    drops: t.drops,
+                })
+                .collect(),
+        },
+    }));
+    e.drops = Some(s.drops.iter().map(drop_summary).collect());
+    e.diagnosis = Some(s.diagnosis.clone());
+    e
+}
+
+/// A connect that succeeded (`--emit connects`), client view.
+pub fn connect_event(c: &Connected, clock: &Clock, node: &str) -> Event {
+    let mut e = Event::new(Kind::Connect, clock.rfc3339(c.at_ns), node);
+    e.flow = Some(flow(&c.flow));
+    e.process = c.owner.as_ref().map(process);
+    e.netns = (c.netns != 0).then_some(c.netns);
+    e.attempt = Some(event::Attempt {
+        id: c.id,
+        started: clock.rfc3339(c.started_ns),
+        syn_retransmits: c.syn_retransmits,
+        duration_ms: c.at_ns.saturating_sub(c.started_ns) / 1_000_000,
+        outcome: "established".to_string(),
+        data_retransmits: 0,
+        side: Some(c.side.as_str().to_string()),
+        storm: None,
+    });
     e
 }
 

@@ -16,6 +16,13 @@ impl FlowKey {
             dst: self.src,
         }
     }
+
+    /// One end is unspecified (address and port zero): the kernel folded a storm of flows
+    /// into one record per destination.
+    pub fn is_folded(&self) -> bool {
+        let unspecified = |a: SocketAddr| a.ip().is_unspecified() && a.port() == 0;
+        unspecified(self.src) || unspecified(self.dst)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,8 +79,11 @@ pub struct DropSignal {
     pub ts_ns: u64,
     pub flow: FlowKey,
     pub tcp_flags: u8,
+    /// The kernel's name without SKB_DROP_REASON_, or `UNAVAILABLE` before Linux 5.17.
     pub reason: String,
-    pub reason_code: u32,
+    /// This kernel's number for it (None where the kernel has no reasons).
+    pub reason_code: Option<u32>,
+    pub class: crate::drop_class::DropClass,
     pub location: String,
     pub netns: u32,
     pub ifindex: u32,
@@ -141,4 +151,35 @@ pub fn flow_key(f: &tracer_common::Flow) -> FlowKey {
 pub fn comm(raw: &[u8; 16]) -> String {
     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
     String::from_utf8_lossy(&raw[..end]).into_owned()
+}
+
+/// Builders for tests: one place for every module's synthetic signals.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::*;
+
+    pub(crate) fn key(src: &str, dst: &str) -> FlowKey {
+        FlowKey {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+        }
+    }
+
+    /// A drop of `flow` for `reason` (classed as the kernel's table says) at nft_do_chain.
+    pub(crate) fn drop(ts: u64, flow: FlowKey, flags: u8, reason: &str) -> DropSignal {
+        let location = "nft_do_chain+0x46f";
+        DropSignal {
+            ts_ns: ts,
+            flow,
+            tcp_flags: flags,
+            reason: reason.into(),
+            reason_code: Some(12),
+            class: crate::drop_class::classify(Some(reason), location),
+            location: location.into(),
+            netns: 200,
+            ifindex: 2,
+            count: 1,
+            ct: None,
+        }
+    }
 }

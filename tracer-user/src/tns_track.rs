@@ -13,6 +13,11 @@ use crate::{
     signal::FlowKey,
 };
 
+/// A packet's identity at one end: (that end, toward the server, seq, payload length). The
+/// same packet seen leaving one local socket and arriving at another keeps its sequence
+/// number and length whatever NAT did to the addresses, and at least one end unchanged.
+type SeenKey = (SocketAddr, bool, u32, u32);
+
 /// Connections followed at once; the oldest is dropped beyond it.
 const MAX_CONNECTIONS: usize = 4096;
 /// Packets remembered to drop the copy seen on the other end of a local connection.
@@ -57,8 +62,12 @@ pub struct TnsTracker {
     targets: HashSet<SocketAddr>,
     conns: HashMap<(SocketAddr, SocketAddr), Conn>,
     order: VecDeque<(SocketAddr, SocketAddr)>,
-    seen: HashSet<(FlowKey, u32, u32)>,
-    seen_order: VecDeque<(FlowKey, u32, u32)>,
+    /// The conversation of each client endpoint: behind a Service the client's copy of a
+    /// packet names the Service address, the listener's copy the pod; both are one
+    /// conversation, named as the client dialled it.
+    by_client: HashMap<SocketAddr, SocketAddr>,
+    seen: HashSet<SeenKey>,
+    seen_order: VecDeque<SeenKey>,
     /// Bytes the parser could not decode, reported as lost input.
     pub malformed: u64,
 }
@@ -70,6 +79,7 @@ impl TnsTracker {
             targets: HashSet::new(),
             conns: HashMap::new(),
             order: VecDeque::new(),
+            by_client: HashMap::new(),
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
             malformed: 0,
@@ -90,18 +100,6 @@ impl TnsTracker {
             events: Vec::new(),
             outcomes: Vec::new(),
         };
-        // The same packet leaves one local socket and arrives at another: keep one copy.
-        let id = (p.flow, p.seq, p.payload_len);
-        if !self.seen.insert(id) {
-            return out;
-        }
-        self.seen_order.push_back(id);
-        if self.seen_order.len() > DEDUP
-            && let Some(old) = self.seen_order.pop_front()
-        {
-            self.seen.remove(&old);
-        }
-
         let (dir, client, server) = if self.is_server(p.flow.dst)
             || !self.is_server(p.flow.src) && p.flow.dst.port() < p.flow.src.port()
         {
@@ -109,13 +107,43 @@ impl TnsTracker {
         } else {
             (Direction::ToClient, p.flow.dst, p.flow.src)
         };
+        // The same packet leaves one local socket and arrives at another: keep one copy,
+        // also when a Service DNAT (or an SNAT) rewrote one end in between.
+        let up = dir == Direction::ToServer;
+        let ids = [
+            (client, up, p.seq, p.payload_len),
+            (server, up, p.seq, p.payload_len),
+        ];
+        if ids.iter().any(|id| self.seen.contains(id)) {
+            return out;
+        }
+        for id in ids {
+            self.seen.insert(id);
+            self.seen_order.push_back(id);
+        }
+        while self.seen_order.len() > DEDUP {
+            if let Some(old) = self.seen_order.pop_front() {
+                self.seen.remove(&old);
+            }
+        }
+
+        // One conversation per client endpoint, named by the first copy seen (the client's
+        // own, when the client is on this node: it sends the CONNECT).
+        let server = match self.by_client.get(&client) {
+            Some(s) if self.conns.contains_key(&(client, *s)) => *s,
+            _ => server,
+        };
         let key = (client, server);
         if !self.conns.contains_key(&key) {
             if self.conns.len() >= MAX_CONNECTIONS
                 && let Some(old) = self.order.pop_front()
             {
                 self.conns.remove(&old);
+                if self.by_client.get(&old.0) == Some(&old.1) {
+                    self.by_client.remove(&old.0);
+                }
             }
+            self.by_client.insert(client, server);
             self.order.push_back(key);
             self.conns.insert(
                 key,
@@ -231,6 +259,37 @@ mod tests {
                 .events
                 .is_empty()
         );
+    }
+
+    /// Client and listener on one node, a Service between them: every packet is seen twice,
+    /// once naming the Service address (the client's socket) and once the pod (the
+    /// listener's). One conversation, named as the client dialled it.
+    #[test]
+    fn redirect_behind_a_service_is_one_conversation_named_by_the_service() {
+        let mut t = TnsTracker::new([1521]);
+        let connect = include_bytes!("../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
+        let client = "10.202.1.1:40000";
+        let (svc, pod) = ("10.204.1.10:1521", "10.203.1.2:1521");
+        // CONNECT leaves the client first, then arrives at the listener (after DNAT).
+        let a = t.on_packet(&sig(client, svc, 1, connect));
+        let b = t.on_packet(&sig(client, pod, 1, connect));
+        assert_eq!(a.events.len() + b.events.len(), 1, "one CONNECT");
+        // REDIRECT leaves the listener first (pod address), then reaches the client.
+        let redirect = build::redirect_split(
+            b"(ADDRESS=(PROTOCOL=TCP)(HOST=10.203.1.2)(PORT=40123))\0(DESCRIPTION=)",
+        );
+        let r1 = t.on_packet(&sig(pod, client, 9, &redirect));
+        let r2 = t.on_packet(&sig(svc, client, 9, &redirect));
+        let outcomes: Vec<_> = r1.outcomes.iter().chain(&r2.outcomes).collect();
+        assert_eq!(outcomes.len(), 1, "{outcomes:?}");
+        let Outcome::Redirect {
+            listener, oracle, ..
+        } = outcomes[0]
+        else {
+            panic!("{outcomes:?}")
+        };
+        assert_eq!(listener.to_string(), svc);
+        assert_eq!(oracle.program.as_deref(), Some("sqlplus"), "CONNECT context kept");
     }
 
     #[test]

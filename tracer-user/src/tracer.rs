@@ -8,6 +8,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
+use crate::pipeline::repeats::AggEntry;
 use tracer_common::{
     CtLayout, DropAgg, DropKey, HostPort, Settings, SkbLayout, TcpLayout, counter,
 };
@@ -169,8 +170,8 @@ pub struct Tracer {
     ebpf: Ebpf,
     pub events: AsyncFd<RingBuf<MapData>>,
     pub counters: Counters,
-    /// Taken by the daemon's aggregator.
-    pub drop_agg: Option<PerCpuHashMap<MapData, DropKey, DropAgg>>,
+    /// Per (flow, reason, location) drop counts (see `pipeline::repeats`).
+    drop_agg: Option<PerCpuHashMap<MapData, DropKey, DropAgg>>,
     /// Learned (address, port) pairs to watch, e.g. Oracle redirect targets.
     pub watch: Option<Watch>,
     pub logger: Option<KernelLog>,
@@ -337,6 +338,45 @@ impl Tracer {
     pub fn flush_logs(&mut self) {
         if let Some(l) = self.logger.as_mut() {
             l.get_mut().flush();
+        }
+    }
+
+    /// The kernel's drop aggregation map, summed over CPUs.
+    pub fn drop_counts(&self, out: &mut Vec<AggEntry>) {
+        out.clear();
+        let Some(map) = self.drop_agg.as_ref() else {
+            return;
+        };
+        let keys: Vec<DropKey> = map.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let Ok(per_cpu) = map.get(&key, 0) else {
+                continue;
+            };
+            let mut e = AggEntry {
+                key,
+                repeats: 0,
+                last_ns: 0,
+                netns: 0,
+                ifindex: 0,
+                tcp_flags: 0,
+            };
+            for v in per_cpu.iter() {
+                e.repeats += v.repeats;
+                e.last_ns = e.last_ns.max(v.last_ns);
+                if v.netns != 0 {
+                    (e.netns, e.ifindex, e.tcp_flags) = (v.netns, v.ifindex, v.tcp_flags);
+                }
+            }
+            out.push(e);
+        }
+    }
+
+    /// Removes an idle key from the kernel's drop aggregation map. A drop landing between the
+    /// last read and this removal would be missed; the key has been idle for the pipeline's
+    /// idle time, so that window is not hit in practice.
+    pub fn forget_drop_key(&mut self, key: &DropKey) {
+        if let Some(map) = self.drop_agg.as_mut() {
+            let _ = map.remove(key);
         }
     }
 

@@ -318,6 +318,7 @@ fn syn_ack_reply_is_judged_as_the_connection_it_answers() {
         src_port: sp,
         dst_ip: ip(d),
         dst_port: dp,
+        community_id: None,
     };
     data.conntrack = Some(Box::new(Conntrack {
         state: "ESTABLISHED".into(),

@@ -918,20 +918,22 @@ fn metrics_endpoint_counts_what_was_sent() {
             "{k}\n{text}"
         );
     }
-    // Every NETFILTER_DROP sample has the shop/checkout pod (admitted first) and port 1521.
+    // Every NETFILTER_DROP sample with a pod has the shop/checkout pod (admitted first) and
+    // port 1521.
     let netfilter: u64 = events
         .iter()
         .filter(|e| {
             e.drop
                 .as_ref()
                 .is_some_and(|d| d.reason == "NETFILTER_DROP")
+                && e.source.is_some()
         })
         .map(|e| e.count)
         .sum();
     assert_eq!(
         metric(
             &text,
-            "droptrace_drops_total{reason=\"NETFILTER_DROP\",namespace=\"shop\",pod=\"checkout-7d9f\",port=\"1521\"}"
+            "droptrace_drops_total{reason=\"NETFILTER_DROP\",class=\"network\",namespace=\"shop\",pod=\"checkout-7d9f\",port=\"1521\"}"
         ),
         Some(netfilter as f64),
         "{text}"
@@ -939,7 +941,7 @@ fn metrics_endpoint_counts_what_was_sent() {
     assert_eq!(
         metric(
             &text,
-            "droptrace_drops_total{reason=\"TCP_INVALID_SEQUENCE\",namespace=\"\",pod=\"\",port=\"2484\"}"
+            "droptrace_drops_total{reason=\"TCP_INVALID_SEQUENCE\",class=\"local\",namespace=\"\",pod=\"\",port=\"2484\"}"
         ),
         Some(1.0),
         "{text}"

@@ -56,6 +56,17 @@ impl CtNames {
         }
     }
 
+    /// Names given directly (tests, benches): ctinfo values and status bits.
+    pub fn from_parts(ctinfo: &[(u8, &str)], status_bits: &[(u32, &str)]) -> Self {
+        Self {
+            ctinfo: ctinfo.iter().map(|(v, n)| (*v, n.to_string())).collect(),
+            status_bits: status_bits
+                .iter()
+                .map(|(b, n)| (*b, n.to_string()))
+                .collect(),
+        }
+    }
+
     pub(crate) fn status(&self, status: u64) -> Vec<String> {
         self.status_bits
             .iter()

@@ -22,7 +22,10 @@ use std::{cell::RefCell, collections::HashMap, path::Path};
 
 use tracer_common::{CtLayout, SkbLayout, TcpLayout};
 
-use crate::kernel::{btf::KernelBtf, kallsyms::Kallsyms};
+use crate::{
+    drop_class::DropClass,
+    kernel::{btf::KernelBtf, kallsyms::Kallsyms},
+};
 
 /// What decoding needs to turn kernel numbers into names.
 #[derive(Default)]
@@ -35,6 +38,16 @@ pub struct Symbols {
     /// `function+0xoffset` by address: drops come from a handful of places, and formatting
     /// each one anew was a measurable part of decoding.
     pub locations: RefCell<HashMap<u64, String>>,
+    /// Class by (reason, location), memoised: a handful of pairs make up almost every drop.
+    pub classes: RefCell<HashMap<(u32, u64), DropClass>>,
+}
+
+/// A kernel drop reason in words: name, this kernel's number, class.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reason {
+    pub name: String,
+    pub code: Option<u32>,
+    pub class: DropClass,
 }
 
 impl Symbols {
@@ -51,10 +64,32 @@ impl Symbols {
     }
 
     pub fn drop_reason(&self, code: u32) -> String {
+        if code == tracer_common::ABSENT {
+            return crate::drop_class::UNAVAILABLE.to_string();
+        }
         self.drop_reasons
             .get(&code)
             .cloned()
             .unwrap_or_else(|| format!("REASON_{code}"))
+    }
+
+    /// The reason `code` (`ABSENT` on kernels without reasons) of a drop at `location`.
+    pub fn reason(&self, code: u32, location: u64) -> Reason {
+        let name = self.drop_reason(code);
+        let memo = self.classes.borrow().get(&(code, location)).copied();
+        let class = memo.unwrap_or_else(|| {
+            let c = crate::drop_class::classify(Some(&name), &self.location(location));
+            let mut m = self.classes.borrow_mut();
+            if m.len() < 4096 {
+                m.insert((code, location), c);
+            }
+            c
+        });
+        Reason {
+            name,
+            code: (code != tracer_common::ABSENT).then_some(code),
+            class,
+        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! skb:kfree_skb: packets freed with a drop reason.
 use std::path::Path;
 
-use tracer_common::{ABSENT, DropEvent, SkbLayout};
+use tracer_common::{ABSENT, DropEvent, DropKey, SkbLayout, StormSample};
 
 use super::{LayoutError, Symbols, conntrack};
 use crate::{
@@ -9,7 +9,7 @@ use crate::{
         btf::KernelBtf,
         tracefs::{Format, TracefsError},
     },
-    signal::{self, DropSignal},
+    signal::{self, DropSignal, FlowKey},
 };
 
 pub const CATEGORY: &str = "skb";
@@ -43,18 +43,35 @@ pub fn read_format(tracefs: &Path) -> Result<Format, TracefsError> {
 }
 
 pub fn decode(rec: &DropEvent, symbols: &Symbols) -> DropSignal {
+    let r = symbols.reason(rec.reason, rec.location);
     DropSignal {
         ts_ns: rec.hdr.ts_ns,
         flow: signal::flow_key(&rec.flow),
         tcp_flags: rec.tcp_flags,
-        reason: symbols.drop_reason(rec.reason),
-        reason_code: rec.reason,
+        reason: r.name,
+        reason_code: r.code,
+        class: r.class,
         location: symbols.location(rec.location),
         netns: rec.netns,
         ifindex: rec.ifindex,
         count: u64::from(rec.count.max(1)),
         ct: conntrack::snapshot(&rec.ct, &symbols.ct),
     }
+}
+
+/// The aggregation key the kernel counted this record's repeats under.
+pub fn agg_key(rec: &DropEvent) -> DropKey {
+    DropKey {
+        flow: rec.flow,
+        reason: rec.reason,
+        _pad: 0,
+        location: rec.location,
+    }
+}
+
+/// The folded aggregate and the real tuple of a sampled storm drop.
+pub fn decode_sample(rec: &StormSample) -> (FlowKey, FlowKey) {
+    (signal::flow_key(&rec.folded), signal::flow_key(&rec.flow))
 }
 
 #[cfg(test)]
@@ -114,7 +131,8 @@ mod tests {
         assert_eq!(v["tcp"]["flags"], "SYN");
         assert_eq!(
             v["drop"],
-            serde_json::json!({"reason":"NETFILTER_DROP","reason_code":12,"location":"nf_hook_slow+0x9c"})
+            serde_json::json!({"reason":"NETFILTER_DROP","reason_code":12,"class":"network",
+                               "location":"nf_hook_slow+0x9c"})
         );
         assert_eq!(v["netns"], 4026532801u32);
         assert_eq!(v["ifindex"], 2);

@@ -29,8 +29,11 @@ pub(super) fn map(e: &Event) -> Value {
         },
         "host": {"name": e.node},
         "observer": {"hostname": e.node, "type": "sensor", "product": "droptrace", "vendor": "droptrace"},
-        "source": flow.map(|f| json!({"ip": f.src_ip, "port": f.src_port})),
-        "destination": flow.map(|f| json!({"ip": f.dst_ip, "port": f.dst_port})),
+        // A storm's folded end stands for many addresses: left out, not written as 0.0.0.0.
+        "source": flow.filter(|f| !(f.src_ip.is_unspecified() && f.src_port == 0))
+            .map(|f| json!({"ip": f.src_ip, "port": f.src_port})),
+        "destination": flow.filter(|f| !(f.dst_ip.is_unspecified() && f.dst_port == 0))
+            .map(|f| json!({"ip": f.dst_ip, "port": f.dst_port})),
         "network": flow.map(|f| json!({
             "transport": "tcp",
             "iana_number": "6",
@@ -120,6 +123,22 @@ fn classify(e: &Event) -> Class {
                 reason,
             )
         }
+        Kind::Storm => (
+            "event",
+            ["network"],
+            vec!["connection", "denied"],
+            "failure",
+            "drop_storm".to_string(),
+            e.diagnosis.clone(),
+        ),
+        Kind::Connect => (
+            "event",
+            ["network"],
+            vec!["connection", "start", "allowed"],
+            "success",
+            "connection_established".to_string(),
+            None,
+        ),
         // --raw per-signal records: context for an incident, not outcomes themselves.
         Kind::TcpState | Kind::Retransmit | Kind::Conntrack => (
             "event",

@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::event::{
     Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy,
-    Shared, Tcp,
+    Shared, Storm, Tcp,
 };
 
 pub mod community_id;
@@ -81,7 +81,7 @@ pub fn native(event: &Event, buf: &mut Vec<u8>) {
     if event
         .flow
         .as_ref()
-        .is_some_and(|f| f.community_id.is_none())
+        .is_some_and(|f| f.community_id.is_none() && !is_folded(f))
     {
         let mut e = event.clone();
         if let Some(f) = e.flow.as_mut() {
@@ -192,6 +192,8 @@ struct Sections<'a> {
     policy: Option<&'a Shared<Policy>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     oracle: Option<&'a Oracle>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    storm: Option<&'a Storm>,
 }
 
 /// `process` minus what the SIEM format already maps (pid, name, container id).
@@ -224,6 +226,7 @@ impl<'a> Sections<'a> {
             destination: e.destination.as_ref(),
             policy: e.policy.as_ref(),
             oracle: e.oracle.as_deref(),
+            storm: e.storm.as_deref(),
         }
     }
 }
@@ -262,10 +265,15 @@ fn write_with_sections(
 }
 
 fn community_id(f: &Flow) -> Option<String> {
-    if f.community_id.is_some() {
+    if f.community_id.is_some() || is_folded(f) {
         return f.community_id.clone();
     }
     community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+}
+
+/// One end unspecified: a storm's many sources folded into one record (no one flow).
+fn is_folded(f: &Flow) -> bool {
+    f.src_ip.is_unspecified() && f.src_port == 0 || f.dst_ip.is_unspecified() && f.dst_port == 0
 }
 
 /// A one-line human summary, the `message` of ECS and OCSF.
@@ -316,6 +324,15 @@ fn message(e: &Event) -> String {
             format!("TCP retransmit ({state}){flow}")
         }
         Kind::Conntrack => format!("conntrack entry{flow} removed without a reply"),
+        Kind::Storm => {
+            let why = e
+                .diagnosis
+                .as_ref()
+                .map(|d| format!(": {d}"))
+                .unwrap_or_default();
+            format!("TCP drop storm{flow}{why}")
+        }
+        Kind::Connect => format!("TCP connection{flow} established"),
         Kind::Lost => {
             let reason = e.lost.as_ref().map_or("unknown", |l| l.reason.as_str());
             let whose = match e.lost.as_ref() {
@@ -344,7 +361,15 @@ fn endpoints(sip: std::net::IpAddr, sp: u16, dip: std::net::IpAddr, dp: u16) -> 
         std::net::IpAddr::V4(a) => format!("{a}:{p}"),
         std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
     };
-    format!("{} -> {}", fmt(sip, sp), fmt(dip, dp))
+    // A storm's folded end stands for many addresses.
+    let end = |ip: std::net::IpAddr, p: u16| {
+        if ip.is_unspecified() && p == 0 {
+            "(many sources)".to_string()
+        } else {
+            fmt(ip, p)
+        }
+    };
+    format!("{} -> {}", end(sip, sp), end(dip, dp))
 }
 
 /// Unix milliseconds of an RFC 3339 timestamp (`Z` or `±hh:mm` offset, any fraction).

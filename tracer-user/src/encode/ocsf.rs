@@ -44,6 +44,8 @@ pub(super) fn map(e: &Event) -> Value {
         },
         "device": {"hostname": e.node, "type_id": 1, "type": "Server"},
         "src_endpoint": match flow {
+            // A storm's folded source stands for many addresses: left out.
+            Some(f) if f.src_ip.is_unspecified() && f.src_port == 0 => Value::Null,
             Some(f) => json!({"ip": f.src_ip, "port": f.src_port}),
             // Lost events have no flow: the node that lost them is the only endpoint (the
             // class requires at least one).
@@ -114,6 +116,9 @@ fn classify(e: &Event) -> Class {
                 _ => class(4, "Fail", 3, 2, d),
             }
         }
+        // Many sources' traffic dropped: Traffic, like a drop, with the summary as detail.
+        Kind::Storm => class(6, "Traffic", 4, 2, e.diagnosis.as_ref()),
+        Kind::Connect => class(1, "Open", 1, 1, None),
         // --raw per-signal records: informational context, activity Other.
         Kind::TcpState | Kind::Retransmit | Kind::Conntrack => class(99, "Other", 1, 0, None),
         Kind::Tns => {

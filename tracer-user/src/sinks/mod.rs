@@ -606,6 +606,13 @@ impl Output {
         }
     }
 
+    /// Counts an event the stream does not carry (see `--emit`): metrics count every event.
+    pub fn observe(&self, event: &Event) {
+        if let Some(m) = &self.metrics {
+            m.observe(event);
+        }
+    }
+
     /// Like `send`, but waits for room instead of discarding (with `lossless`, the whole
     /// pipeline then goes at the pace of the slowest sink). For `replay`.
     pub async fn send_wait(&mut self, event: &Event) {

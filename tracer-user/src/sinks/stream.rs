@@ -147,8 +147,8 @@ async fn peer_closed<S: AsyncRead + Unpin>(s: &mut S) -> bool {
 fn severity(kind: Kind) -> u8 {
     match kind {
         Kind::Lost => 3,                                          // err
-        Kind::Drop | Kind::Stall => 4,                            // warning
-        Kind::Tns => 6,                                           // informational
+        Kind::Drop | Kind::Stall | Kind::Storm => 4,              // warning
+        Kind::Tns | Kind::Connect => 6,                           // informational
         Kind::TcpState | Kind::Retransmit | Kind::Conntrack => 7, // debug
     }
 }

@@ -10,7 +10,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use droptrace::event::*;
+use droptrace::{drop_class::DropClass, encode::community_id, event::*};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_droptrace"))
@@ -95,8 +95,10 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     });
     drop.drop = Some(Drop {
         reason: "NETFILTER_DROP".into(),
-        reason_code: 6,
+        reason_code: Some(6),
+        class: DropClass::Network,
         location: "nft_do_chain+0x3c4".into(),
+        storm: None,
     });
     drop.netns = Some(4026532801);
     drop.ifindex = Some(7);
@@ -126,17 +128,20 @@ pub fn samples() -> Vec<(&'static str, Event)> {
             src_port: 43512,
             dst_ip: "10.96.0.15".parse().unwrap(),
             dst_port: 1521,
+            community_id: None,
         },
         reply: Tuple {
             src_ip: "10.244.2.9".parse().unwrap(),
             src_port: 1521,
             dst_ip: "10.244.1.17".parse().unwrap(),
             dst_port: 43512,
+            community_id: None,
         },
         nat: "dnat".into(),
         mark: 0,
         zone: 0,
     }));
+    with_conntrack_ids(&mut drop);
     drop.policy = Some(droptrace::event::Shared::new(Policy {
         verdict: "denied".into(),
         direction: "egress".into(),
@@ -165,8 +170,10 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     });
     drop6.drop = Some(Drop {
         reason: "TCP_INVALID_SEQUENCE".into(),
-        reason_code: 48,
+        reason_code: Some(48),
+        class: DropClass::Local,
         location: "tcp_validate_incoming+0x9a".into(),
+        storm: None,
     });
     drop6.source = Some(droptrace::event::Shared::new(Endpoint {
         ip: Some("fd00::1".parse().unwrap()),
@@ -184,9 +191,12 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         syn_retransmits: 3,
         duration_ms: 5250,
         outcome: "timeout".into(),
+        side: None,
+        storm: None,
     });
     stall.drops = Some(vec![DropSummary {
         reason: "NETFILTER_DROP".into(),
+        class: DropClass::Network,
         location: "nft_do_chain+0x3c4".into(),
         netns: 4026532801,
         count: 4,
@@ -206,6 +216,8 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         syn_retransmits: 1,
         duration_ms: 3000,
         outcome: "established_late".into(),
+        side: None,
+        storm: None,
     });
 
     let mut tns = Event::new(Kind::Tns, t("00:09.000000"), "node-b");
@@ -268,10 +280,10 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     // and `--raw` per-signal kinds.
     let parse = |line: &str| serde_json::from_str::<Event>(line).expect("sample parses");
     let stall_dnat = parse(
-        r#"{"schema":"droptrace.v1","kind":"stall","time":"2026-11-25T12:38:05.311387Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.202.163.1","src_port":42808,"dst_ip":"10.204.163.10","dst_port":1521},"netns":4026532386,"count":1,"process":{"pid":28943,"tgid":28943,"comm":"python","cgroup_id":1},"attempt":{"id":2,"started":"2026-11-25T12:38:02.308854Z","syn_retransmits":2,"duration_ms":3002,"outcome":"timeout"},"drops":[{"reason":"NETFILTER_DROP","location":"nft_do_chain+0x46f","netns":4026532455,"count":3}],"conntrack":{"state":"NEW","status":["DNAT","DST_NAT_DONE"],"original":{"src_ip":"10.202.163.1","src_port":42808,"dst_ip":"10.204.163.10","dst_port":1521},"reply":{"src_ip":"10.203.163.2","src_port":1521,"dst_ip":"10.202.163.1","dst_port":42808},"nat":"dnat","mark":0,"zone":0},"diagnosis":"SYN to 10.204.163.10:1521 (DNAT to 10.203.163.2:1521) dropped 3 times on this node by netfilter (NETFILTER_DROP at nft_do_chain) in netns 4026532455"}"#,
+        r#"{"schema":"droptrace.v1","kind":"stall","time":"2026-11-25T12:38:05.311387Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.202.163.1","src_port":42808,"dst_ip":"10.204.163.10","dst_port":1521},"netns":4026532386,"count":1,"process":{"pid":28943,"tgid":28943,"comm":"python","cgroup_id":1},"attempt":{"id":2,"started":"2026-11-25T12:38:02.308854Z","syn_retransmits":2,"duration_ms":3002,"outcome":"timeout"},"drops":[{"reason":"NETFILTER_DROP","class":"network","location":"nft_do_chain+0x46f","netns":4026532455,"count":3}],"conntrack":{"state":"NEW","status":["DNAT","DST_NAT_DONE"],"original":{"src_ip":"10.202.163.1","src_port":42808,"dst_ip":"10.204.163.10","dst_port":1521},"reply":{"src_ip":"10.203.163.2","src_port":1521,"dst_ip":"10.202.163.1","dst_port":42808},"nat":"dnat","mark":0,"zone":0},"diagnosis":"SYN to 10.204.163.10:1521 (DNAT to 10.203.163.2:1521) dropped 3 times on this node by netfilter (NETFILTER_DROP at nft_do_chain) in netns 4026532455"}"#,
     );
     let data_stalled = parse(
-        r#"{"schema":"droptrace.v1","kind":"stall","time":"2026-11-25T12:35:58.098129Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.201.153.1","src_port":41234,"dst_ip":"10.201.153.2","dst_port":1521},"netns":4026532386,"count":1,"process":{"pid":24202,"tgid":24202,"comm":"python","cgroup_id":1},"attempt":{"id":1,"started":"2026-11-25T12:35:55.762454Z","syn_retransmits":0,"duration_ms":2335,"outcome":"data_stalled","data_retransmits":4},"drops":[{"reason":"NETFILTER_DROP","location":"nft_do_chain+0x46f","netns":4026532387,"count":4}],"diagnosis":"established flow to 10.201.153.2:1521 stopped making progress: 4 retransmits unacknowledged; data to 10.201.153.2:1521 dropped 4 times on this node by netfilter (NETFILTER_DROP at nft_do_chain) in netns 4026532387"}"#,
+        r#"{"schema":"droptrace.v1","kind":"stall","time":"2026-11-25T12:35:58.098129Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.201.153.1","src_port":41234,"dst_ip":"10.201.153.2","dst_port":1521},"netns":4026532386,"count":1,"process":{"pid":24202,"tgid":24202,"comm":"python","cgroup_id":1},"attempt":{"id":1,"started":"2026-11-25T12:35:55.762454Z","syn_retransmits":0,"duration_ms":2335,"outcome":"data_stalled","data_retransmits":4},"drops":[{"reason":"NETFILTER_DROP","class":"network","location":"nft_do_chain+0x46f","netns":4026532387,"count":4}],"diagnosis":"established flow to 10.201.153.2:1521 stopped making progress: 4 retransmits unacknowledged; data to 10.201.153.2:1521 dropped 4 times on this node by netfilter (NETFILTER_DROP at nft_do_chain) in netns 4026532387"}"#,
     );
     let tcp_state = parse(
         r#"{"schema":"droptrace.v1","kind":"tcp_state","time":"2026-11-25T12:33:19.963978Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.77.0.1","src_port":50964,"dst_ip":"10.77.0.2","dst_port":1521},"netns":4026532177,"count":1,"tcp_state":{"old":"SYN_SENT","new":"CLOSE","error":0},"process":{"pid":4242,"tgid":4242,"comm":"sqlplus","cgroup_id":9}}"#,
@@ -281,6 +293,20 @@ pub fn samples() -> Vec<(&'static str, Event)> {
     );
     let conntrack = parse(
         r#"{"schema":"droptrace.v1","kind":"conntrack","time":"2026-11-25T12:40:00.000001Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.0.0.1","src_port":40000,"dst_ip":"10.96.0.10","dst_port":1521},"netns":4026531840,"count":1,"conntrack":{"state":"UNREPLIED","status":["CONFIRMED","DNAT","DST_NAT_DONE"],"original":{"src_ip":"10.0.0.1","src_port":40000,"dst_ip":"10.96.0.10","dst_port":1521},"reply":{"src_ip":"10.244.1.5","src_port":1521,"dst_ip":"10.0.0.1","dst_port":40000},"nat":"dnat","mark":0,"zone":0}}"#,
+    );
+    // A storm and its folded drop record (random-source SYN flood), a drop on a kernel
+    // without drop reasons (5.10), and a successful connect (--emit connects).
+    let storm = parse(
+        r#"{"schema":"droptrace.v1","kind":"storm","time":"2026-12-02T10:00:08.000000Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"0.0.0.0","src_port":0,"dst_ip":"10.201.7.2","dst_port":1521},"count":1,"storm":{"id":3,"started":"2026-12-02T10:00:00.000000Z","duration_ms":8000,"outcome":"ended","drops":812345,"peak_per_sec":231000,"sources":{"distinct":3412,"estimated":true,"top":[{"ip":"198.51.100.7","drops":512},{"ip":"203.0.113.9","drops":256}]}},"drops":[{"reason":"NETFILTER_DROP","class":"network","location":"nft_do_chain+0x46f","netns":4026532455,"count":812345}],"diagnosis":"SYN flood to 10.201.7.2:1521 from 3412 sources over 8.0 s (peak 231000/s): 812345 SYNs dropped on this node by netfilter (NETFILTER_DROP at nft_do_chain) in netns 4026532455"}"#,
+    );
+    let drop_folded = parse(
+        r#"{"schema":"droptrace.v1","kind":"drop","time":"2026-12-02T10:00:01.000000Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"0.0.0.0","src_port":0,"dst_ip":"10.201.7.2","dst_port":1521},"tcp":{"flags":"SYN"},"drop":{"reason":"NETFILTER_DROP","reason_code":12,"class":"network","location":"nft_do_chain+0x46f","storm":3},"netns":4026532455,"ifindex":2,"count":230118}"#,
+    );
+    let drop_no_reason = parse(
+        r#"{"schema":"droptrace.v1","kind":"drop","time":"2026-12-02T10:00:02.000000Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.201.7.1","src_port":40000,"dst_ip":"10.201.7.2","dst_port":1521},"tcp":{"flags":"SYN"},"drop":{"reason":"UNAVAILABLE","class":"network","location":"nf_hook_slow+0x9c"},"netns":4026532455,"ifindex":2,"count":1}"#,
+    );
+    let connect = parse(
+        r#"{"schema":"droptrace.v1","kind":"connect","time":"2026-12-02T10:00:03.001000Z","node":"vm","flow":{"proto":"tcp","family":"ipv4","src_ip":"10.201.7.1","src_port":40002,"dst_ip":"10.201.7.2","dst_port":1521},"netns":4026532386,"count":1,"process":{"pid":4242,"tgid":4242,"comm":"sqlplus","cgroup_id":9},"attempt":{"id":9,"started":"2026-12-02T10:00:03.000000Z","syn_retransmits":0,"duration_ms":1,"outcome":"established","side":"client"}}"#,
     );
     let lost_correlation = parse(
         r#"{"schema":"droptrace.v1","kind":"lost","time":"2026-11-25T12:41:00.000000Z","node":"vm","count":12,"lost":{"source":"correlation","reason":"flow_table_full"}}"#,
@@ -301,7 +327,27 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         ("tns-redirect", redirect),
         ("lost-kernel", lost_kernel),
         ("lost-sink", lost_sink),
+        ("storm", storm),
+        ("drop-storm-folded", drop_folded),
+        ("drop-reason-unavailable", drop_no_reason),
+        ("connect", connect),
     ]
+    .into_iter()
+    .map(|(n, mut e)| {
+        with_conntrack_ids(&mut e);
+        (n, e)
+    })
+    .collect()
+}
+
+/// Conntrack tuples carry their Community IDs, as the daemon writes them.
+fn with_conntrack_ids(e: &mut Event) {
+    if let Some(ct) = e.conntrack.as_mut() {
+        for t in [&mut ct.original, &mut ct.reply] {
+            t.community_id =
+                community_id::tcp(t.src_ip, t.src_port, t.dst_ip, t.dst_port);
+        }
+    }
 }
 
 /// `n` distinct drop events (the `count` field numbers them) for delivery tests.

@@ -6,7 +6,13 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+mod diagnosis;
+pub mod storm;
+
+use diagnosis::{diagnose, redirected_leg};
+
 use crate::{
+    drop_class::DropClass,
     event,
     signal::{CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal},
 };
@@ -72,6 +78,7 @@ impl Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DropTally {
     pub reason: String,
+    pub class: DropClass,
     pub location: String,
     pub netns: u32,
     pub count: u64,
@@ -79,6 +86,34 @@ pub struct DropTally {
     pub packet: &'static str,
     /// The dropped packet's tuple (after NAT when it was rewritten).
     pub flow: FlowKey,
+}
+
+impl DropTally {
+    pub fn of(d: &DropSignal) -> Self {
+        Self {
+            reason: d.reason.clone(),
+            class: d.class,
+            location: d.location.clone(),
+            netns: d.netns,
+            count: d.count,
+            packet: if d.is_syn() {
+                "SYN"
+            } else if d.is_syn_ack() {
+                "SYN-ACK"
+            } else {
+                "data"
+            },
+            flow: d.flow,
+        }
+    }
+
+    /// Same reason, place and kind of packet: counted together.
+    pub fn same_place(&self, o: &DropTally) -> bool {
+        self.reason == o.reason
+            && self.location == o.location
+            && self.netns == o.netns
+            && self.packet == o.packet
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -138,6 +173,57 @@ pub struct Incident {
     /// sk_err at the end, when the kernel gave one.
     pub errno: Option<i32>,
     pub oracle: Option<event::Oracle>,
+    /// A storm toward the same destination this attempt ran into (set by the pipeline).
+    pub storm: Option<u64>,
+}
+
+/// A connect that succeeded (for `--emit connects`): client view, src = client.
+#[derive(Debug, Clone)]
+pub struct Connected {
+    pub id: u64,
+    pub flow: FlowKey,
+    /// Which end of the connection is on this node.
+    pub side: Side,
+    pub owner: Option<Owner>,
+    pub netns: u32,
+    pub started_ns: u64,
+    pub at_ns: u64,
+    pub syn_retransmits: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    Client,
+    Server,
+}
+
+impl Side {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+/// Where a drop went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Join {
+    /// Into the attempt of a socket on this node.
+    Local(u64),
+    /// Into an attempt seen only through drops (client elsewhere, or routed through here).
+    DropOnly(u64),
+    /// Into a new attempt seen only through drops: its first SYN.
+    NewDropOnly(u64),
+    /// Into nothing: not a packet of a tracked attempt, or the host's own housekeeping.
+    None,
+}
+
+/// What an attempt seen only through drops left when a storm took it over.
+#[derive(Debug, Clone)]
+pub struct Absorbed {
+    pub client: SocketAddr,
+    pub drops: Vec<DropTally>,
 }
 
 pub struct Correlator {
@@ -145,6 +231,10 @@ pub struct Correlator {
     /// By id: ids grow with creation, so the first entry is the oldest.
     attempts: BTreeMap<u64, Attempt>,
     by_key: HashMap<FlowKey, u64>,
+    /// The translated tuple of attempts whose conntrack entry shows NAT (client -> pod after
+    /// a Service DNAT, node -> server after SNAT): drops of the rewritten packet that carry
+    /// no conntrack entry of their own (aggregated repeats) still join the attempt.
+    by_nat: HashMap<FlowKey, u64>,
     by_sk: HashMap<u64, u64>,
     /// Attempts whose source port is not known yet, by (client ip, server): the kernel enters
     /// SYN_SENT before connect() picks the port, so the first state record has port 0.
@@ -159,6 +249,7 @@ pub struct Correlator {
     /// Flows whose attempt was already reported, with when it ended: an unreplied conntrack
     /// entry outlives its attempt (120 s for SYN_SENT), and its removal then adds nothing.
     reported: HashMap<FlowKey, u64>,
+    connected: Vec<Connected>,
 }
 
 /// How long a REDIRECT target waits for the client's connect.
@@ -177,6 +268,7 @@ impl Correlator {
             cfg,
             attempts: BTreeMap::new(),
             by_key: HashMap::new(),
+            by_nat: HashMap::new(),
             by_sk: HashMap::new(),
             portless: HashMap::new(),
             next_id: 1,
@@ -185,7 +277,13 @@ impl Correlator {
             ended: 0,
             expected: HashMap::new(),
             reported: HashMap::new(),
+            connected: Vec::new(),
         }
+    }
+
+    /// Connects that succeeded since the last call.
+    pub fn drain_connected(&mut self) -> std::vec::Drain<'_, Connected> {
+        self.connected.drain(..)
     }
 
     pub fn tracked(&self) -> usize {
@@ -323,7 +421,19 @@ impl Correlator {
         if a.key.src.port() == 0 {
             self.forget_portless(a.key, id);
         }
+        if let Some(t) = translated(&a)
+            && self.by_nat.get(&t) == Some(&id)
+        {
+            self.by_nat.remove(&t);
+        }
         Some(a)
+    }
+
+    /// Indexes an attempt by its translated tuple once its conntrack entry is known.
+    fn index_nat(&mut self, id: u64) {
+        if let Some(t) = self.attempts.get(&id).and_then(translated) {
+            self.by_nat.insert(t, id);
+        }
     }
 
     /// By socket, then by exact tuple, then the oldest portless attempt between the same
@@ -335,6 +445,10 @@ impl Correlator {
             .or_else(|| {
                 keys.iter()
                     .find_map(|k| self.by_key.get(k).map(|&id| (id, Some(*k))))
+            })
+            .or_else(|| {
+                keys.iter()
+                    .find_map(|k| self.by_nat.get(k).map(|&id| (id, None)))
             })
             .or_else(|| {
                 keys.iter().find_map(|k| {
@@ -403,14 +517,41 @@ impl Correlator {
                     return;
                 };
                 a.last_signal_ns = s.ts_ns;
+                // Late only when something was lost on the way: a retransmitted SYN, a
+                // dropped packet of the attempt, or a stall already reported.
                 if a.syn_retransmits > 0 || !a.drops.is_empty() || a.reported_in_progress {
                     let inc = incident(id, a, Outcome::EstablishedLate, s.ts_ns, None);
                     self.out.push(inc);
                 }
+                self.connected.push(Connected {
+                    id,
+                    flow: a.key,
+                    side: Side::Client,
+                    owner: a.owner.clone(),
+                    netns: a.netns,
+                    started_ns: a.started_ns,
+                    at_ns: s.ts_ns,
+                    syn_retransmits: a.syn_retransmits,
+                });
                 // Keep following it: a later data stall is the redirected-port failure mode.
                 a.phase = Phase::Established;
                 a.drops.clear();
                 a.reported_in_progress = false;
+            }
+            ("SYN_RECV", "ESTABLISHED") => {
+                // Server side on this node: a connection accepted (local end as src).
+                let id = self.next_id;
+                self.next_id += 1;
+                self.connected.push(Connected {
+                    id,
+                    flow: s.flow.reversed(),
+                    side: Side::Server,
+                    owner: s.owner.clone(),
+                    netns: s.netns,
+                    started_ns: s.ts_ns,
+                    at_ns: s.ts_ns,
+                    syn_retransmits: 0,
+                });
             }
             ("SYN_SENT", "CLOSE") => {
                 let Some(id) = self.find(Some(s.sk), &[s.flow]) else {
@@ -489,55 +630,100 @@ impl Correlator {
         }
     }
 
-    pub fn on_drop(&mut self, d: &DropSignal) {
-        if d.flow.src.port() == 0 || d.flow.dst.port() == 0 {
-            // A storm folded per destination (ephemeral port zeroed): no single attempt.
-            return;
-        }
+    /// The keys a drop can join an attempt by: its own tuple either way, and the original
+    /// tuple of its conntrack entry (the address the client dialled, before NAT).
+    fn drop_keys(d: &DropSignal) -> Vec<FlowKey> {
         let mut keys = vec![d.flow, d.flow.reversed()];
         if let Some(ct) = &d.ct {
             keys.push(ct.original);
             keys.push(ct.original.reversed());
         }
-        let id = match self.find(None, &keys) {
-            Some(id) => id,
+        keys
+    }
+
+    /// Whether a socket on this node owns the attempt this drop belongs to.
+    pub fn owns_locally(&self, d: &DropSignal) -> bool {
+        Self::drop_keys(d).iter().any(|k| {
+            let id = self
+                .by_key
+                .get(k)
+                .or_else(|| self.by_nat.get(k))
+                .or_else(|| {
+                    self.portless
+                        .get(&(k.src.ip(), k.dst))
+                        .and_then(|ids| ids.first())
+                });
+            id.and_then(|id| self.attempts.get(id))
+                .is_some_and(|a| a.sk.is_some())
+        })
+    }
+
+    /// A drop of a watched flow. The host's own housekeeping (`local` class: a queue purged
+    /// at close, an old segment) belongs to no attempt: it says nothing about a stall.
+    pub fn on_drop(&mut self, d: &DropSignal) -> Join {
+        if d.class == DropClass::Local || d.flow.is_folded() {
+            // Local: not a problem of the attempt. Folded: a storm, no single attempt.
+            return Join::None;
+        }
+        let keys = Self::drop_keys(d);
+        let (id, new) = match self.find(None, &keys) {
+            Some(id) => (id, false),
             None if d.is_syn() => {
                 // A connect we have no socket for (client elsewhere, or routed through here).
                 let key = d.ct.as_ref().map(|c| c.original).unwrap_or(d.flow);
-                self.insert(Self::new_attempt(key, d.ts_ns, None, d.netns))
+                (
+                    self.insert(Self::new_attempt(key, d.ts_ns, None, d.netns)),
+                    true,
+                )
             }
-            None => return,
+            None => return Join::None,
         };
         let Some(a) = self.attempts.get_mut(&id) else {
-            return;
+            return Join::None;
         };
         a.last_signal_ns = d.ts_ns;
-        if a.ct.is_none() {
+        let learned_ct = a.ct.is_none() && d.ct.is_some();
+        if learned_ct {
             a.ct.clone_from(&d.ct);
         }
-        let packet = if d.is_syn() {
-            "SYN"
-        } else if d.is_syn_ack() {
-            "SYN-ACK"
-        } else {
-            "data"
-        };
-        match a.drops.iter_mut().find(|t| {
-            t.reason == d.reason
-                && t.location == d.location
-                && t.netns == d.netns
-                && t.packet == packet
-        }) {
-            Some(t) => t.count += d.count,
-            None => a.drops.push(DropTally {
-                reason: d.reason.clone(),
-                location: d.location.clone(),
-                netns: d.netns,
-                count: d.count,
-                packet,
-                flow: d.flow,
-            }),
+        let t = DropTally::of(d);
+        match a.drops.iter_mut().find(|x| x.same_place(&t)) {
+            Some(x) => x.count += t.count,
+            None => a.drops.push(t),
         }
+        let local = a.sk.is_some();
+        if learned_ct {
+            self.index_nat(id);
+        }
+        match (local, new) {
+            (true, _) => Join::Local(id),
+            (false, true) => Join::NewDropOnly(id),
+            (false, false) => Join::DropOnly(id),
+        }
+    }
+
+    /// Removes the attempts seen only through drops whose server is `server` and that have
+    /// not been reported: a storm toward that destination reports them as one.
+    pub fn absorb_drop_only(&mut self, server: SocketAddr) -> Vec<Absorbed> {
+        let ids: Vec<u64> = self
+            .attempts
+            .iter()
+            .filter(|(_, a)| {
+                a.sk.is_none()
+                    && a.phase == Phase::Connecting
+                    && !a.reported_in_progress
+                    && a.ended.is_none()
+                    && a.key.dst == server
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        ids.into_iter()
+            .filter_map(|id| self.remove(id))
+            .map(|a| Absorbed {
+                client: a.key.src,
+                drops: a.drops,
+            })
+            .collect()
     }
 
     pub fn on_conntrack(&mut self, c: &CtSignal) {
@@ -635,6 +821,14 @@ impl Correlator {
     }
 }
 
+/// The attempt's tuple after NAT (client -> pod behind a Service), when its conntrack entry
+/// shows that something was rewritten.
+fn translated(a: &Attempt) -> Option<FlowKey> {
+    let ct = a.ct.as_ref()?;
+    let t = ct.reply.reversed();
+    (t != a.key && t != ct.original).then_some(t)
+}
+
 fn incident(id: u64, a: &Attempt, outcome: Outcome, at_ns: u64, errno: Option<i32>) -> Incident {
     let mut inc = Incident {
         id,
@@ -651,189 +845,13 @@ fn incident(id: u64, a: &Attempt, outcome: Outcome, at_ns: u64, errno: Option<i3
         diagnosis: String::new(),
         errno,
         oracle: a.oracle.clone(),
+        storm: None,
     };
     inc.diagnosis = diagnose(&inc, a.server_saw_syn);
     if let Some(leg) = redirected_leg(&inc) {
         inc.diagnosis = format!("{leg}; {}", inc.diagnosis);
     }
     inc
-}
-
-/// "listener 10.0.0.2:1521 redirected sqlplus to 10.0.0.9:40123" for a second leg.
-fn redirected_leg(inc: &Incident) -> Option<String> {
-    let o = inc.oracle.as_ref()?;
-    let r = o.redirect.as_ref()?;
-    if inc.outcome == Outcome::RefusedByListener {
-        return None;
-    }
-    let l = o.listener.as_ref()?;
-    let who = o.program.as_deref().unwrap_or("the client");
-    Some(format!(
-        "listener {} redirected {who} to {}",
-        SocketAddr::new(l.ip, l.port),
-        if r.host.contains(':') {
-            format!("[{}]:{}", r.host, r.port)
-        } else {
-            format!("{}:{}", r.host, r.port)
-        }
-    ))
-}
-
-/// What dropped it, in words: "netfilter (NETFILTER_DROP at nf_hook_slow)".
-fn mechanism(t: &DropTally) -> String {
-    let by = match t.reason.as_str() {
-        "NETFILTER_DROP" => "netfilter",
-        "TC_INGRESS" | "TC_EGRESS" => "a tc filter",
-        "NO_SOCKET" => "the TCP stack (no socket)",
-        "XDP" => "an XDP program",
-        r if r.starts_with("QDISC") => "a qdisc",
-        r if r.starts_with("NEIGH") => "neighbour resolution",
-        _ => "the kernel",
-    };
-    let func = t.location.split('+').next().unwrap_or(&t.location);
-    format!("{by} ({} at {func})", t.reason)
-}
-
-fn times(n: u64) -> String {
-    if n == 1 {
-        "once".into()
-    } else {
-        format!("{n} times")
-    }
-}
-
-fn target(inc: &Incident) -> String {
-    let dst = inc.flow.dst;
-    match &inc.ct {
-        Some(ct) if ct.nat() == "dnat" || ct.nat() == "both" => {
-            format!("{dst} (DNAT to {})", ct.reply.src)
-        }
-        _ => dst.to_string(),
-    }
-}
-
-fn drop_clause(inc: &Incident) -> Option<String> {
-    if inc.drops.is_empty() {
-        return None;
-    }
-    let parts: Vec<String> = inc
-        .drops
-        .iter()
-        .map(|t| {
-            let what = match t.packet {
-                "SYN" if inc.oracle.as_ref().is_some_and(|o| o.redirect.is_some()) => {
-                    format!("that leg's SYN to {}", target(inc))
-                }
-                "SYN" => format!("SYN to {}", target(inc)),
-                "SYN-ACK" => format!("SYN-ACK from {}", t.flow.src),
-                _ => format!("data to {}", t.flow.dst),
-            };
-            format!(
-                "{what} dropped {} on this node by {} in netns {}",
-                times(t.count),
-                mechanism(t),
-                t.netns
-            )
-        })
-        .collect();
-    Some(parts.join("; "))
-}
-
-fn retransmits(n: u32) -> String {
-    match n {
-        0 => "no retransmit".into(),
-        1 => "1 retransmit".into(),
-        n => format!("{n} retransmits"),
-    }
-}
-
-fn diagnose(inc: &Incident, server_saw_syn: bool) -> String {
-    let dst = target(inc);
-    let drops = drop_clause(inc);
-    match inc.outcome {
-        Outcome::RefusedByListener => {
-            let o = inc.oracle.as_ref();
-            let refuse = o.and_then(|o| o.refuse.as_ref());
-            let code = refuse.and_then(|r| r.code);
-            let what = match (code, o) {
-                (Some(12514), Some(o)) => format!(
-                    "service {} not registered",
-                    o.service_name.as_deref().unwrap_or("(unnamed)")
-                ),
-                (Some(12505), Some(o)) => {
-                    format!("SID {} not known", o.sid.as_deref().unwrap_or("(unnamed)"))
-                }
-                (Some(c), _) => crate::oracle::descriptor::tns_error_text(c)
-                    .unwrap_or("refused")
-                    .to_string(),
-                (None, _) => refuse.map(|r| r.text.clone()).unwrap_or_default(),
-            };
-            let ora = code.map(|c| format!("ORA-{c} ")).unwrap_or_default();
-            format!(
-                "listener refused: {ora}{what} (listener {}); a listener answer, not a network drop",
-                inc.flow.dst
-            )
-        }
-        Outcome::Refused => format!(
-            "connection refused: {dst} answered with RST, nothing listens on that port; \
-             the port is closed, not dropped"
-        ),
-        Outcome::Unreachable => format!(
-            "{dst} unreachable (ICMP error {}): a router or firewall rejected the SYN",
-            inc.errno.unwrap_or(0)
-        ),
-        Outcome::Abandoned => format!(
-            "the client gave up on {dst} before any retransmit; nothing dropped on this node"
-        ),
-        Outcome::EstablishedLate => match drops {
-            Some(d) => format!("connected after {}: {d}", retransmits(inc.syn_retransmits)),
-            None => format!(
-                "connected after {} with no drop seen on this node: loss on the path",
-                retransmits(inc.syn_retransmits)
-            ),
-        },
-        Outcome::DataStalled => {
-            let stuck = format!(
-                "established flow to {} stopped making progress: {} unacknowledged",
-                inc.flow.dst,
-                retransmits(inc.data_retransmits)
-            );
-            match drops {
-                Some(d) => format!("{stuck}; {d}"),
-                None => format!(
-                    "{stuck}; no drop seen on this node: suspect a policy on the destination node or the path"
-                ),
-            }
-        }
-        Outcome::Timeout | Outcome::InProgress => {
-            let waiting = if inc.outcome == Outcome::InProgress {
-                "still connecting; "
-            } else {
-                ""
-            };
-            match drops {
-                Some(d) => format!("{waiting}{d}"),
-                None if server_saw_syn => format!(
-                    "{waiting}the server on this node received the SYN but the client never \
-                     got an answer: its reply was lost"
-                ),
-                None if inc.ct.as_ref().is_some_and(|c| c.state == "UNREPLIED")
-                    && inc.owner.is_none() =>
-                {
-                    format!(
-                        "{waiting}no drop seen on this node; the conntrack entry for {} -> {dst} \
-                     expired without a reply: suspect a policy on the destination node or the path",
-                        inc.flow.src
-                    )
-                }
-                None => format!(
-                    "{waiting}no drop seen on this node; SYN unanswered after {}: suspect a \
-                     policy on the destination node or the path",
-                    retransmits(inc.syn_retransmits)
-                ),
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -894,18 +912,7 @@ mod tests {
     }
 
     fn drop_(ts: u64, flow: FlowKey, flags: u8, reason: &str) -> DropSignal {
-        DropSignal {
-            ts_ns: ts,
-            flow,
-            tcp_flags: flags,
-            reason: reason.into(),
-            reason_code: 0,
-            location: "nft_do_chain+0x46f".into(),
-            netns: 200,
-            ifindex: 2,
-            count: 1,
-            ct: None,
-        }
+        crate::signal::testing::drop(ts, flow, flags, reason)
     }
 
     fn cfg() -> Config {
@@ -1182,22 +1189,20 @@ mod tests {
     }
 
     #[test]
-    fn storm_aggregates_with_a_zeroed_port_join_no_attempt() {
+    fn storm_aggregates_with_the_client_end_folded_join_no_attempt() {
         let mut c = Correlator::new(cfg());
         let portless = key("10.0.0.1:0", "198.51.100.7:1521");
         c.on_state(&state(0, 1, portless, "CLOSE", "SYN_SENT", 0));
-        c.on_drop(&drop_(
-            1,
-            key("10.0.0.1:0", "198.51.100.7:1521"),
-            0x02,
-            "NETFILTER_DROP",
-        ));
-        c.on_drop(&drop_(
-            1,
-            key("10.0.0.9:0", "198.51.100.7:1521"),
-            0x02,
-            "NETFILTER_DROP",
-        ));
+        // The kernel folded the client end away (address and port): a storm, no attempt.
+        assert_eq!(
+            c.on_drop(&drop_(
+                1,
+                key("0.0.0.0:0", "198.51.100.7:1521"),
+                0x02,
+                "NETFILTER_DROP",
+            )),
+            Join::None
+        );
         assert_eq!(c.tracked(), 1);
         assert!(
             c.portless

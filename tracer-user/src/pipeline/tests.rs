@@ -1,0 +1,397 @@
+//! The pipeline fed raw kernel records and ticks, as the run loop feeds it, without a kernel.
+use std::collections::HashMap;
+
+use tracer_common::{
+    AF_INET, CtInfo, DropEvent, EventHeader, Flow, IPPROTO_TCP, StateEvent, StormSample, kind,
+};
+
+use super::*;
+use crate::{
+    collectors::conntrack::CtNames,
+    kernel::kallsyms::Kallsyms,
+    signal::{FlowKey, testing::key},
+};
+
+const MS: u64 = 1_000_000;
+const S: u64 = 1_000_000_000;
+const NETFILTER_DROP: u32 = 12;
+const QUEUE_PURGE: u32 = 104;
+const NFT_DO_CHAIN: u64 = 0xffffffff81f81c50 + 0x46f;
+const SK_STREAM_KILL_QUEUES: u64 = 0xffffffff81a00000 + 0x5d;
+const SYN: u8 = 0x02;
+const ACK_FIN: u8 = 0x11;
+
+fn symbols() -> Symbols {
+    Symbols {
+        kallsyms: Kallsyms::parse(
+            "ffffffff81a00000 T sk_stream_kill_queues\nffffffff81f81c50 T nft_do_chain\n",
+        ),
+        drop_reasons: HashMap::from([
+            (2, "NOT_SPECIFIED".to_string()),
+            (NETFILTER_DROP, "NETFILTER_DROP".to_string()),
+            (QUEUE_PURGE, "QUEUE_PURGE".to_string()),
+        ]),
+        tcp_states: [
+            (1, "ESTABLISHED"),
+            (2, "SYN_SENT"),
+            (3, "SYN_RECV"),
+            (4, "FIN_WAIT1"),
+            (7, "CLOSE"),
+            (10, "LISTEN"),
+        ]
+        .into_iter()
+        .map(|(v, n)| (v, n.to_string()))
+        .collect(),
+        ct: CtNames::from_parts(&[(2, "NEW"), (3, "ESTABLISHED")], &[(5, "DNAT")]),
+        ..Symbols::default()
+    }
+}
+
+struct NoHost;
+
+impl Host for NoHost {
+    fn process_identity(&self, _: u32) -> (Option<String>, Option<String>) {
+        (None, None)
+    }
+}
+
+fn pipeline(emit: Emit) -> Pipeline {
+    let mut cfg = Config::new("node-a", &[1521]);
+    cfg.emit = emit;
+    Pipeline::new(cfg, Clock::new(), symbols(), Box::new(NoHost))
+}
+
+fn bytes<T: Copy>(rec: &T) -> Vec<u8> {
+    // SAFETY: T is a repr(C) plain-data record; its bytes are what the ring buffer carries.
+    unsafe { std::slice::from_raw_parts((rec as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+}
+
+fn flow(k: FlowKey) -> Flow {
+    let mut f = Flow {
+        sport: k.src.port(),
+        dport: k.dst.port(),
+        family: AF_INET,
+        proto: IPPROTO_TCP,
+        ..Flow::default()
+    };
+    if let (std::net::IpAddr::V4(s), std::net::IpAddr::V4(d)) = (k.src.ip(), k.dst.ip()) {
+        f.saddr[..4].copy_from_slice(&s.octets());
+        f.daddr[..4].copy_from_slice(&d.octets());
+    }
+    f
+}
+
+fn header(kind: u8, ts_ns: u64) -> EventHeader {
+    EventHeader {
+        kind,
+        ts_ns,
+        ..EventHeader::default()
+    }
+}
+
+fn state(ts_ns: u64, sk: u64, local_first: FlowKey, old: u32, new: u32, err: i32) -> Vec<u8> {
+    bytes(&StateEvent {
+        hdr: header(kind::STATE, ts_ns),
+        sk,
+        flow: flow(local_first),
+        oldstate: old,
+        newstate: new,
+        sk_err: err,
+        netns: 4026532001,
+        has_owner: 1,
+        owner: tracer_common::Owner {
+            pid: 4242,
+            tgid: 4242,
+            cgroup_id: 9,
+            comm: *b"python\0\0\0\0\0\0\0\0\0\0",
+        },
+        ..StateEvent::default()
+    })
+}
+
+fn drop_rec(ts_ns: u64, f: FlowKey, flags: u8, reason: u32, location: u64) -> DropEvent {
+    DropEvent {
+        hdr: header(kind::DROP, ts_ns),
+        location,
+        flow: flow(f),
+        reason,
+        len: 60,
+        netns: 4026532002,
+        ifindex: 2,
+        tcp_flags: flags,
+        count: 1,
+        ..DropEvent::default()
+    }
+}
+
+/// A conntrack entry of a Service DNAT: original client -> service, reply pod -> client.
+fn dnat(original: FlowKey, pod: std::net::SocketAddr) -> CtInfo {
+    let o = flow(original);
+    let r = flow(FlowKey {
+        src: pod,
+        dst: original.src,
+    });
+    CtInfo {
+        present: 1,
+        ctinfo: 2,
+        family: AF_INET,
+        protonum: IPPROTO_TCP,
+        status: 1 << 5,
+        original: tracer_common::CtTuple {
+            saddr: o.saddr,
+            daddr: o.daddr,
+            sport: o.sport,
+            dport: o.dport,
+            _pad: 0,
+        },
+        reply: tracer_common::CtTuple {
+            saddr: r.saddr,
+            daddr: r.daddr,
+            sport: r.sport,
+            dport: r.dport,
+            _pad: 0,
+        },
+        ..CtInfo::default()
+    }
+}
+
+fn streamed(p: &mut Pipeline) -> Vec<Event> {
+    p.drain().filter(|o| o.stream).map(|o| o.event).collect()
+}
+
+fn of_kind(events: &[Event], kind: Kind) -> Vec<&Event> {
+    events.iter().filter(|e| e.kind == kind).collect()
+}
+
+fn entry(rec: &DropEvent, repeats: u64, last_ns: u64) -> AggEntry {
+    AggEntry {
+        key: skb_drop::agg_key(rec),
+        repeats,
+        last_ns,
+        netns: rec.netns,
+        ifindex: rec.ifindex,
+        tcp_flags: rec.tcp_flags,
+    }
+}
+
+#[test]
+fn service_dnat_first_drop_and_aggregated_repeats_are_one_attempt_with_count_3() {
+    let mut p = pipeline(Emit::default());
+    let to_service = key("10.202.1.1:40000", "10.204.1.10:1521");
+    let pod: std::net::SocketAddr = "10.203.1.2:1521".parse().unwrap();
+    let to_pod = FlowKey {
+        src: to_service.src,
+        dst: pod,
+    };
+    p.record(&state(0, 1, to_service, 7, 2, 0));
+    // The first SYN dropped on the router after DNAT: the packet names the pod, its
+    // conntrack entry the service.
+    let mut first = drop_rec(MS, to_pod, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    first.ct = dnat(to_service, pod);
+    p.record(&bytes(&first));
+    // The two retransmits are counted in the kernel only; their records come from a flush
+    // of the aggregation map, without a conntrack entry of their own.
+    p.repeats(2 * S, &[entry(&first, 2, 2 * S)]);
+    p.record(&state(3 * S, 1, to_service, 2, 7, 110));
+    p.tick(3 * S + 300 * MS);
+
+    let out = streamed(&mut p);
+    let drops = of_kind(&out, Kind::Drop);
+    assert_eq!(drops.len(), 2, "{out:#?}");
+    assert_eq!(drops.iter().map(|e| e.count).sum::<u64>(), 3);
+    assert!(
+        drops.iter().all(|e| e.conntrack.is_some()),
+        "repeats carry the first record's conntrack entry: {drops:#?}"
+    );
+    let stalls = of_kind(&out, Kind::Stall);
+    assert_eq!(stalls.len(), 1, "one incident, none toward the pod: {stalls:#?}");
+    let s = stalls[0];
+    let f = s.flow.as_ref().unwrap();
+    assert_eq!(f.dst_ip.to_string(), "10.204.1.10");
+    assert_eq!(s.attempt.as_ref().unwrap().outcome, "timeout");
+    let tallies = s.drops.as_ref().unwrap();
+    assert_eq!(tallies.len(), 1);
+    assert_eq!(tallies[0].count, 3);
+    let ct = s.conntrack.as_ref().unwrap();
+    assert_eq!(ct.nat, "dnat");
+    // The join key across nodes: the reply tuple's ID is the pod-side flow's ID.
+    assert_eq!(
+        ct.reply.community_id,
+        drops[0].flow.as_ref().unwrap().community_id
+    );
+    assert!(
+        s.diagnosis
+            .as_deref()
+            .unwrap()
+            .starts_with("SYN to 10.204.1.10:1521 (DNAT to 10.203.1.2:1521) dropped 3 times"),
+        "{:?}",
+        s.diagnosis
+    );
+}
+
+#[test]
+fn queue_purge_at_close_is_not_in_the_default_stream_but_is_counted() {
+    let mut p = pipeline(Emit::default());
+    let c = key("10.201.1.1:40000", "10.201.1.2:1521");
+    p.record(&state(0, 1, c, 7, 2, 0));
+    p.record(&state(MS, 2, c.reversed(), 10, 3, 0));
+    p.record(&state(MS, 1, c, 2, 1, 0));
+    p.record(&state(MS, 2, c.reversed(), 3, 1, 0));
+    // The server closes with data unread: its queue is purged, a FIN freed with a reason.
+    let mut purge = drop_rec(
+        50 * MS,
+        c.reversed(),
+        ACK_FIN,
+        QUEUE_PURGE,
+        SK_STREAM_KILL_QUEUES,
+    );
+    purge.ifindex = 0;
+    p.record(&bytes(&purge));
+    p.record(&state(60 * MS, 1, c, 1, 4, 0));
+    p.record(&state(70 * MS, 1, c, 4, 7, 0));
+    p.tick(10 * S);
+
+    let all: Vec<Output> = p.drain().collect();
+    let stream: Vec<&Output> = all.iter().filter(|o| o.stream).collect();
+    assert!(stream.is_empty(), "a healthy session is silent: {stream:#?}");
+    let purged = all
+        .iter()
+        .find(|o| o.event.kind == Kind::Drop)
+        .expect("the purge is still an event, held back");
+    assert_eq!(
+        purged.event.drop.as_ref().unwrap().class,
+        DropClass::Local,
+        "{purged:#?}"
+    );
+    assert_eq!(p.summary().drops_by_class[&DropClass::Local], 1);
+    assert_eq!(p.summary().held_back["drop"], 1);
+}
+
+#[test]
+fn a_session_seen_from_both_ends_is_one_connect_record_with_emit_connects() {
+    let mut p = pipeline(Emit::parse("connects").unwrap());
+    let c = key("10.201.1.1:40000", "10.201.1.2:1521");
+    p.record(&state(0, 1, c, 7, 2, 0));
+    p.record(&state(MS, 2, c.reversed(), 10, 3, 0));
+    p.record(&state(2 * MS, 1, c, 2, 1, 0));
+    p.record(&state(2 * MS, 2, c.reversed(), 3, 1, 0));
+    let out = streamed(&mut p);
+    let connects = of_kind(&out, Kind::Connect);
+    assert_eq!(connects.len(), 1, "{out:#?}");
+    let a = connects[0].attempt.as_ref().unwrap();
+    assert_eq!(a.side.as_deref(), Some("client"));
+    assert_eq!(a.outcome, "established");
+    assert_eq!(connects[0].flow.as_ref().unwrap().dst_port, 1521);
+    assert_eq!(out.len(), 1, "nothing else: {out:#?}");
+}
+
+/// What the kernel sends for a random-source SYN flood: the first new flows of each second
+/// as records of their own, then one folded aggregate (source unspecified) whose repeats are
+/// counted in the map, with a sampled real source every 256 folded drops.
+#[test]
+fn random_source_flood_is_one_storm_with_exact_counts() {
+    let mut p = pipeline(Emit::default());
+    let server = "10.201.7.2:1521";
+    let mut total = 0;
+    for i in 0..300u32 {
+        let src = format!("198.{}.{}.{}:{}", 18 + i / 65536, (i / 256) % 256, i % 256, 1024 + i);
+        let rec = drop_rec(u64::from(i) * MS, key(&src, server), SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+        p.record(&bytes(&rec));
+        total += 1;
+    }
+    let folded = drop_rec(
+        400 * MS,
+        key("0.0.0.0:0", server),
+        SYN,
+        NETFILTER_DROP,
+        NFT_DO_CHAIN,
+    );
+    p.record(&bytes(&folded));
+    total += 1;
+    for i in 0..10u8 {
+        let sample = StormSample {
+            hdr: header(kind::STORM_SAMPLE, 500 * MS),
+            folded: folded.flow,
+            flow: flow(key(&format!("203.0.113.{}:999", i % 3), server)),
+        };
+        p.record(&bytes(&sample));
+    }
+    p.repeats(S, &[entry(&folded, 100_000, S)]);
+    total += 100_000;
+    p.tick(S + 200 * MS);
+    p.tick(5 * S);
+
+    let out = streamed(&mut p);
+    assert!(of_kind(&out, Kind::Stall).is_empty(), "no stall per spoofed source");
+    let drops = of_kind(&out, Kind::Drop);
+    assert!(drops.len() <= 40, "{} drop records", drops.len());
+    assert_eq!(drops.iter().map(|e| e.count).sum::<u64>(), total);
+    let storms = of_kind(&out, Kind::Storm);
+    assert_eq!(storms.len(), 2, "in progress, then ended: {storms:#?}");
+    let (s0, s1) = (
+        storms[0].storm.as_ref().unwrap(),
+        storms[1].storm.as_ref().unwrap(),
+    );
+    assert_eq!(s0.id, s1.id);
+    assert_eq!((s0.outcome.as_str(), s1.outcome.as_str()), ("in_progress", "ended"));
+    assert_eq!(s1.drops, total, "every drop toward the destination");
+    assert!(s1.sources.distinct >= 300, "{:?}", s1.sources);
+    assert_eq!(s1.sources.top[0].ip.to_string(), "203.0.113.0");
+    assert!(
+        drops
+            .iter()
+            .filter(|e| e.flow.as_ref().unwrap().src_ip.is_unspecified())
+            .all(|e| e.drop.as_ref().unwrap().storm == Some(s1.id))
+    );
+    assert_eq!(storms[1].flow.as_ref().unwrap().dst_port, 1521);
+    assert_eq!(p.tracked(), (0, 0), "nothing left behind");
+}
+
+#[test]
+fn a_local_client_during_a_storm_is_still_its_own_incident() {
+    let mut p = pipeline(Emit::default());
+    let server = "10.201.7.2:1521";
+    let folded = drop_rec(0, key("0.0.0.0:0", server), SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    p.record(&bytes(&folded));
+    // sqlplus on this node connects into the flood; its SYNs are dropped too.
+    let c = key("10.201.7.1:40000", server);
+    p.record(&state(10 * MS, 1, c, 7, 2, 0));
+    let own = drop_rec(11 * MS, c, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    p.record(&bytes(&own));
+    p.record(&state(3 * S, 1, c, 2, 7, 110));
+    p.tick(3 * S + 100 * MS);
+    let out = streamed(&mut p);
+    let stalls = of_kind(&out, Kind::Stall);
+    assert_eq!(stalls.len(), 1, "{out:#?}");
+    assert_eq!(stalls[0].drops.as_ref().unwrap()[0].count, 1);
+    assert!(
+        of_kind(&out, Kind::Drop)
+            .iter()
+            .any(|d| d.flow.as_ref().unwrap().src_port == 40000),
+        "its own drop is its own record"
+    );
+}
+
+#[test]
+fn without_a_reason_field_drops_are_classed_by_location() {
+    let mut p = pipeline(Emit::default());
+    let c = key("10.201.1.1:40000", "10.201.1.2:1521");
+    let rec = drop_rec(0, c, SYN, tracer_common::ABSENT, NFT_DO_CHAIN);
+    p.record(&bytes(&rec));
+    let out = streamed(&mut p);
+    let d = out[0].drop.as_ref().unwrap();
+    assert_eq!(d.reason, "UNAVAILABLE");
+    assert_eq!(d.reason_code, None);
+    assert_eq!(d.class, DropClass::Network);
+}
+
+#[test]
+fn truncated_records_are_counted_not_decoded() {
+    let mut p = pipeline(Emit::default());
+    let rec = bytes(&drop_rec(0, key("10.0.0.1:1", "10.0.0.2:1521"), SYN, 12, 0));
+    p.record(&rec[..rec.len() - 1]);
+    p.record(&[kind::DROP]);
+    p.record(&[99; 64]);
+    assert_eq!(p.summary().undecodable, 3);
+    assert!(streamed(&mut p).is_empty());
+}
