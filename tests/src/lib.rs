@@ -8,6 +8,7 @@ pub mod netpol_render;
 pub mod oracle_client;
 pub mod scenario;
 pub mod tns_listener;
+pub mod tns_session;
 pub mod tracer;
 
 use std::path::PathBuf;

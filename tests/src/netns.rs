@@ -187,14 +187,7 @@ impl AppDb {
 
     /// Packets counted by db's INPUT DROP rule for `port`.
     pub fn iptables_drop_count(&self, port: u16) -> u64 {
-        let out = self
-            .db
-            .exec(&[self.iptables(), "-L", "INPUT", "-v", "-n", "-x"]);
-        let text = String::from_utf8_lossy(&out.stdout);
-        text.lines()
-            .filter(|l| l.contains("DROP") && l.contains(&format!("dpt:{port}")))
-            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-            .sum()
+        drop_rule_count(&self.db, self.iptables(), "INPUT", port)
     }
 
     /// A tc clsact ingress drop on db's veth end, by a BPF classifier returning TC_ACT_SHOT.
@@ -218,6 +211,16 @@ impl AppDb {
             "tc",
         ]);
     }
+}
+
+/// Packets the DROP rules of `chain` for TCP `port` counted: the firewall's own figure.
+fn drop_rule_count(ns: &Netns, iptables: &str, chain: &str, port: u16) -> u64 {
+    let out = ns.exec(&[iptables, "-L", chain, "-v", "-n", "-x"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|l| l.contains("DROP") && l.contains(&format!("dpt:{port}")))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// Compiles tests/bpf/tc_drop_port.c for `port` (once per port) with clang.
@@ -352,6 +355,13 @@ impl Routed {
             "-j",
             "DROP",
         ]);
+    }
+}
+
+impl Routed {
+    /// Packets counted by the router's FORWARD DROP rule for `port`.
+    pub fn forward_drop_count(&self, port: u16) -> u64 {
+        drop_rule_count(&self.router, "iptables", "FORWARD", port)
     }
 }
 

@@ -18,6 +18,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 const TYPE_CONNECT: u8 = 1;
+const TYPE_ACCEPT: u8 = 2;
 const TYPE_REFUSE: u8 = 4;
 const TYPE_REDIRECT: u8 = 5;
 const TYPE_DATA: u8 = 6;
@@ -44,6 +45,9 @@ pub enum Behavior {
     /// the listener is dropped. A client (python-oracledb has no read timeout here) then fails
     /// with DPY-4011 exactly when the test drops the listener, which keeps tests deterministic.
     AcceptAndHang,
+    /// A healthy session: ACCEPT (version 319, laid out as python-oracledb thin reads it),
+    /// then echo every DATA packet until the client closes, then close.
+    Session,
 }
 
 impl Behavior {
@@ -95,6 +99,7 @@ pub enum Sent {
         raw: Vec<u8>,
     },
     Resend,
+    Accept,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -299,7 +304,32 @@ fn serve(
                 behavior = *next;
             }
             Behavior::AcceptAndHang => return hold(&mut stream, shared),
+            Behavior::Session => {
+                stream.write_all(&accept())?;
+                shared.record(|s| s.sent.push(Sent::Accept));
+                return echo(&mut stream, shared);
+            }
         }
+    }
+}
+
+/// Echoes DATA packets (the 4-byte length form a version >= 315 ACCEPT switches to) until
+/// the peer closes or the listener stops.
+fn echo(stream: &mut TcpStream, shared: &Shared) -> io::Result<()> {
+    loop {
+        let mut pkt = vec![0u8; 8];
+        if !read_full(stream, &mut pkt, shared)? {
+            return Ok(());
+        }
+        let len = u32::from_be_bytes([pkt[0], pkt[1], pkt[2], pkt[3]]) as usize;
+        if !(8..=65_536).contains(&len) {
+            return Err(io::Error::other(format!("packet length {len}")));
+        }
+        pkt.resize(len, 0);
+        if !read_full(stream, &mut pkt[8..], shared)? {
+            return Ok(());
+        }
+        stream.write_all(&pkt)?;
     }
 }
 
@@ -433,6 +463,35 @@ pub fn redirect_split(data: &[u8]) -> io::Result<Vec<u8>> {
     body.extend_from_slice(data);
     p.extend_from_slice(&packet(TYPE_DATA, 0, &body)?);
     Ok(p)
+}
+
+/// ACCEPT of protocol version 319, as python-oracledb thin parses it: version, service
+/// options, SDU/TDU (16-bit), byte order, accept data length and offset, NSI flags (NA not
+/// required), then the 32-bit SDU and TDU and, from version 315, the second flag word.
+pub fn accept() -> Vec<u8> {
+    let mut p = vec![0u8; 45];
+    p[0..2].copy_from_slice(&45u16.to_be_bytes());
+    p[4] = TYPE_ACCEPT;
+    p[8..10].copy_from_slice(&319u16.to_be_bytes());
+    p[10..12].copy_from_slice(&0x0001u16.to_be_bytes());
+    p[12..14].copy_from_slice(&8192u16.to_be_bytes());
+    p[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    p[16..18].copy_from_slice(&0x0100u16.to_be_bytes());
+    p[20..22].copy_from_slice(&45u16.to_be_bytes());
+    p[22] = 0x04;
+    p[23] = 0x04;
+    p[32..36].copy_from_slice(&8192u32.to_be_bytes());
+    p[36..40].copy_from_slice(&0xffffu32.to_be_bytes());
+    p
+}
+
+/// A DATA packet after the ACCEPT (4-byte length), data flags 0.
+pub fn data_wide(payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(10 + payload.len()).unwrap_or(u32::MAX);
+    let mut p = len.to_be_bytes().to_vec();
+    p.extend_from_slice(&[TYPE_DATA, 0, 0, 0, 0, 0]);
+    p.extend_from_slice(payload);
+    p
 }
 
 /// REFUSE as a listener sends it for an unknown service (12514) or SID (12505).

@@ -4,7 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
-    netns::{AppDb, Family, sh},
+    netns::{AppDb, Family, Routed, sh},
     oracle_client,
     tns_listener::{Behavior, FakeListener},
     tracer::{Droptrace, at, str_at},
@@ -50,7 +50,7 @@ fn sqlplus_stall_on_redirected_port() {
         FakeListener::from_listener(topo.db.tcp_listener(second), Behavior::AcceptAndHang).unwrap();
     // The policy allows the listener port only: the dispatcher port is silently dropped.
     topo.iptables_drop_ingress(second.port());
-    let tracer = Droptrace::start(&[]);
+    let tracer = Droptrace::start(&["--emit", "tns"]);
 
     let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, SERVICE, 3.0);
     assert!(out.error.contains("timed out"), "client timed out: {out:?}");
@@ -185,7 +185,7 @@ fn listener_refuse_is_not_a_drop() {
         Behavior::Refuse { err: 12514 },
     )
     .unwrap();
-    let tracer = Droptrace::start(&[]);
+    let tracer = Droptrace::start(&["--emit", "tns"]);
 
     let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, SERVICE, 3.0);
     assert!(out.error.contains("DPY-6001"), "{out:?}");
@@ -227,7 +227,7 @@ fn resend_then_connect() {
         Behavior::ResendThen(Box::new(Behavior::Refuse { err: 12505 })),
     )
     .unwrap();
-    let tracer = Droptrace::start(&[]);
+    let tracer = Droptrace::start(&["--emit", "tns"]);
 
     let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, SERVICE, 3.0);
     assert!(out.error.contains("DPY-6003"), "{out:?}");
@@ -258,4 +258,64 @@ fn resend_then_connect() {
         })
         .collect();
     assert_eq!(stalls.len(), 1, "the RESEND is no stall: {stalls:#?}");
+}
+
+/// The default Kubernetes path for Oracle: the client dials a Service address, kube-proxy
+/// DNATs it to the pod, and the listener there redirects the client to the pod's own dynamic
+/// port, which the policy does not allow. One incident: the dropped leg, linked to the
+/// listener leg as the client dialled it (the Service address).
+#[test]
+fn service_redirect_to_pod_port() {
+    let topo = Routed::new();
+    let pod_listener = SocketAddr::new(topo.db_ip, 1521);
+    let second = SocketAddr::new(topo.db_ip, 40123);
+    let _listener = FakeListener::from_listener(
+        topo.db.tcp_listener(pod_listener),
+        Behavior::redirect(&topo.db_ip.to_string(), second.port()),
+    )
+    .unwrap();
+    let _dispatcher =
+        FakeListener::from_listener(topo.db.tcp_listener(second), Behavior::AcceptAndHang).unwrap();
+    topo.drop_forwarded(second.port());
+    let tracer = Droptrace::start(&[]);
+
+    let out = oracle_client::connect(&topo.app, topo.service_ip, 1521, SERVICE, 3.0);
+    assert!(out.error.contains("timed out"), "client timed out: {out:?}");
+
+    let s = final_stall(&tracer, second);
+    let fin = tracer.stop();
+    println!("stall: {s}");
+    let svc = topo.service_ip.to_string();
+    assert_eq!(str_at(&s, "attempt.outcome"), "timeout");
+    assert_eq!(str_at(&s, "oracle.listener.ip"), svc, "{s}");
+    assert_eq!(at(&s, "oracle.listener.port"), 1521);
+    assert_eq!(at(&s, "oracle.redirect.port"), second.port());
+    assert_eq!(str_at(&s, "oracle.program"), "sqlplus");
+    let forwarded = topo.forward_drop_count(second.port());
+    let drops = at(&s, "drops").as_array().unwrap();
+    assert_eq!(drops.len(), 1, "{s}");
+    assert_eq!(at(&drops[0], "count").as_u64().unwrap(), forwarded, "{s}");
+    assert!(
+        str_at(&s, "diagnosis").starts_with(&format!(
+            "listener {svc}:1521 redirected sqlplus to {second}; that leg's SYN to {second} dropped"
+        )),
+        "{s}"
+    );
+    let incidents: Vec<&Value> = fin
+        .events
+        .iter()
+        .filter(|v| {
+            matches!(str_at(v, "kind"), "stall" | "storm")
+                && str_at(v, "flow.src_ip") == topo.app_ip.to_string()
+        })
+        .collect();
+    let ids: std::collections::BTreeSet<u64> = incidents
+        .iter()
+        .filter_map(|v| at(v, "attempt.id").as_u64())
+        .collect();
+    assert_eq!(ids.len(), 1, "one incident: {incidents:#?}");
+    assert!(
+        !fin.events.iter().any(|v| str_at(v, "kind") == "tns"),
+        "successful handshake packets are not in the default stream"
+    );
 }

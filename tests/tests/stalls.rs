@@ -141,13 +141,41 @@ fn service_ip_dnat() {
         )),
         "{s}"
     );
-    // The raw drop carries the same conntrack entry: packet to the pod, original to the service.
-    let d = fin
+    // Every drop of the attempt joined it: the incident counts what the rule counted.
+    let forwarded = topo.forward_drop_count(1521);
+    assert!(forwarded >= 2, "SYN and retransmits dropped: {forwarded}");
+    assert_eq!(at(&drops[0], "count").as_u64().unwrap(), forwarded, "{s}");
+    let db = topo.db_ip.to_string();
+    assert!(
+        stalls_to(&fin.events, &db, 1521).is_empty(),
+        "no second incident toward the pod address: {:#?}",
+        stalls_to(&fin.events, &db, 1521)
+    );
+    // Every drop record carries the conntrack entry, the aggregated repeats too: packet to
+    // the pod, original to the service, and the sum of their counts is the rule's.
+    let raw: Vec<&Value> = fin
         .events
         .iter()
-        .find(|v| str_at(v, "kind") == "drop" && str_at(v, "flow.dst_ip") == topo.db_ip.to_string())
-        .expect("raw drop after DNAT");
-    assert_eq!(str_at(d, "conntrack.original.dst_ip"), svc);
+        .filter(|v| str_at(v, "kind") == "drop" && str_at(v, "flow.dst_ip") == db)
+        .collect();
+    assert!(!raw.is_empty(), "raw drops after DNAT");
+    assert!(
+        raw.iter()
+            .all(|d| str_at(d, "conntrack.original.dst_ip") == svc),
+        "{raw:#?}"
+    );
+    let sum: u64 = raw.iter().map(|d| at(d, "count").as_u64().unwrap()).sum();
+    assert_eq!(sum, forwarded);
+    // The join key across nodes: the stall's reply tuple is the pod-side flow.
+    assert_eq!(
+        str_at(&s, "conntrack.reply.community_id"),
+        str_at(raw[0], "flow.community_id"),
+        "{s}"
+    );
+    println!(
+        "incident drops {} = FORWARD rule {forwarded}",
+        at(&drops[0], "count")
+    );
 }
 
 #[test]

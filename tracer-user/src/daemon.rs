@@ -2,8 +2,6 @@
 //! `--duration` or `--max-events`.
 use std::time::Duration;
 
-use anyhow::Context as _;
-use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     clock::{self, Clock},
     collectors::{
@@ -19,6 +17,8 @@ use crate::{
     sinks::Output,
     tracer::{Tracer, TracerOptions},
 };
+use anyhow::Context as _;
+use tokio::signal::unix::{SignalKind, signal};
 
 pub const DEFAULT_PORTS: [u16; 3] = [1521, 1522, 2484];
 
@@ -82,7 +82,10 @@ impl Wiring {
                 continue;
             }
             if let Some(id) = self.identity.as_mut()
-                && matches!(e.kind, Kind::Drop | Kind::Stall | Kind::Storm | Kind::Connect)
+                && matches!(
+                    e.kind,
+                    Kind::Drop | Kind::Stall | Kind::Storm | Kind::Connect
+                )
             {
                 id.enrich(&mut e);
             }

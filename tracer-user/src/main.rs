@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
     daemon, explain,
-    pipeline::Emit,
     identity::{Identity, IdentityError, IdentityOptions},
+    pipeline::Emit,
     preflight, replay,
     sinks::{Output, OutputOptions, cli::OutputArgs},
 };

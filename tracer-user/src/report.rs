@@ -136,12 +136,7 @@ pub fn stall_event(i: &Incident, clock: &Clock, node: &str) -> Event {
         side: None,
         storm: i.storm,
     });
-    e.drops = Some(
-        i.drops
-            .iter()
-            .map(drop_summary)
-            .collect(),
-    );
+    e.drops = Some(i.drops.iter().map(drop_summary).collect());
     e.conntrack = i.ct.as_ref().map(|c| Box::new(conntrack(c)));
     e.oracle = i.oracle.clone().map(Box::new);
     e.diagnosis = Some(i.diagnosis.clone());

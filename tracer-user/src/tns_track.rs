@@ -289,7 +289,11 @@ mod tests {
             panic!("{outcomes:?}")
         };
         assert_eq!(listener.to_string(), svc);
-        assert_eq!(oracle.program.as_deref(), Some("sqlplus"), "CONNECT context kept");
+        assert_eq!(
+            oracle.program.as_deref(),
+            Some("sqlplus"),
+            "CONNECT context kept"
+        );
     }
 
     #[test]

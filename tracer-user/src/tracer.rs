@@ -2,13 +2,13 @@
 //! ring buffer records and loss counters.
 use std::{collections::HashSet, os::fd::AsRawFd as _};
 
+use crate::pipeline::repeats::AggEntry;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
-use crate::pipeline::repeats::AggEntry;
 use tracer_common::{
     CtLayout, DropAgg, DropKey, HostPort, Settings, SkbLayout, TcpLayout, counter,
 };

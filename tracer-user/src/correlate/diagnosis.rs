@@ -182,7 +182,6 @@ pub(super) fn diagnose(inc: &Incident, server_saw_syn: bool) -> String {
     }
 }
 
-
 /// "SYN flood to 10.0.0.2:1521 from 3412 sources over 8.0 s (peak 231000/s): 812345 SYNs
 /// dropped on this node by netfilter (NETFILTER_DROP at nft_do_chain) in netns 4026532246".
 pub(super) fn storm(s: &super::storm::StormIncident) -> String {

@@ -82,7 +82,10 @@ impl Emit {
     pub fn streams(&self, e: &Event) -> bool {
         match e.kind {
             Kind::Drop => {
-                self.all_drops || e.drop.as_ref().is_some_and(|d| d.class == DropClass::Network)
+                self.all_drops
+                    || e.drop
+                        .as_ref()
+                        .is_some_and(|d| d.class == DropClass::Network)
             }
             // A connect the application gave up on before anything was lost or dropped is
             // not a problem (happy eyeballs, a cancelled request).

@@ -204,7 +204,11 @@ fn service_dnat_first_drop_and_aggregated_repeats_are_one_attempt_with_count_3()
         "repeats carry the first record's conntrack entry: {drops:#?}"
     );
     let stalls = of_kind(&out, Kind::Stall);
-    assert_eq!(stalls.len(), 1, "one incident, none toward the pod: {stalls:#?}");
+    assert_eq!(
+        stalls.len(),
+        1,
+        "one incident, none toward the pod: {stalls:#?}"
+    );
     let s = stalls[0];
     let f = s.flow.as_ref().unwrap();
     assert_eq!(f.dst_ip.to_string(), "10.204.1.10");
@@ -253,7 +257,10 @@ fn queue_purge_at_close_is_not_in_the_default_stream_but_is_counted() {
 
     let all: Vec<Output> = p.drain().collect();
     let stream: Vec<&Output> = all.iter().filter(|o| o.stream).collect();
-    assert!(stream.is_empty(), "a healthy session is silent: {stream:#?}");
+    assert!(
+        stream.is_empty(),
+        "a healthy session is silent: {stream:#?}"
+    );
     let purged = all
         .iter()
         .find(|o| o.event.kind == Kind::Drop)
@@ -294,8 +301,20 @@ fn random_source_flood_is_one_storm_with_exact_counts() {
     let server = "10.201.7.2:1521";
     let mut total = 0;
     for i in 0..300u32 {
-        let src = format!("198.{}.{}.{}:{}", 18 + i / 65536, (i / 256) % 256, i % 256, 1024 + i);
-        let rec = drop_rec(u64::from(i) * MS, key(&src, server), SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+        let src = format!(
+            "198.{}.{}.{}:{}",
+            18 + i / 65536,
+            (i / 256) % 256,
+            i % 256,
+            1024 + i
+        );
+        let rec = drop_rec(
+            u64::from(i) * MS,
+            key(&src, server),
+            SYN,
+            NETFILTER_DROP,
+            NFT_DO_CHAIN,
+        );
         p.record(&bytes(&rec));
         total += 1;
     }
@@ -322,7 +341,10 @@ fn random_source_flood_is_one_storm_with_exact_counts() {
     p.tick(5 * S);
 
     let out = streamed(&mut p);
-    assert!(of_kind(&out, Kind::Stall).is_empty(), "no stall per spoofed source");
+    assert!(
+        of_kind(&out, Kind::Stall).is_empty(),
+        "no stall per spoofed source"
+    );
     let drops = of_kind(&out, Kind::Drop);
     assert!(drops.len() <= 40, "{} drop records", drops.len());
     assert_eq!(drops.iter().map(|e| e.count).sum::<u64>(), total);
@@ -333,7 +355,10 @@ fn random_source_flood_is_one_storm_with_exact_counts() {
         storms[1].storm.as_ref().unwrap(),
     );
     assert_eq!(s0.id, s1.id);
-    assert_eq!((s0.outcome.as_str(), s1.outcome.as_str()), ("in_progress", "ended"));
+    assert_eq!(
+        (s0.outcome.as_str(), s1.outcome.as_str()),
+        ("in_progress", "ended")
+    );
     assert_eq!(s1.drops, total, "every drop toward the destination");
     assert!(s1.sources.distinct >= 300, "{:?}", s1.sources);
     assert_eq!(s1.sources.top[0].ip.to_string(), "203.0.113.0");
@@ -351,7 +376,13 @@ fn random_source_flood_is_one_storm_with_exact_counts() {
 fn a_local_client_during_a_storm_is_still_its_own_incident() {
     let mut p = pipeline(Emit::default());
     let server = "10.201.7.2:1521";
-    let folded = drop_rec(0, key("0.0.0.0:0", server), SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    let folded = drop_rec(
+        0,
+        key("0.0.0.0:0", server),
+        SYN,
+        NETFILTER_DROP,
+        NFT_DO_CHAIN,
+    );
     p.record(&bytes(&folded));
     // sqlplus on this node connects into the flood; its SYNs are dropped too.
     let c = key("10.201.7.1:40000", server);

@@ -344,8 +344,7 @@ pub fn samples() -> Vec<(&'static str, Event)> {
 fn with_conntrack_ids(e: &mut Event) {
     if let Some(ct) = e.conntrack.as_mut() {
         for t in [&mut ct.original, &mut ct.reply] {
-            t.community_id =
-                community_id::tcp(t.src_ip, t.src_port, t.dst_ip, t.dst_port);
+            t.community_id = community_id::tcp(t.src_ip, t.src_port, t.dst_ip, t.dst_port);
         }
     }
 }
