@@ -98,7 +98,8 @@ struct RunArgs {
     #[arg(long, default_value_t = 16_384, value_parser = clap::value_parser!(u32).range(1..))]
     agg_entries: u32,
     /// New-flow drop records per second per CPU; beyond it a storm of distinct flows is
-    /// counted in one record per destination with the ephemeral port shown as 0 (0: no limit).
+    /// counted in one record per destination, the other end (address and port) unspecified,
+    /// and reported as one `storm` incident (0: no limit).
     #[arg(long, default_value_t = 1000)]
     new_flows_per_sec: u32,
     /// Where the kernel refuses the nf_ct_delete program, do not fall back to ctnetlink
