@@ -68,6 +68,22 @@ pub mod counter {
     /// Drops folded into a per-destination aggregate because new flows exceeded the budget.
     pub const STORM_FOLDED: u32 = 7;
     pub const MAX: u32 = 8;
+
+    /// Each counter's name in `lost.reason` and the metrics, by index.
+    pub const NAMES: [&str; MAX as usize] = [
+        "ringbuf_full",
+        "skb_seen",
+        "skb_unreadable",
+        "tcp_unreadable",
+        "agg_full",
+        "agg_merged",
+        "tns_unreadable",
+        "storm_folded",
+    ];
+
+    /// Counters of events the kernel could not deliver: each increase is a `lost` record.
+    /// The others count work done (kfree_skb hits, aggregation) and go to the metrics.
+    pub const LOSSES: [u32; 4] = [RINGBUF_FULL, SKB_UNREADABLE, TCP_UNREADABLE, TNS_UNREADABLE];
 }
 
 pub const AF_INET: u8 = 2;

@@ -355,7 +355,7 @@ pub async fn run(
                 }
             }
             _ = poll.tick() => {
-                report_counters(&tracer, &mut p);
+                report_counters(&tracer, &mut p, &w.out);
                 if let Some(c) = ct_events.as_ref() {
                     let c = c.get_ref();
                     p.lost_total(c.overruns, LostSource::Kernel, "ctnetlink_overrun");
@@ -388,7 +388,7 @@ pub async fn run(
         let now = clock::monotonic_ns();
         p.repeats(now, &agg);
         p.finish(now);
-        report_counters(&tracer, &mut p);
+        report_counters(&tracer, &mut p, &w.out);
         w.deliver(&mut p);
     }
     drop(tracer);
@@ -406,11 +406,15 @@ fn read_ring(tracer: &mut Tracer, p: &mut Pipeline) {
     }
 }
 
-/// The kernel's own loss and read-failure counters, as `lost` records when they grow.
-fn report_counters(tracer: &Tracer, p: &mut Pipeline) {
-    p.lost_total(
-        tracer.counters.lost_in_kernel(),
-        LostSource::Kernel,
-        "ringbuf_full",
-    );
+/// The kernel's counters: losses (ring buffer full, records it could not read) as `lost`
+/// records when they grow, every counter into the metrics.
+fn report_counters(tracer: &Tracer, p: &mut Pipeline, out: &Output) {
+    let all = tracer.counters.all();
+    for i in tracer_common::counter::LOSSES {
+        let (name, total) = all[i as usize];
+        p.lost_total(total, LostSource::Kernel, name);
+    }
+    if let Some(m) = out.metrics() {
+        m.kernel_counters(&all);
+    }
 }

@@ -50,6 +50,8 @@ struct Inner {
     reasons: HashSet<String>,
     stalls: BTreeMap<String, u64>,
     kernel_lost: u64,
+    /// The kernel programs' own counters, as last read (tracer_common::counter).
+    kernel: Vec<(&'static str, u64)>,
 }
 
 impl Metrics {
@@ -140,6 +142,13 @@ impl Metrics {
         }
     }
 
+    /// The kernel programs' counters, read by the run loop every second.
+    pub fn kernel_counters(&self, counters: &[(&'static str, u64)]) {
+        if let Ok(mut m) = self.inner.lock() {
+            m.kernel = counters.to_vec();
+        }
+    }
+
     /// The text exposition format, version 0.0.4.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
@@ -211,6 +220,17 @@ impl Metrics {
                 "Events the kernel could not queue (ring buffer full).",
             );
             let _ = writeln!(out, "droptrace_kernel_lost_total {}", m.kernel_lost);
+            family_line(
+                &mut out,
+                "droptrace_kernel_counter_total",
+                "counter",
+                "The kernel programs' own counters: kfree_skb hits seen, drops merged into an \
+                 aggregate, folded into a storm, delivered alone because the aggregation map was \
+                 full, records that could not be read or queued.",
+            );
+            for (name, n) in &m.kernel {
+                let _ = writeln!(out, "droptrace_kernel_counter_total{{counter=\"{name}\"}} {n}");
+            }
         }
         let sinks = self.sinks.lock().map(|s| s.clone()).unwrap_or_default();
         let sink_family = |out: &mut String,
@@ -390,6 +410,13 @@ mod tests {
         assert!(text.contains("droptrace_drops_total{reason=\"NETFILTER_DROP\",class=\"network\",namespace=\"ns\",pod=\"a\",port=\"1521\"} 4"), "{text}");
         assert!(text.contains("pod=\"other\",port=\"1521\"} 4"), "{text}");
         assert!(text.contains("droptrace_events_total{kind=\"drop\"} 5"));
+        m.kernel_counters(&[("skb_seen", 12), ("tcp_unreadable", 1)]);
+        let text = m.render();
+        assert!(
+            text.contains("droptrace_kernel_counter_total{counter=\"skb_seen\"} 12"),
+            "{text}"
+        );
+        assert!(text.contains("droptrace_kernel_counter_total{counter=\"tcp_unreadable\"} 1"));
         assert!(text.contains("droptrace_build_info{version="));
     }
 

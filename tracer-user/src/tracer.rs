@@ -163,6 +163,13 @@ impl Counters {
     pub fn lost_in_kernel(&self) -> u64 {
         self.get(counter::RINGBUF_FULL)
     }
+
+    /// Every counter, summed over CPUs, with its name.
+    pub fn all(&self) -> Vec<(&'static str, u64)> {
+        (0..counter::MAX)
+            .map(|i| (counter::NAMES[i as usize], self.get(i)))
+            .collect()
+    }
 }
 
 pub struct Tracer {

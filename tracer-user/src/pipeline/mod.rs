@@ -382,7 +382,7 @@ impl Pipeline {
 
     /// A `lost` record for `count` events that never made it.
     pub fn lost(&mut self, count: u64, source: LostSource, reason: &str) {
-        if source == LostSource::Kernel && reason == "ringbuf_full" {
+        if source == LostSource::Kernel {
             self.summary.lost_kernel += count;
         }
         let e = Event::lost(&self.cfg.node, count, source, reason, None);
