@@ -507,22 +507,9 @@ pub struct Oracle {
     pub refuse: Option<Refuse>,
 }
 
-/// TCP flag names in wire bit order (FIN is bit 0).
-const TCP_FLAG_NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-
 /// "SYN", "SYN|ACK", ... in a fixed, readable order.
 pub fn tcp_flags(bits: u8) -> String {
-    const ORDER: [usize; 8] = [1, 4, 0, 2, 3, 5, 6, 7];
-    let mut out = String::new();
-    for i in ORDER {
-        if bits & (1 << i) != 0 {
-            if !out.is_empty() {
-                out.push('|');
-            }
-            out.push_str(TCP_FLAG_NAMES[i]);
-        }
-    }
-    out
+    crate::signal::TcpFlags(bits).names()
 }
 
 #[cfg(test)]

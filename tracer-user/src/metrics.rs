@@ -229,7 +229,10 @@ impl Metrics {
                  full, records that could not be read or queued.",
             );
             for (name, n) in &m.kernel {
-                let _ = writeln!(out, "droptrace_kernel_counter_total{{counter=\"{name}\"}} {n}");
+                let _ = writeln!(
+                    out,
+                    "droptrace_kernel_counter_total{{counter=\"{name}\"}} {n}"
+                );
             }
         }
         let sinks = self.sinks.lock().map(|s| s.clone()).unwrap_or_default();

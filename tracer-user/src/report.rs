@@ -68,7 +68,7 @@ pub fn drop_event(d: &DropSignal, clock: &Clock, node: &str) -> Event {
     let mut e = Event::new(Kind::Drop, clock.rfc3339(d.ts_ns), node);
     e.flow = Some(flow(&d.flow));
     e.tcp = Some(event::Tcp {
-        flags: event::tcp_flags(d.tcp_flags),
+        flags: d.tcp_flags.names(),
     });
     e.drop = Some(event::Drop {
         reason: d.reason.clone(),

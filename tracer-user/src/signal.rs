@@ -36,16 +36,110 @@ pub struct Owner {
     pub pod_uid: Option<String>,
 }
 
+/// The TCP states droptrace reasons about, from the kernel's names (their numbers come from
+/// the running kernel's tracepoint table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    Established,
+    SynSent,
+    SynRecv,
+    FinWait1,
+    FinWait2,
+    TimeWait,
+    Close,
+    CloseWait,
+    LastAck,
+    Listen,
+    Closing,
+    NewSynRecv,
+    /// A state this table does not know (a newer kernel's).
+    Other,
+}
+
+impl State {
+    /// From the kernel's name without `TCP_` ("SYN_SENT").
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "ESTABLISHED" => State::Established,
+            "SYN_SENT" => State::SynSent,
+            "SYN_RECV" => State::SynRecv,
+            "FIN_WAIT1" => State::FinWait1,
+            "FIN_WAIT2" => State::FinWait2,
+            "TIME_WAIT" => State::TimeWait,
+            "CLOSE" => State::Close,
+            "CLOSE_WAIT" => State::CloseWait,
+            "LAST_ACK" => State::LastAck,
+            "LISTEN" => State::Listen,
+            "CLOSING" => State::Closing,
+            "NEW_SYN_RECV" => State::NewSynRecv,
+            _ => State::Other,
+        }
+    }
+}
+
 /// A TCP state number with this kernel's name for it ("SYN_SENT", ...).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpState {
     pub value: u32,
+    /// The kernel's name, as events write it.
     pub name: String,
+    pub state: State,
 }
 
 impl TcpState {
-    pub fn is(&self, name: &str) -> bool {
-        self.name == name
+    pub fn new(value: u32, name: String) -> Self {
+        Self {
+            value,
+            state: State::from_name(&name),
+            name,
+        }
+    }
+}
+
+/// The TCP flags byte of a packet (CWR ECE URG ACK PSH RST SYN FIN, FIN = bit 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct TcpFlags(pub u8);
+
+impl TcpFlags {
+    pub const FIN: u8 = 0x01;
+    pub const SYN: u8 = 0x02;
+    pub const RST: u8 = 0x04;
+    pub const ACK: u8 = 0x10;
+    /// Wire bit order names (FIN is bit 0).
+    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
+
+    /// A connection request: SYN without ACK.
+    pub fn is_syn(self) -> bool {
+        self.0 & Self::SYN != 0 && self.0 & Self::ACK == 0
+    }
+
+    pub fn is_syn_ack(self) -> bool {
+        self.0 & (Self::SYN | Self::ACK) == Self::SYN | Self::ACK
+    }
+
+    /// "SYN", "SYN|ACK", ... in a fixed, readable order (SYN first); "" when none.
+    pub fn names(self) -> String {
+        const ORDER: [usize; 8] = [1, 4, 0, 2, 3, 5, 6, 7];
+        let mut out = String::new();
+        for i in ORDER {
+            if self.0 & (1 << i) != 0 {
+                if !out.is_empty() {
+                    out.push('|');
+                }
+                out.push_str(Self::NAMES[i]);
+            }
+        }
+        out
+    }
+
+    /// From "SYN|ACK" (unknown names are ignored).
+    pub fn parse(names: &str) -> Self {
+        Self(
+            names
+                .split('|')
+                .filter_map(|f| Self::NAMES.iter().position(|n| *n == f))
+                .fold(0, |acc, bit| acc | (1 << bit)),
+        )
     }
 }
 
@@ -78,7 +172,7 @@ impl CtSnapshot {
 pub struct DropSignal {
     pub ts_ns: u64,
     pub flow: FlowKey,
-    pub tcp_flags: u8,
+    pub tcp_flags: TcpFlags,
     /// The kernel's name without SKB_DROP_REASON_, or `UNAVAILABLE` before Linux 5.17.
     pub reason: String,
     /// This kernel's number for it (None where the kernel has no reasons).
@@ -93,11 +187,11 @@ pub struct DropSignal {
 
 impl DropSignal {
     pub fn is_syn(&self) -> bool {
-        self.tcp_flags & 0x02 != 0 && self.tcp_flags & 0x10 == 0
+        self.tcp_flags.is_syn()
     }
 
     pub fn is_syn_ack(&self) -> bool {
-        self.tcp_flags & 0x12 == 0x12
+        self.tcp_flags.is_syn_ack()
     }
 }
 
@@ -171,7 +265,7 @@ pub(crate) mod testing {
         DropSignal {
             ts_ns: ts,
             flow,
-            tcp_flags: flags,
+            tcp_flags: TcpFlags(flags),
             reason: reason.into(),
             reason_code: Some(12),
             class: crate::drop_class::classify(Some(reason), location),

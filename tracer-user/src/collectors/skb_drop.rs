@@ -9,7 +9,7 @@ use crate::{
         btf::KernelBtf,
         tracefs::{Format, TracefsError},
     },
-    signal::{self, DropSignal, FlowKey},
+    signal::{self, DropSignal, FlowKey, TcpFlags},
 };
 
 pub const CATEGORY: &str = "skb";
@@ -47,7 +47,7 @@ pub fn decode(rec: &DropEvent, symbols: &Symbols) -> DropSignal {
     DropSignal {
         ts_ns: rec.hdr.ts_ns,
         flow: signal::flow_key(&rec.flow),
-        tcp_flags: rec.tcp_flags,
+        tcp_flags: TcpFlags(rec.tcp_flags),
         reason: r.name,
         reason_code: r.code,
         class: r.class,

@@ -78,13 +78,11 @@ pub fn read_formats(tracefs: &Path) -> (Result<Format, LayoutError>, Option<Form
 }
 
 fn state(names: &StateNames, value: u32) -> TcpState {
-    TcpState {
-        value,
-        name: names
-            .get(&value)
-            .cloned()
-            .unwrap_or_else(|| format!("STATE_{value}")),
-    }
+    let name = names
+        .get(&value)
+        .cloned()
+        .unwrap_or_else(|| format!("STATE_{value}"));
+    TcpState::new(value, name)
 }
 
 fn owner(has: u32, o: &tracer_common::Owner) -> Option<Owner> {

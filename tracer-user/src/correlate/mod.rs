@@ -14,7 +14,9 @@ use diagnosis::{diagnose, redirected_leg};
 use crate::{
     drop_class::DropClass,
     event,
-    signal::{CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal},
+    signal::{
+        CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, State, StateSignal,
+    },
 };
 
 #[derive(Debug, Clone)]
@@ -493,14 +495,14 @@ impl Correlator {
     }
 
     pub fn on_state(&mut self, s: &StateSignal) {
-        let (old, new) = (s.old.name.as_str(), s.new.name.as_str());
+        let (old, new) = (s.old.state, s.new.state);
         match (old, new) {
-            (_, "SYN_SENT") => {
+            (_, State::SynSent) => {
                 let mut a = Self::new_attempt(s.flow, s.ts_ns, s.owner.clone(), s.netns);
                 a.sk = Some(s.sk);
                 self.insert(a);
             }
-            (_, "SYN_RECV") => {
+            (_, State::SynRecv) => {
                 // Server side on this node: the SYN arrived.
                 if let Some(id) = self.find(None, &[s.flow.reversed()])
                     && let Some(a) = self.attempts.get_mut(&id)
@@ -509,7 +511,7 @@ impl Correlator {
                     a.last_signal_ns = s.ts_ns;
                 }
             }
-            ("SYN_SENT", "ESTABLISHED") => {
+            (State::SynSent, State::Established) => {
                 let Some(id) = self.find(Some(s.sk), &[s.flow]) else {
                     return;
                 };
@@ -538,7 +540,7 @@ impl Correlator {
                 a.drops.clear();
                 a.reported_in_progress = false;
             }
-            ("SYN_RECV", "ESTABLISHED") => {
+            (State::SynRecv, State::Established) => {
                 // Server side on this node: a connection accepted (local end as src).
                 let id = self.next_id;
                 self.next_id += 1;
@@ -553,7 +555,7 @@ impl Correlator {
                     syn_retransmits: 0,
                 });
             }
-            ("SYN_SENT", "CLOSE") => {
+            (State::SynSent, State::Close) => {
                 let Some(id) = self.find(Some(s.sk), &[s.flow]) else {
                     return;
                 };
@@ -577,7 +579,7 @@ impl Correlator {
                 a.ended = Some((outcome, s.ts_ns, errno));
                 self.ended += 1;
             }
-            (_, "CLOSE") | ("ESTABLISHED", _) => {
+            (_, State::Close) | (State::Established, _) => {
                 if let Some(id) = self.find(Some(s.sk), &[s.flow])
                     && self
                         .attempts
@@ -592,7 +594,7 @@ impl Correlator {
     }
 
     pub fn on_retransmit(&mut self, r: &RetransmitSignal) {
-        let connecting = r.state.is("SYN_SENT");
+        let connecting = r.state.state == State::SynSent;
         let id = match self.find(Some(r.sk), &[r.flow]) {
             Some(id) => id,
             None => {
@@ -869,10 +871,7 @@ mod tests {
     }
 
     fn st(name: &str) -> TcpState {
-        TcpState {
-            value: 0,
-            name: name.into(),
-        }
+        TcpState::new(0, name.to_string())
     }
 
     fn owner() -> Owner {

@@ -209,7 +209,7 @@ impl Pipeline {
             }),
             kind::STATE => record::<StateEvent>(bytes).map(|rec| {
                 let mut s = tcp_state::decode_state(&rec, &self.symbols.tcp_states);
-                if s.new.is("SYN_SENT")
+                if s.new.state == crate::signal::State::SynSent
                     && let Some(o) = s.owner.as_mut()
                 {
                     // Read now, while the connecting process is alive.

@@ -79,7 +79,7 @@ impl Repeats {
                         DropSignal {
                             ts_ns: e.last_ns,
                             flow: crate::signal::flow_key(&e.key.flow),
-                            tcp_flags: e.tcp_flags,
+                            tcp_flags: crate::signal::TcpFlags(e.tcp_flags),
                             reason: r.name,
                             reason_code: r.code,
                             class: r.class,
