@@ -1,6 +1,6 @@
 //! The droptrace.v1 event model: what every sink receives, before any SIEM reshaping.
 //!
-//! Field names are a contract (docs/events.md, schema/droptrace.v1.schema.json). Sections that
+//! Field names are a contract (docs/events.md, schema/droptrace.v1/*.schema.json). Sections that
 //! do not apply to a kind are left out of the JSON, never emitted as null.
 use std::{
     net::IpAddr,

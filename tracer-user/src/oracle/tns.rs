@@ -1,5 +1,6 @@
 //! Oracle Net (TNS) packet framing and decoders for the packets of connection setup (everything
-//! up to the ACCEPT). Layouts: shared/notes/tns.md.
+//! up to the ACCEPT). Layouts as Wireshark's epan/dissectors/packet-tns.c and python-oracledb's
+//! src/oracledb/impl/thin/messages/connect.pyx read them.
 //!
 //! Decoders take one packet's bytes as captured: possibly fewer than the header's length (the
 //! kernel copies a bounded prefix). They decode what the captured bytes hold, return borrowed
