@@ -225,26 +225,11 @@ fn drop_rule_count(ns: &Netns, iptables: &str, chain: &str, port: u16) -> u64 {
 
 /// Compiles tests/bpf/tc_drop_port.c for `port` (once per port) with clang.
 fn tc_drop_object(port: u16) -> std::path::PathBuf {
-    let src = crate::workspace_root().join("tests/bpf/tc_drop_port.c");
-    let out = crate::scratch_dir().join(format!("tc_drop_port_{port}.o"));
-    let tmp = out.with_extension(format!("{}.tmp", std::process::id()));
-    // asm/types.h lives in the multiarch include directory, which -target bpf does not search.
-    let multiarch = format!("-I/usr/include/{}-linux-gnu", std::env::consts::ARCH);
-    sh(&[
-        "clang",
-        "-O2",
-        "-g",
-        "-target",
-        "bpf",
-        &multiarch,
-        &format!("-DDROP_PORT={port}"),
-        "-c",
-        src.to_str().expect("utf-8"),
-        "-o",
-        tmp.to_str().expect("utf-8"),
-    ]);
-    std::fs::rename(&tmp, &out).expect("rename compiled object");
-    out
+    crate::clang_bpf(
+        "tc_drop_port.c",
+        &[format!("-DDROP_PORT={port}")],
+        &format!("tc_drop_port_{port}.o"),
+    )
 }
 
 /// app -> router -> db, the router DNATs a "service" address to db (as kube-proxy does) and

@@ -139,3 +139,69 @@ fn wait_line(child: &mut Child, prefix: &str) -> String {
         }
     }
 }
+
+/// The failure droptrace exists for, staged: a fake Oracle listener in "db" on 1521 REDIRECTs
+/// the client to `second` (a dispatcher that accepts and hangs), and an iptables DROP on
+/// `second`'s port silently eats that leg. The listener leg is only visible to the TNS
+/// (cgroup_skb) programs.
+pub struct RedirectedLeg {
+    pub topo: crate::netns::AppDb,
+    pub listener: std::net::SocketAddr,
+    pub second: std::net::SocketAddr,
+    _listeners: [crate::tns_listener::FakeListener; 2],
+}
+
+impl RedirectedLeg {
+    pub const SERVICE: &str = "ORCLPDB1";
+
+    pub fn new(second_port: u16) -> Self {
+        use crate::tns_listener::{Behavior, FakeListener};
+        let topo = crate::netns::AppDb::new(crate::netns::Family::V4);
+        let listener = std::net::SocketAddr::new(topo.db_ip, 1521);
+        let second = std::net::SocketAddr::new(topo.db_ip, second_port);
+        let redirecting = FakeListener::from_listener(
+            topo.db.tcp_listener(listener),
+            Behavior::redirect(&topo.db_ip.to_string(), second.port()),
+        )
+        .expect("listener");
+        let dispatcher =
+            FakeListener::from_listener(topo.db.tcp_listener(second), Behavior::AcceptAndHang)
+                .expect("dispatcher");
+        // The policy allows the listener port only: the dispatcher port is silently dropped.
+        topo.iptables_drop_ingress(second.port());
+        Self {
+            topo,
+            listener,
+            second,
+            _listeners: [redirecting, dispatcher],
+        }
+    }
+
+    /// sqlplus (python-oracledb, program name "sqlplus") connects and times out on the
+    /// second leg; returns the client's outcome.
+    pub fn connect(&self) -> crate::oracle_client::Outcome {
+        let out = crate::oracle_client::connect(
+            &self.topo.app,
+            self.topo.db_ip,
+            1521,
+            Self::SERVICE,
+            3.0,
+        );
+        assert!(out.error.contains("timed out"), "client timed out: {out:?}");
+        out
+    }
+
+    /// The final `stall` of the second leg, as `tracer` reported it.
+    pub fn final_stall(&self, tracer: &crate::tracer::Droptrace) -> serde_json::Value {
+        use crate::tracer::{at, str_at};
+        let dst = self.second;
+        tracer
+            .wait_for(std::time::Duration::from_secs(8), |v| {
+                str_at(v, "kind") == "stall"
+                    && str_at(v, "flow.dst_ip") == dst.ip().to_string()
+                    && at(v, "flow.dst_port") == dst.port()
+                    && str_at(v, "attempt.outcome") != "in_progress"
+            })
+            .unwrap_or_else(|| panic!("no final stall to {dst}: {:#?}", tracer.events()))
+    }
+}

@@ -6,6 +6,7 @@ use std::{net::SocketAddr, time::Duration};
 use droptrace_tests::{
     netns::{AppDb, Family, Routed, sh},
     oracle_client,
+    scenario::RedirectedLeg,
     tns_listener::{Behavior, FakeListener},
     tracer::{Droptrace, at, str_at},
 };
@@ -38,24 +39,13 @@ fn final_stall(t: &Droptrace, dst: SocketAddr) -> Value {
 
 #[test]
 fn sqlplus_stall_on_redirected_port() {
-    let topo = AppDb::new(Family::V4);
-    let listener_addr = SocketAddr::new(topo.db_ip, 1521);
-    let second = SocketAddr::new(topo.db_ip, 40123);
-    let _listener = FakeListener::from_listener(
-        topo.db.tcp_listener(listener_addr),
-        Behavior::redirect(&topo.db_ip.to_string(), second.port()),
-    )
-    .unwrap();
-    let _dispatcher =
-        FakeListener::from_listener(topo.db.tcp_listener(second), Behavior::AcceptAndHang).unwrap();
-    // The policy allows the listener port only: the dispatcher port is silently dropped.
-    topo.iptables_drop_ingress(second.port());
+    let leg = RedirectedLeg::new(40123);
+    let (topo, listener_addr, second) = (&leg.topo, leg.listener, leg.second);
     let tracer = Droptrace::start(&["--emit", "tns"]);
 
-    let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, SERVICE, 3.0);
-    assert!(out.error.contains("timed out"), "client timed out: {out:?}");
+    leg.connect();
 
-    let s = final_stall(&tracer, second);
+    let s = leg.final_stall(&tracer);
     let fin = tracer.stop();
     println!("stall: {s}");
     // The listener leg as seen on the wire.

@@ -180,7 +180,7 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         Some(root) => {
             for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {
                 if let Err(e) = tracer.attach_cgroup_skb(prog, &root, ingress) {
-                    tracing::warn!("Oracle TNS not followed: {prog}: {e}");
+                    tracing::warn!("Oracle TNS not followed: {e}");
                 }
             }
         }

@@ -39,6 +39,15 @@ pub enum TracerError {
     },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// The kernel refused the cgroup attachment; `why` names the likely cause.
+    #[error("program {prog}: cannot attach to {cgroup} ({direction}): {io}{why}")]
+    CgroupAttach {
+        prog: &'static str,
+        cgroup: String,
+        direction: &'static str,
+        io: std::io::Error,
+        why: String,
+    },
     #[error("kernel BTF for fentry: {0}")]
     Btf(String),
     /// BPF_PROG_LOAD failed before the verifier said anything (aya's message would end in an
@@ -73,6 +82,45 @@ impl TracerError {
             source => Self::Program { prog, source },
         }
     }
+}
+
+impl TracerError {
+    fn cgroup(
+        prog: &'static str,
+        cgroup: &std::path::Path,
+        ingress: bool,
+        source: aya::programs::ProgramError,
+    ) -> Self {
+        let aya::programs::ProgramError::SyscallError(aya::sys::SyscallError { io_error, .. }) =
+            source
+        else {
+            return Self::Program { prog, source };
+        };
+        let cgroup = cgroup.display().to_string();
+        let why = match io_error.raw_os_error() {
+            // __cgroup_bpf_attach: the hook's existing programs were attached with other flags.
+            Some(libc::EPERM) => format!(
+                ": another program holds this hook in exclusive or override mode (see \
+                 `bpftool cgroup show {cgroup}`); droptrace only attaches in multi mode, \
+                 next to other programs"
+            ),
+            Some(libc::EBADF) => ": not a cgroup v2 directory".to_string(),
+            _ => String::new(),
+        };
+        Self::CgroupAttach {
+            prog,
+            cgroup,
+            direction: if ingress { "ingress" } else { "egress" },
+            io: io_error,
+            why,
+        }
+    }
+}
+
+/// Whether this kernel attaches cgroup programs through BPF links (5.7+), the way aya
+/// decides it.
+fn cgroup_links() -> bool {
+    aya::util::KernelVersion::current().is_ok_and(|v| v >= aya::util::KernelVersion::new(5, 7, 0))
 }
 
 pub struct TracerOptions {
@@ -288,9 +336,13 @@ impl Tracer {
         Ok(())
     }
 
-    /// cgroup_skb program on a cgroup v2 directory (the root sees every local socket).
-    /// Attached as a BPF link, which never replaces other programs on the root (systemd's,
-    /// another droptrace); link creation takes no attach flags, hence `Single`.
+    /// cgroup_skb program on a cgroup v2 directory (the root sees every local socket), never
+    /// exclusively: other programs on the same hook (a CNI's host firewall, systemd's IP
+    /// accounting, another droptrace) keep running, and can still attach after us.
+    ///
+    /// From 5.7 aya attaches through a BPF link, which the kernel always adds in multi mode
+    /// (link creation takes no attach flags, hence `Single` there, as libbpf does). Older
+    /// kernels get BPF_PROG_ATTACH, where `Single` would be exclusive: ask for multi.
     pub fn attach_cgroup_skb(
         &mut self,
         prog: &'static str,
@@ -305,8 +357,13 @@ impl Tracer {
         } else {
             CgroupSkbAttachType::Egress
         };
-        p.attach(&dir, ty, CgroupAttachMode::Single)
-            .map_err(|source| TracerError::Program { prog, source })?;
+        let mode = if cgroup_links() {
+            CgroupAttachMode::Single
+        } else {
+            CgroupAttachMode::AllowMultiple
+        };
+        p.attach(&dir, ty, mode)
+            .map_err(|source| TracerError::cgroup(prog, cgroup, ingress, source))?;
         self.attached.push((prog, Hook::CgroupSkb));
         Ok(())
     }

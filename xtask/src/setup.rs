@@ -20,6 +20,8 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("nft", "nftables"),
     ("clang", "clang"),
     ("hping3", "hping3"),
+    // The coexistence tests load, pin and attach another cgroup_skb program as an operator would.
+    ("bpftool", "bpftool"),
     // Deletes conntrack entries (the ctnetlink removal test).
     ("conntrack", "conntrack"),
     // The syslog sink tests run a real rsyslog (TCP and TLS).
