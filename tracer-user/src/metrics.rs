@@ -262,6 +262,13 @@ impl Metrics {
         );
         sink_family(
             &mut out,
+            "droptrace_sink_up",
+            "gauge",
+            "1 while the receiver answers, 0 since a connect or delivery failed (also at start).",
+            &|s| u64::from(s.up()),
+        );
+        sink_family(
+            &mut out,
             "droptrace_sink_spooled",
             "gauge",
             "Events waiting in the sink's on-disk spool.",

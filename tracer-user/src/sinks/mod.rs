@@ -77,6 +77,10 @@ pub(crate) enum DeliverError {
     },
     /// The receiver refused these events for good (malformed, too large, ...).
     Rejected(String),
+    /// The receiver answered with a certificate that --ca (or the system store) does not
+    /// trust: a configuration error at start, retried like any failure later on (a SIEM
+    /// may be rotating its certificate).
+    Untrusted(String),
 }
 
 impl DeliverError {
@@ -89,7 +93,7 @@ impl DeliverError {
 
     fn why(&self) -> &str {
         match self {
-            Self::Retry { why, .. } | Self::Rejected(why) => why,
+            Self::Retry { why, .. } | Self::Rejected(why) | Self::Untrusted(why) => why,
         }
     }
 }
@@ -300,6 +304,8 @@ pub struct SinkStats {
     sent: AtomicU64,
     errors: AtomicU64,
     spooled: AtomicU64,
+    /// The last connect or delivery failed (set at start too, when the receiver is not up).
+    down: std::sync::atomic::AtomicBool,
     discarded: [AtomicU64; 4],
     /// Discards already announced to the other sinks / to this sink itself.
     reported_others: [AtomicU64; 4],
@@ -318,6 +324,11 @@ impl SinkStats {
     /// Events in the spool now.
     pub fn spooled(&self) -> u64 {
         self.spooled.load(Ordering::Relaxed)
+    }
+
+    /// Whether the receiver answered the last connect or delivery.
+    pub fn up(&self) -> bool {
+        !self.down.load(Ordering::Relaxed)
     }
 
     pub fn discarded(&self) -> u64 {
@@ -433,8 +444,10 @@ pub struct Output {
 }
 
 impl Output {
-    /// Validates every sink (scheme, files, TLS material, spool directory, reachability) and
-    /// starts their tasks. Any problem is an error before the first event.
+    /// Validates every sink (scheme, files, TLS material, spool directory) and starts their
+    /// tasks: a configuration problem is an error before the first event. A receiver that
+    /// does not answer yet is not: that sink spools (or counts what it cannot hold as lost)
+    /// until it does, and says so once.
     pub async fn start(specs: &[SinkSpec], opts: OutputOptions) -> Result<Output, OutputError> {
         let default = [SinkSpec {
             name: "-".into(),
@@ -470,12 +483,17 @@ impl Output {
         let metrics = metrics_listener
             .as_ref()
             .map(|_| Arc::new(Metrics::new(opts.metrics_max_pods)));
+        // Certificate files are loaded whenever given, so a typo fails now even if no TLS
+        // output uses them yet.
         let tls = if specs.iter().any(|s| {
             matches!(
                 s.target,
                 Target::Syslog { tls: true, .. } | Target::Http { tls: true, .. }
             )
-        }) {
+        }) || opts.tls.ca.is_some()
+            || opts.tls.client_cert.is_some()
+            || opts.tls.client_key.is_some()
+        {
             Some(tls::client_config(&opts.tls)?)
         } else {
             None
@@ -769,15 +787,30 @@ async fn run_outputs(
     stop: oneshot::Receiver<tokio::time::Instant>,
     done: oneshot::Sender<OutputSummary>,
 ) {
-    // Reachability at start: a typo'd host fails the command, not the first delivery.
+    // Reachability at start: a SIEM that is down (or not up yet) must not stop tracing. The
+    // sink starts "down" and its delivery task connects as soon as the receiver answers.
     let mut workers = workers;
     for (ctx, t, _) in workers.iter_mut() {
         if let Err(e) = t.connect().await {
-            let _ = ready.send(Err(OutputError::Sink {
-                sink: ctx.name.clone(),
-                why: e.why().to_string(),
-            }));
-            return;
+            if let DeliverError::Untrusted(why) = e {
+                let _ = ready.send(Err(OutputError::Sink {
+                    sink: ctx.name.clone(),
+                    why,
+                }));
+                return;
+            }
+            ctx.stats.down.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                sink = %ctx.name,
+                "receiver unreachable at start ({}); {}",
+                e.why(),
+                if ctx.has_spool {
+                    "spooling until it answers"
+                } else {
+                    "holding --queue-size events in memory until it answers, counting the \
+                     rest as lost (--spool-dir keeps them)"
+                }
+            );
         }
     }
     let server = match metrics {
@@ -798,7 +831,10 @@ async fn run_outputs(
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let mut tasks = Vec::new();
     let contexts: Vec<_> = workers.iter().map(|(c, _, _)| c.clone()).collect();
+    let mut transports = Vec::new();
     for (ctx, transport, rx) in workers {
+        let (give_back, returned) = oneshot::channel();
+        transports.push(returned);
         let (direct_tx, direct_rx) = mpsc::channel(ctx.batch.max(64));
         tasks.push(tokio::spawn(intake(
             ctx.clone(),
@@ -808,7 +844,7 @@ async fn run_outputs(
         )));
         tasks.push(tokio::spawn(delivery(
             ctx,
-            transport,
+            (transport, give_back),
             direct_rx,
             lost.clone(),
             phase_rx.clone(),
@@ -854,6 +890,34 @@ async fn run_outputs(
                 t.abort();
             }
         }
+    }
+    // Discards counted while draining (a sink that never caught up, with no spool to keep
+    // what it held): announced to the sinks that are still up, straight through their
+    // transports, so they too have their `lost` record.
+    let finals = unreported(&sinks, &lost);
+    for ((i, ctx), returned) in contexts.iter().enumerate().zip(transports) {
+        let Ok(mut t) = returned.await else { continue };
+        let recs: Vec<_> = finals
+            .iter()
+            .filter(|(from, _)| *from != i)
+            .map(|(_, r)| r.clone())
+            .collect();
+        if !recs.is_empty() {
+            let n = recs.len() as u64;
+            let sent = ctx.stats.up()
+                && matches!(
+                    tokio::time::timeout(FINAL_REPORT_TIMEOUT, t.deliver(&recs)).await,
+                    Ok(Ok(_))
+                );
+            if sent {
+                ctx.stats.sent.fetch_add(n, Ordering::Relaxed);
+            } else if let Some(sp) = ctx.lock().spool.as_mut() {
+                for r in &recs {
+                    let _ = sp.append_unbounded(r);
+                }
+            }
+        }
+        t.close().await;
     }
     // Discards that could not be announced in-stream any more: keep the announcement in
     // the sink's own spool so the next run delivers it.
@@ -942,21 +1006,33 @@ async fn futures_join(
 
 /// Tells every other sink about each sink's new discards.
 fn report_lost(sinks: &[SinkHandle], lost: &LostMaker) {
+    for (i, rec) in unreported(sinks, lost) {
+        for (j, other) in sinks.iter().enumerate() {
+            if i != j {
+                other.push(&rec);
+            }
+        }
+    }
+}
+
+/// At exit, how long a sink that is up gets to take the last loss announcements.
+const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `lost` records for the discards not yet announced to the other sinks, with the index of
+/// the sink that discarded; marks them announced.
+fn unreported(sinks: &[SinkHandle], lost: &LostMaker) -> Vec<(usize, Arc<Record>)> {
+    let mut out = Vec::new();
     for (i, s) in sinks.iter().enumerate() {
         for why in DISCARDS {
             let total = s.stats.discarded[why as usize].load(Ordering::Relaxed);
             let told = s.stats.reported_others[why as usize].load(Ordering::Relaxed);
             if total > told {
                 s.stats.reported_others[why as usize].store(total, Ordering::Relaxed);
-                let (_, rec) = lost.record(&s.name, why, total - told);
-                for (j, other) in sinks.iter().enumerate() {
-                    if i != j {
-                        other.push(&rec);
-                    }
-                }
+                out.push((i, lost.record(&s.name, why, total - told).1));
             }
         }
     }
+    out
 }
 
 async fn phase_at_least(rx: &mut watch::Receiver<Phase>, p: Phase) {
@@ -1048,15 +1124,17 @@ enum Source {
 }
 
 /// Direct channel first, then spool; delivers with retries; hands failures to the spool.
+/// Hands its transport back when done (still connected, for the final loss announcements).
 async fn delivery(
     ctx: Arc<SinkCtx>,
-    mut transport: Transport,
+    (mut transport, give_back): (Transport, oneshot::Sender<Transport>),
     mut direct: mpsc::Receiver<Arc<Record>>,
     lost: Arc<LostMaker>,
     mut phase: watch::Receiver<Phase>,
 ) {
     let mut backoff = Backoff::default();
-    let mut down = false;
+    // Announced once already when the receiver was not up at start.
+    let mut down = !ctx.stats.up();
     let mut direct_open = true;
     'outer: loop {
         if *phase.borrow() == Phase::Stop {
@@ -1110,6 +1188,7 @@ async fn delivery(
                     if down {
                         tracing::info!(sink = %ctx.name, "sink recovered");
                         down = false;
+                        ctx.stats.down.store(false, Ordering::Relaxed);
                     }
                     backoff = Backoff::default();
                     ctx.stats.sent.fetch_add(n - rejected, Ordering::Relaxed);
@@ -1123,12 +1202,18 @@ async fn delivery(
                     finish(&ctx, source);
                     break;
                 }
-                Some(Err(DeliverError::Retry { after, why })) => {
+                // While running, an untrusted certificate is one more reason to retry.
+                Some(Err(e)) => {
+                    let (after, why) = match e {
+                        DeliverError::Retry { after, why } => (after, why),
+                        other => (None, other.why().to_string()),
+                    };
                     ctx.stats.errors.fetch_add(1, Ordering::Relaxed);
                     if !down {
                         tracing::warn!(sink = %ctx.name, "sink unavailable: {why}; {}",
                             if ctx.has_spool { "spooling" } else { "retrying from memory" });
                         down = true;
+                        ctx.stats.down.store(true, Ordering::Relaxed);
                     }
                     let wait = after.unwrap_or_else(|| backoff.next()).min(MAX_RETRY_AFTER);
                     if matches!(source, Source::Direct) && ctx.has_spool {
@@ -1179,7 +1264,9 @@ async fn delivery(
         let mut sh = ctx.lock();
         ctx.spool_prepend(&mut sh, &rest);
     }
-    transport.close().await;
+    if let Err(mut t) = give_back.send(transport) {
+        t.close().await;
+    }
 }
 
 /// With the direct channel empty: the spool head, else (caught up) this sink's own pending

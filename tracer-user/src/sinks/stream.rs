@@ -50,7 +50,18 @@ pub async fn dial(
             )
             .await
             .map_err(|_| DeliverError::retry("TLS handshake timed out"))?
-            .map_err(|e| DeliverError::retry(format!("TLS handshake: {e}")))?,
+            .map_err(|e| {
+                let why = format!("TLS handshake: {e}");
+                let untrusted = e
+                    .get_ref()
+                    .and_then(|i| i.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+                if untrusted {
+                    DeliverError::Untrusted(why)
+                } else {
+                    DeliverError::retry(why)
+                }
+            })?,
         ),
     })
 }
