@@ -1,5 +1,8 @@
 //! Bad input and missing privileges: one line naming the problem, exit 2, no panic.
-use std::process::Command;
+use std::{
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use droptrace_tests::tracer::binary;
 
@@ -14,29 +17,220 @@ fn run(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
-#[test]
-fn bad_ports_are_rejected_with_one_line() {
-    for (arg, needle) in [
-        ("0", "port 0 is not a port"),
-        ("70000", "70000 is above 65535"),
-        ("15x1", "`15x1` is not a port number"),
-        ("1521,,", "is not a port number"),
-    ] {
-        let (code, err) = run(&["run", "--ports", arg]);
-        assert_eq!(code, Some(2), "--ports {arg}: {err}");
-        let first = err.lines().next().unwrap_or("");
-        assert!(first.contains(needle), "--ports {arg}: {err}");
-        assert!(!err.contains("panicked"), "{err}");
+/// Runs droptrace with bad input; it must answer at once (a run that started tracing instead
+/// is killed and fails the case).
+fn refused(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = Command::new(binary())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run droptrace");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while child.try_wait().expect("wait").is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (
+                None,
+                format!("{args:?} was accepted: still running after 15 s"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let out = child.wait_with_output().expect("stderr");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every flag and file input of every subcommand, each given one bad value: one line naming
+/// the problem (`droptrace: ...`), exit 2, nothing started.
+#[test]
+fn every_bad_flag_and_file_is_one_line_and_exit_2() {
+    droptrace_tests::require_root();
+    let dir = droptrace_tests::scratch_dir().join(format!("cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, content: &[u8]| {
+        let p = dir.join(name);
+        std::fs::write(&p, content).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let (empty, not_utf8, bad_json, comments, not_cert) = (
+        file("empty", b""),
+        file("not-utf8", b"\xff\xfe\n"),
+        file("bad.json", b"{\n"),
+        file("comments.yaml", b"---\n# nothing here\n---\n"),
+        file("not-a-cert.pem", b"not a certificate\n"),
+    );
+    let d = dir.to_str().unwrap();
+    let explain = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = ["explain", "--from", "a/b", "--to", "c/d", "--port", "1521"]
+            .map(String::from)
+            .to_vec();
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
+    let w = |a: &[&str]| -> Vec<String> { a.iter().map(|s| s.to_string()).collect() };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        // Global.
+        (
+            w(&["--log-level", "nope", "check"]),
+            "`nope` is not a level",
+        ),
+        (w(&["--log-level", "info,[", "check"]), "--log-level"),
+        (w(&["frobnicate"]), "unrecognized subcommand 'frobnicate'"),
+        (w(&[]), "a subcommand is required"),
+        // check
+        (w(&["check", "--nope"]), "unexpected argument '--nope'"),
+        // run: kernel and pipeline settings.
+        (w(&["run", "--ports", "0"]), "port 0 is not a port"),
+        (w(&["run", "--ports", "70000"]), "70000 is above 65535"),
+        (w(&["run", "--ports", ""]), "is not a port number"),
+        (w(&["run", "--duration", "soon"]), "soon"),
+        (w(&["run", "--duration", "0s"]), "too short"),
+        (w(&["run", "--max-events", "x"]), "--max-events"),
+        (w(&["run", "--max-events", "0"]), "--max-events"),
+        (w(&["run", "--node-name", ""]), "--node-name"),
+        (w(&["run", "--node-name", " "]), "empty"),
+        (w(&["run", "--ringbuf-bytes", "100"]), "power of two"),
+        (w(&["run", "--ringbuf-bytes", "x"]), "not a size in bytes"),
+        (w(&["run", "--stall-after", "0"]), "too short"),
+        (w(&["run", "--flow-table", "1"]), "--flow-table"),
+        (w(&["run", "--flush", "1ms"]), "too short"),
+        (w(&["run", "--agg-entries", "0"]), "--agg-entries"),
+        (
+            w(&["run", "--new-flows-per-sec", "x"]),
+            "--new-flows-per-sec",
+        ),
+        (w(&["run", "--new-flows-per-sec", "-1"]), "'-1'"),
+        (w(&["run", "--ip-history", "x"]), "--ip-history"),
+        (w(&["run", "--pod", "db/x"]), "--pod needs"),
+        (w(&["run", "--all-tcp=yes"]), "--all-tcp"),
+        // run: cluster identity files.
+        (w(&["run", "--watch-snapshot"]), "--k8s-snapshot"),
+        (
+            w(&["run", "--k8s-snapshot", "/nonexistent.json"]),
+            "No such file",
+        ),
+        (
+            w(&["run", "--k8s-snapshot", "/dev/null"]),
+            "/dev/null: empty",
+        ),
+        (w(&["run", "--k8s-snapshot", &empty]), "empty"),
+        (w(&["run", "--k8s-snapshot", d]), "Is a directory"),
+        (w(&["run", "--k8s-snapshot", &not_utf8]), "not UTF-8"),
+        (w(&["run", "--k8s-snapshot", &bad_json]), "not valid JSON"),
+        (
+            w(&["run", "--k8s-snapshot", &comments]),
+            "no document in it",
+        ),
+        (w(&["run", "--kubeconfig", "/nonexistent"]), "No such file"),
+        (
+            w(&["run", "--kubeconfig", "/dev/null"]),
+            "no current-context",
+        ),
+        (
+            w(&["run", "--k8s-snapshot", &empty, "--k8s-api"]),
+            "cannot be used with",
+        ),
+        // run: outputs.
+        (w(&["run", "-o", "gopher://x:70"]), "unknown scheme"),
+        (w(&["run", "-o", "tcp://host"]), "no port"),
+        (w(&["run", "-o", "file:"]), "empty path"),
+        (w(&["run", "-o", &format!("file:{d}")]), "Is a directory"),
+        (
+            w(&["run", "-o", "file:/nonexistent/x.ndjson"]),
+            "No such file",
+        ),
+        (w(&["run", "-o", "-", "-o", "-"]), "twice"),
+        (w(&["run", "--format", "xml"]), "unknown format"),
+        (w(&["run", "--rotate-size", "x"]), "not a size"),
+        (w(&["run", "--rotate-keep", "x"]), "--rotate-keep"),
+        (w(&["run", "--ca", "/nonexistent/ca.pem"]), "CA file"),
+        (w(&["run", "--ca", &not_cert]), "CA file"),
+        (w(&["run", "--client-cert", &not_cert]), "--client-key"),
+        (
+            w(&["run", "--client-cert", &not_cert, "--client-key", &not_cert]),
+            "client certificate",
+        ),
+        (w(&["run", "--http-mode", "x"]), "unknown HTTP mode"),
+        (
+            w(&["run", "--http-auth-file", "/nonexistent"]),
+            "--http-auth-file",
+        ),
+        (w(&["run", "--http-auth-file", "/dev/null"]), "empty"),
+        (w(&["run", "--batch", "0"]), "--batch"),
+        (
+            w(&["run", "--spool-dir", &format!("{not_cert}/spool")]),
+            "--spool-dir",
+        ),
+        (w(&["run", "--spool-max", "x"]), "not a size"),
+        (w(&["run", "--spool-max", "0"]), "holds nothing"),
+        (w(&["run", "--queue-size", "0"]), "--queue-size"),
+        (w(&["run", "--flush-timeout", "x"]), "--flush-timeout"),
+        (w(&["run", "--io-timeout", "0s"]), "zero timeout"),
+        (w(&["run", "--metrics", "x"]), "not an address:port"),
+        (w(&["run", "--metrics-max-pods", "x"]), "--metrics-max-pods"),
+        // replay: its input, plus the same outputs.
+        (
+            w(&["replay", "--input", "/nonexistent"]),
+            "--input /nonexistent: No such file",
+        ),
+        (w(&["replay", "--input", d]), "is a directory"),
+        (w(&["replay", "--node-name", ""]), "--node-name"),
+        (w(&["replay", "-o", "gopher://x:70"]), "unknown scheme"),
+        (w(&["replay", "--spool-max", "0"]), "holds nothing"),
+        // explain
+        (w(&["explain"]), "required arguments were not provided"),
+        (explain(&["--k8s-snapshot", "/dev/null"]), "empty"),
+        (explain(&["--k8s-snapshot", &comments]), "no document in it"),
+        (explain(&["--k8s-snapshot", "/nonexistent"]), "No such file"),
+        (explain(&["--kubeconfig", "/nonexistent"]), "No such file"),
+        (
+            explain(&["--k8s-snapshot", &empty, "--protocol", "ICMP"]),
+            "--protocol",
+        ),
+        (
+            explain(&["--k8s-snapshot", &empty, "--extra-ports", "x"]),
+            "--extra-ports",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (code, err) = refused(&args);
+        let lines = err.trim_end().lines().count();
+        if code != Some(2)
+            || lines != 1
+            || !err.starts_with("droptrace: ")
+            || !err.contains(needle)
+            || err.contains("panicked")
+        {
+            failures.push(format!(
+                "{args:?} (want {needle:?}): exit {code:?}, {lines} lines: {err}"
+            ));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases:\n{}",
+        failures.len(),
+        cases.len(),
+        failures.join("\n")
+    );
+    println!("{} bad inputs: one line, exit 2", cases.len());
 }
 
 #[test]
-fn bad_duration_and_unknown_flag_exit_2() {
-    let (code, err) = run(&["run", "--duration", "soon"]);
-    assert_eq!(code, Some(2), "{err}");
-    assert!(err.lines().next().unwrap().contains("soon"), "{err}");
-    let (code, _) = run(&["run", "--no-such-flag"]);
-    assert_eq!(code, Some(2));
+fn help_and_version_are_not_errors() {
+    for args in [&["--help"][..], &["--version"], &["run", "--help"]] {
+        let (code, _) = run(args);
+        assert_eq!(code, Some(0), "{args:?}");
+    }
 }
 
 #[test]

@@ -47,7 +47,7 @@ struct ReplayArgs {
     #[arg(long, default_value = "-")]
     input: PathBuf,
     /// Node name carried by the events droptrace adds itself (`lost`).
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", value_parser = parse_node_name)]
     node_name: Option<String>,
     #[command(flatten)]
     output: OutputArgs,
@@ -62,17 +62,17 @@ struct RunArgs {
     #[arg(long)]
     all_tcp: bool,
     /// Stop after this long (e.g. 30s, 5m).
-    #[arg(long, visible_alias = "for", value_parser = parse_duration)]
+    #[arg(long, visible_alias = "for", value_parser = parse_period)]
     duration: Option<Duration>,
     /// Only this pod's flows (`NAMESPACE/NAME`, resolved from --k8s-api/--kubeconfig or
     /// --k8s-snapshot).
     #[arg(long, value_name = "NAMESPACE/NAME")]
     pod: Option<String>,
     /// Stop after this many events.
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     max_events: Option<u64>,
     /// Node name carried by every event.
-    #[arg(long, env = "NODE_NAME")]
+    #[arg(long, env = "NODE_NAME", value_parser = parse_node_name)]
     node_name: Option<String>,
     /// Kernel ring buffer size in bytes (a power of two, multiple of the page size).
     #[arg(long, default_value_t = 1 << 22, value_parser = parse_ringbuf)]
@@ -113,7 +113,7 @@ struct RunArgs {
     k8s: droptrace::k8s::ApiArgs,
     /// Cluster identity from a file: `kubectl get pods,services,endpointslices,namespaces,
     /// networkpolicies -A -o json`, or YAML manifests.
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["k8s_api", "kubeconfig"])]
     k8s_snapshot: Option<PathBuf>,
     /// Reload --k8s-snapshot when the file changes.
     #[arg(long, requires = "k8s_snapshot")]
@@ -130,6 +130,17 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(p) => Ok(p as u16),
         Err(_) => Err(format!("`{s}` is not a port number")),
     }
+}
+
+fn parse_node_name(s: &str) -> Result<String, String> {
+    let t = s.trim();
+    if t.is_empty() {
+        return Err("empty (every event carries it; leave it out to use the hostname)".into());
+    }
+    if t.contains(char::is_control) {
+        return Err(format!("{t:?} has control characters"));
+    }
+    Ok(t.to_string())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -159,7 +170,41 @@ fn parse_ringbuf(s: &str) -> Result<u32, String> {
     Ok(v)
 }
 
+/// clap's error without its usage block and tips, on one line: `error: the following
+/// required arguments were not provided:\n  --from <IP>\n\nUsage: ...` ->
+/// `the following required arguments were not provided: --from <IP>`.
+fn one_line(clap_error: &str) -> String {
+    let mut parts = Vec::new();
+    for line in clap_error.lines().map(str::trim) {
+        if line.is_empty() {
+            if parts.is_empty() {
+                continue;
+            }
+            break;
+        }
+        parts.push(line);
+    }
+    let msg = parts.join(" ");
+    msg.strip_prefix("error: ").unwrap_or(&msg).to_string()
+}
+
+/// `--log-level`: a level, or tracing directives (`droptrace=debug,info`). A bare word that
+/// is not a level would silently enable a target of that name.
+fn check_log_level(level: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for d in level.split(',').map(str::trim) {
+        if !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "--log-level {level}: `{d}` is not a level (off, error, warn, info, debug, trace) \
+                 nor TARGET=LEVEL"
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn init_logging(level: &str) -> Result<(), String> {
+    check_log_level(level)?;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("--log-level {level}: {e}"))?;
     tracing_subscriber::fmt()
@@ -173,11 +218,24 @@ fn init_logging(level: &str) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            let code = if e.use_stderr() { 2 } else { 0 };
-            // clap prints usage; keep the first line the error itself.
+        Err(e) if !e.use_stderr() => {
+            // --help, --version.
             let _ = e.print();
-            return ExitCode::from(code);
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            use clap::error::ErrorKind;
+            let msg = match e.kind() {
+                // clap would print the whole help as the "error".
+                ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                | ErrorKind::MissingSubcommand => {
+                    "a subcommand is required: run, check, explain or replay (droptrace --help)"
+                        .to_string()
+                }
+                _ => one_line(&e.to_string()),
+            };
+            eprintln!("droptrace: {msg}");
+            return ExitCode::from(2);
         }
     };
     if let Err(e) = init_logging(&cli.log_level) {
@@ -333,10 +391,17 @@ fn replay(args: ReplayArgs) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };
+    let input = match replay::open_input(&args.input) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("droptrace: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let Some(mut output) = rt.block_on(start_output(&args.output, &node, true)) else {
         return ExitCode::from(2);
     };
-    let result = rt.block_on(replay::run(&args.input, &mut output, &node));
+    let result = rt.block_on(replay::run(input, &mut output, &node));
     let flush = output.flush_timeout();
     let out_summary = rt.block_on(output.shutdown(flush));
     match result {

@@ -29,17 +29,26 @@ impl ReplaySummary {
     }
 }
 
-/// Replays `input` (`-` = stdin) into `output` until EOF or SIGINT/SIGTERM.
-pub async fn run(input: &Path, output: &mut Output, node: &str) -> anyhow::Result<ReplaySummary> {
-    let reader: Box<dyn AsyncRead + Unpin> = if input == Path::new("-") {
-        Box::new(tokio::io::stdin())
-    } else {
-        Box::new(
-            tokio::fs::File::open(input)
-                .await
-                .map_err(|e| anyhow::anyhow!("{}: {e}", input.display()))?,
-        )
-    };
+/// What `replay` reads.
+pub type Input = Box<dyn AsyncRead + Unpin + Send>;
+
+/// Opens `--input` (`-` = stdin) before anything else starts: a file that cannot be read is
+/// bad input (one line, exit 2), not a failure halfway through.
+pub fn open_input(path: &Path) -> Result<Input, String> {
+    if path == Path::new("-") {
+        return Ok(Box::new(tokio::io::stdin()));
+    }
+    let bad = |why: String| format!("--input {}: {why}", path.display());
+    let f = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    if f.metadata().is_ok_and(|m| m.is_dir()) {
+        return Err(bad("is a directory".into()));
+    }
+    Ok(Box::new(tokio::fs::File::from_std(f)))
+}
+
+/// Replays `input` into `output` until EOF or SIGINT/SIGTERM.
+pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Result<ReplaySummary> {
+    let reader = input;
     let mut lines = BufReader::new(reader).lines();
     // The input is open: for replay that is "attached" (/readyz).
     if let Some(m) = output.metrics() {

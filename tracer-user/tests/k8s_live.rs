@@ -672,7 +672,7 @@ async fn bad_kubeconfig_exits_2_with_one_line() {
     let (code, _, err) = droptrace(&[&both[..], &flow[..]].concat()).await;
     assert_eq!(code, 2);
     assert!(
-        err.starts_with("error: the argument '--k8s-snapshot <FILE>' cannot be used with"),
+        err.starts_with("droptrace: the argument '--k8s-snapshot <FILE>' cannot be used with"),
         "{err}"
     );
 }

@@ -20,6 +20,8 @@ use super::{
 };
 use crate::policy::CompiledPolicy;
 
+const EXPECTED: &str = "`kubectl get pods,services,endpointslices,namespaces,networkpolicies \
+     -A -o json` output or YAML manifests";
 const KINDS: &str = "Pod, Service, EndpointSlice, Namespace, NetworkPolicy, Node or a List of them";
 
 /// A snapshot file that cannot be used: `<file>: <where>: <what>`, on one line.
@@ -82,6 +84,9 @@ impl Snapshot {
     pub fn parse(text: &str, mode: Mode) -> Result<Self, String> {
         let mut out = Snapshot::default();
         let trimmed = text.trim_start();
+        if trimmed.is_empty() {
+            return Err(format!("empty (expected {EXPECTED})"));
+        }
         let docs = if trimmed.starts_with('{') || trimmed.starts_with('[') {
             match serde_json::from_str::<Value>(text) {
                 Ok(doc) => {
@@ -96,6 +101,11 @@ impl Snapshot {
         } else {
             yaml_documents(text)?
         };
+        if docs.iter().all(Value::is_null) {
+            return Err(format!(
+                "no document in it, only comments or separators (expected {EXPECTED})"
+            ));
+        }
         for (i, doc) in docs.into_iter().enumerate() {
             out.document(doc, Some(i + 1), mode)?;
         }

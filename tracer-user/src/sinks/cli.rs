@@ -48,7 +48,7 @@ pub struct OutputArgs {
     #[arg(long, value_name = "DIR")]
     pub spool_dir: Option<PathBuf>,
     /// Spool size cap per output (e.g. 256M); past it new events are discarded (counted).
-    #[arg(long, default_value = "256M", value_parser = parse_size)]
+    #[arg(long, default_value = "256M", value_parser = parse_nonzero_size)]
     pub spool_max: u64,
     /// Events held in memory per output.
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
@@ -57,7 +57,7 @@ pub struct OutputArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub flush_timeout: Duration,
     /// Connect, handshake, write and HTTP response timeout.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     pub io_timeout: Duration,
     /// Serve Prometheus metrics (/metrics, /healthz, /readyz) on ADDR, e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
@@ -76,14 +76,21 @@ impl OutputArgs {
             .map(|s| s.parse())
             .collect::<Result<Vec<SinkSpec>, _>>()?;
         let http_auth = match &self.http_auth_file {
-            Some(path) => Some(
-                std::fs::read_to_string(path)
-                    .map_err(|e| {
-                        OutputError::Spec(format!("--http-auth-file {}: {e}", path.display()))
-                    })?
+            Some(path) => {
+                let bad = |why: String| {
+                    OutputError::Spec(format!("--http-auth-file {}: {why}", path.display()))
+                };
+                let value = std::fs::read_to_string(path)
+                    .map_err(|e| bad(e.to_string()))?
                     .trim()
-                    .to_string(),
-            ),
+                    .to_string();
+                if value.is_empty() {
+                    return Err(bad(
+                        "empty (expected the Authorization value, e.g. `Bearer TOKEN`)".into(),
+                    ));
+                }
+                Some(value)
+            }
             None => std::env::var(AUTH_ENV).ok().map(|s| s.trim().to_string()),
         }
         .filter(|s| !s.is_empty());
@@ -126,6 +133,21 @@ fn parse_format(s: &str) -> Result<Format, String> {
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e}"))
+}
+
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    if d.is_zero() {
+        return Err(format!("`{s}`: a zero timeout fails every attempt"));
+    }
+    Ok(d)
+}
+
+fn parse_nonzero_size(s: &str) -> Result<u64, String> {
+    match parse_size(s)? {
+        0 => Err(format!("`{s}`: a spool of 0 bytes holds nothing")),
+        n => Ok(n),
+    }
 }
 
 /// `1048576`, `512K`, `100M`, `2G` (binary multiples; an optional trailing `B`/`iB`).
