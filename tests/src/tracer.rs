@@ -151,9 +151,14 @@ impl Droptrace {
     }
 
     /// SIGINT, then waits for a clean exit and returns everything it printed.
-    pub fn stop(mut self) -> Finished {
+    pub fn stop(self) -> Finished {
+        self.stop_with(libc::SIGINT)
+    }
+
+    /// `signal` (SIGINT, SIGTERM), then as `stop`.
+    pub fn stop_with(mut self, signal: i32) -> Finished {
         let mut child = self.child.take().expect("running");
-        unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(child.id() as i32, signal) };
         let deadline = Instant::now() + Duration::from_secs(20);
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait") {
