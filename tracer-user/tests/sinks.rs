@@ -17,6 +17,7 @@ use droptrace::{
     encode::{self, Format},
     event::Event,
 };
+use droptrace_tests::receiver::LineReceiver;
 use output_common::*;
 use serde_json::Value;
 
@@ -991,34 +992,6 @@ fn metrics_endpoint_counts_what_was_sent() {
 }
 
 // ---------------------------------------------------------------- receiver down at start
-
-/// A plain NDJSON receiver (what `tcp://` talks to) that the test starts when it wants: every
-/// line of every connection, in arrival order.
-struct LineReceiver {
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl LineReceiver {
-    fn start(port: u16) -> Self {
-        let listener = TcpListener::bind(("127.0.0.1", port)).unwrap();
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l = lines.clone();
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                let Ok(conn) = conn else { break };
-                for line in BufReader::new(conn).lines() {
-                    let Ok(line) = line else { break };
-                    l.lock().unwrap().push(line);
-                }
-            }
-        });
-        Self { lines }
-    }
-
-    fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-}
 
 fn counts_of(lines: &[String]) -> Vec<u64> {
     lines
