@@ -7,6 +7,7 @@ pub mod deploy;
 pub mod netns;
 pub mod netpol_render;
 pub mod oracle_client;
+pub mod podman;
 pub mod receiver;
 pub mod scenario;
 pub mod tns_listener;

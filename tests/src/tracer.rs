@@ -58,10 +58,14 @@ impl Droptrace {
             }
             None => Command::new(binary()),
         };
+        cmd.arg("run").args(args).env("DROPTRACE_LOG", "info");
+        Self::spawn(cmd)
+    }
+
+    /// `cmd` is a complete droptrace invocation (e.g. `podman run ... IMAGE run ARGS`): starts
+    /// it and waits until it reports its programs attached.
+    pub fn spawn(mut cmd: Command) -> Self {
         let mut child = cmd
-            .arg("run")
-            .args(args)
-            .env("DROPTRACE_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -278,6 +278,10 @@ fn assert_security(o: &Objects, caps: &[String]) {
     let c = sc.capabilities.as_ref().expect("capabilities");
     assert_eq!(c.drop.as_deref(), Some(&["ALL".to_string()][..]));
     assert_eq!(c.add.as_deref(), Some(caps), "capabilities.add");
+    // bpf() under the runtimes' default seccomp profiles (tests/tests/container.rs).
+    let sp = sc.seccomp_profile.as_ref().expect("seccompProfile");
+    assert_eq!(sp.type_, "Localhost");
+    assert_eq!(sp.localhost_profile.as_deref(), Some("droptrace.json"));
     let pod = o.pod();
     assert_eq!(pod.host_network, Some(true));
     assert_eq!(pod.host_pid, Some(true));
@@ -752,4 +756,65 @@ fn dockerfile_runs_droptrace_as_a_non_root_user_by_default() {
         text.contains("cargo xtask build --release"),
         "the image builds with the project's own build chain"
     );
+}
+
+/// deploy/seccomp/droptrace.json is the runtime default profile (containers-common's, where
+/// installed) with exactly bpf() and perf_event_open() allowed: nothing else is opened.
+#[test]
+fn seccomp_profile_is_the_default_plus_bpf_and_perf_event_open() {
+    let read = |p: &std::path::Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+    let ours = read(&workspace_root().join("deploy/seccomp/droptrace.json"));
+    let chart = read(&workspace_root().join("deploy/helm/droptrace/seccomp/droptrace.json"));
+    assert_eq!(ours, chart, "deploy/seccomp links the chart's profile");
+    let opened = ["bpf", "perf_event_open"];
+    let rules = ours["syscalls"].as_array().unwrap();
+    let mentions = |r: &serde_json::Value| {
+        r["names"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| opened.contains(&n.as_str().unwrap()))
+    };
+    let allow: Vec<_> = rules.iter().filter(|r| mentions(r)).collect();
+    assert_eq!(allow.len(), 1, "one rule names them: {allow:?}");
+    assert_eq!(allow[0]["action"], "SCMP_ACT_ALLOW");
+    assert_eq!(allow[0]["names"], serde_json::json!(opened));
+    assert!(allow[0]["args"].as_array().is_none_or(|a| a.is_empty()));
+    assert!(
+        allow[0]["includes"]
+            .as_object()
+            .is_none_or(|m| m.is_empty())
+    );
+    let default = std::path::Path::new("/usr/share/containers/seccomp.json");
+    if !default.exists() {
+        return;
+    }
+    // The same profile once those two names are taken out of both.
+    let strip = |v: &serde_json::Value| -> serde_json::Value {
+        let mut v = v.clone();
+        let rules: Vec<_> = v["syscalls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| {
+                let mut r = r.clone();
+                let names: Vec<_> = r["names"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|n| !opened.contains(&n.as_str().unwrap()))
+                    .cloned()
+                    .collect();
+                (!names.is_empty()).then(|| {
+                    r["names"] = serde_json::json!(names);
+                    r
+                })
+            })
+            .collect();
+        v["syscalls"] = serde_json::json!(rules);
+        v
+    };
+    assert_eq!(strip(&ours), strip(&read(default)));
 }

@@ -56,11 +56,11 @@ pub fn kernel_release() -> String {
         .unwrap_or_else(|_| "unknown".to_string())
 }
 
-/// One line naming what is missing, or None when every capability is there.
+/// One line naming what is missing, or None when every capability is there and bpf() works.
 pub fn missing_privileges() -> Option<String> {
     let missing = caps::missing(caps::effective(), &REQUIRED_CAPS);
     if missing.is_empty() {
-        return None;
+        return bpf_refused();
     }
     let names: Vec<_> = missing.iter().map(|&c| caps::name(c)).collect();
     Some(format!(
@@ -68,6 +68,71 @@ pub fn missing_privileges() -> Option<String> {
          CAP_SYSLOG and CAP_DAC_READ_SEARCH)",
         names.join(", ")
     ))
+}
+
+/// With CAP_BPF held, bpf() can still be refused by a seccomp filter: the default profiles of
+/// container runtimes (containers-common's for podman and CRI-O) allow bpf() and
+/// perf_event_open() only with CAP_SYS_ADMIN. Probed with the smallest call there is (a
+/// one-entry array map, closed at once) so the answer is one line at start, not a map error.
+fn bpf_refused() -> Option<String> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct MapCreate {
+        map_type: u32,
+        key_size: u32,
+        value_size: u32,
+        max_entries: u32,
+        _rest: [u32; 28],
+    }
+    const BPF_MAP_CREATE: libc::c_long = 0;
+    const BPF_MAP_TYPE_ARRAY: u32 = 2;
+    let attr = MapCreate {
+        map_type: BPF_MAP_TYPE_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+        ..MapCreate::default()
+    };
+    // SAFETY: BPF_MAP_CREATE reads `size` bytes of `attr`, which lives across the call; the
+    // returned descriptor is ours and closed right away.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &attr as *const MapCreate,
+            std::mem::size_of::<MapCreate>() as libc::c_uint,
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a descriptor this call created and nobody else holds.
+        unsafe { libc::close(fd as libc::c_int) };
+        return None;
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        // Not a privilege problem; loading says what it is.
+        return None;
+    }
+    let filtered = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .map(|v| v.trim() != "0")
+        })
+        .unwrap_or(false);
+    Some(if filtered {
+        "bpf() is refused (Operation not permitted) although CAP_BPF is held: a seccomp filter \
+         blocks it. Container runtimes' default profiles allow bpf() and perf_event_open() only \
+         with CAP_SYS_ADMIN: run under deploy/seccomp/droptrace.json (the default plus those \
+         two; docs/deploy.md)"
+            .to_string()
+    } else {
+        format!(
+            "bpf() is refused ({err}) although CAP_BPF is held (a Linux security module, or \
+             kernel.unprivileged_bpf_disabled in a user namespace)"
+        )
+    })
 }
 
 /// `probe_hooks`: also try to attach hooks whose availability BTF alone cannot tell (needs a

@@ -15,10 +15,10 @@ use anyhow::{Context as _, bail};
 
 use crate::{step, workspace_root};
 
-const APP: &str = "dtbench-app";
-const DB: &str = "dtbench-db";
-const APP_IP: &str = "10.250.0.1";
-const DB_IP: &str = "10.250.0.2";
+pub(crate) const APP: &str = "dtbench-app";
+pub(crate) const DB: &str = "dtbench-db";
+pub(crate) const APP_IP: &str = "10.250.0.1";
+pub(crate) const DB_IP: &str = "10.250.0.2";
 
 pub struct Options {
     pub storm_secs: u64,
@@ -27,10 +27,10 @@ pub struct Options {
 }
 
 /// Two namespaces joined by a veth pair, removed on drop (with their rules).
-struct Topo;
+pub(crate) struct Topo;
 
 impl Topo {
-    fn new() -> anyhow::Result<Self> {
+    pub(crate) fn new() -> anyhow::Result<Self> {
         Self::cleanup();
         let t = Topo;
         for ns in [APP, DB] {
@@ -83,7 +83,7 @@ impl Topo {
         }
     }
 
-    fn drop_rule(&self, add: bool) -> anyhow::Result<()> {
+    pub(crate) fn drop_rule(&self, add: bool) -> anyhow::Result<()> {
         sh(&[
             "ip",
             "netns",
@@ -157,7 +157,7 @@ fn ticks_per_sec() -> f64 {
 }
 
 /// utime + stime of a process, in seconds.
-fn proc_cpu_secs(pid: u32) -> f64 {
+pub(crate) fn proc_cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
@@ -200,14 +200,18 @@ fn new_programs_secs(before: &BTreeMap<u64, u64>, now: &BTreeMap<u64, u64>) -> f
 }
 
 /// A tracer under test: droptrace or bpftrace, stdout to a file.
-struct Traced {
+pub(crate) struct Traced {
     child: Child,
     out: PathBuf,
     started: Instant,
 }
 
 impl Traced {
-    fn droptrace(bin: &Path, args: &[&str], out: PathBuf) -> anyhow::Result<(Self, Duration)> {
+    pub(crate) fn droptrace(
+        bin: &Path,
+        args: &[&str],
+        out: PathBuf,
+    ) -> anyhow::Result<(Self, Duration)> {
         let file = std::fs::File::create(&out)?;
         let started = Instant::now();
         let mut child = Command::new(bin)
@@ -263,11 +267,11 @@ impl Traced {
         })
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
-    fn stop(mut self) -> anyhow::Result<String> {
+    pub(crate) fn stop(mut self) -> anyhow::Result<String> {
         unsafe_kill(self.child.id(), 2);
         let _ = self.child.wait();
         let _ = self.started;
@@ -600,9 +604,23 @@ pub fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
          dropped TCP tuple.",
         opts.storm_secs
     )?;
-    std::fs::write(workspace_root().join("BENCHMARKS.md"), &md)?;
     println!("{md}");
+    // `cargo xtask soak` owns its section: keep it.
+    let path = workspace_root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).unwrap_or_default();
+    if let (_, Some(soak)) = split_soak(&old) {
+        writeln!(md, "\n{}", soak.trim_end())?;
+    }
+    std::fs::write(&path, &md)?;
     Ok(())
+}
+
+/// BENCHMARKS.md before its `## Soak` section, and that section (to the end).
+pub(crate) fn split_soak(md: &str) -> (&str, Option<&str>) {
+    match md.find("\n## Soak\n") {
+        Some(i) => (&md[..i + 1], Some(&md[i + 1..])),
+        None => (md, None),
+    }
 }
 
 pub fn ensure_tools() -> anyhow::Result<()> {

@@ -1,7 +1,14 @@
-//! `cargo xtask image`: builds ./Dockerfile with the first container engine that answers.
-use std::process::{Command, Stdio};
+//! `cargo xtask image`: the container image, built without a registry: `FROM scratch` with the
+//! release droptrace, the shared libraries it loads (from `ldd`), the CA bundle of the
+//! `syslog+tls://` and `https://` sinks, and nothing else. podman or buildah (Debian packages)
+//! build it; the runtime needs no base image. `--dockerfile` builds ./Dockerfile instead, for
+//! users whose builders can pull `rust` and `debian` images.
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 
 use crate::{status, step, workspace_root};
 
@@ -10,7 +17,10 @@ pub const REPOSITORY: &str = "ghcr.io/droptrace/droptrace";
 
 /// Engine, and its build subcommand. The probe (`ENGINE info`) fails without a daemon or
 /// service to talk to, also when only a client is installed.
-const ENGINES: [(&str, &str); 3] = [("docker", "build"), ("podman", "build"), ("buildah", "bud")];
+const ENGINES: [(&str, &str); 3] = [("podman", "build"), ("buildah", "bud"), ("docker", "build")];
+
+/// The CA bundle the sinks trust by default (tracer-user/src/sinks/tls.rs).
+const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 fn reachable(engine: &str) -> bool {
     Command::new(engine)
@@ -22,27 +32,191 @@ fn reachable(engine: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn run(tag: Option<&str>) -> anyhow::Result<()> {
-    let tag = tag.map_or_else(
-        || format!("{REPOSITORY}:{}", env!("CARGO_PKG_VERSION")),
-        str::to_string,
-    );
+pub fn default_tag() -> String {
+    format!("{REPOSITORY}:{}", env!("CARGO_PKG_VERSION"))
+}
+
+pub struct Options<'a> {
+    pub tag: Option<&'a str>,
+    /// Build ./Dockerfile (needs a registry for its base images).
+    pub dockerfile: bool,
+    /// This droptrace instead of a fresh release build (the e2e tests use their debug build).
+    pub binary: Option<&'a Path>,
+}
+
+pub fn run(
+    opts: &Options,
+    release_binary: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<()> {
+    let tag = opts.tag.map_or_else(default_tag, str::to_string);
     let Some((engine, build)) = ENGINES.into_iter().find(|(e, _)| reachable(e)) else {
         bail!(
-            "no container engine is available (`docker info`, `podman info` and `buildah info` all failed)"
+            "no container engine is available (`podman info`, `buildah info` and `docker info` \
+             all failed); `cargo xtask setup` installs podman"
         );
     };
-    step(&format!("{engine} {build} -t {tag} (Dockerfile)"));
-    status(Command::new(engine).current_dir(workspace_root()).args([
+    if opts.dockerfile {
+        step(&format!("{engine} {build} -t {tag} (Dockerfile)"));
+        return status(Command::new(engine).current_dir(workspace_root()).args([
+            build,
+            "-t",
+            &tag,
+            "-f",
+            "Dockerfile",
+            ".",
+        ]));
+    }
+    let bin = match opts.binary {
+        Some(b) => b.to_path_buf(),
+        None => release_binary()?,
+    };
+    let context = workspace_root().join("target/image");
+    assemble(&bin, &context)?;
+    step(&format!(
+        "{engine} {build} -t {tag} (FROM scratch, {})",
+        context.display()
+    ));
+    status(Command::new(engine).current_dir(&context).args([
         build,
+        "--network",
+        "none",
         "-t",
         &tag,
         "-f",
-        "Dockerfile",
+        "Containerfile",
         ".",
     ]))?;
     step(&format!(
         "built {tag}; push it where the cluster pulls from, or set image in deploy/"
     ));
     Ok(())
+}
+
+/// The build context: rootfs/ and a Containerfile that copies it into an empty image.
+fn assemble(bin: &Path, context: &Path) -> anyhow::Result<()> {
+    let rootfs = context.join("rootfs");
+    let _ = std::fs::remove_dir_all(&rootfs);
+    std::fs::create_dir_all(&rootfs)?;
+    let dest = rootfs.join("usr/local/bin/droptrace");
+    std::fs::create_dir_all(rootfs.join("usr/local/bin"))?;
+    // Without debug info (a debug build is 200+ MiB of it); the release build has none.
+    let stripped = Command::new("strip")
+        .args(["--strip-debug", "-o"])
+        .arg(&dest)
+        .arg(bin)
+        .status()
+        .is_ok_and(|s| s.success());
+    if !stripped {
+        copy_into(&rootfs, bin, Path::new("/usr/local/bin/droptrace"))?;
+    }
+    for lib in shared_libraries(bin)? {
+        copy_into(&rootfs, &lib, &lib)?;
+    }
+    if Path::new(CA_BUNDLE).is_file() {
+        copy_into(&rootfs, Path::new(CA_BUNDLE), Path::new(CA_BUNDLE))?;
+    } else {
+        step(&format!(
+            "{CA_BUNDLE} missing (Debian package ca-certificates): the image's TLS sinks will need --ca"
+        ));
+    }
+    // Mount points (the root filesystem is read-only at run time) and the users of USER.
+    for dir in ["proc", "sys", "dev", "tmp", "etc", "var/spool/droptrace"] {
+        std::fs::create_dir_all(rootfs.join(dir))?;
+    }
+    std::fs::write(
+        rootfs.join("etc/passwd"),
+        "root:x:0:0:root:/:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/:/sbin/nologin\n",
+    )?;
+    std::fs::write(rootfs.join("etc/group"), "root:x:0:\nnonroot:x:65532:\n")?;
+    std::fs::write(
+        context.join("Containerfile"),
+        format!(
+            "# Generated by `cargo xtask image` (xtask/src/image.rs): the release droptrace and the\n\
+             # libraries it loads, nothing else. ./Dockerfile builds the same from registry images.\n\
+             FROM scratch\n\
+             COPY rootfs/ /\n\
+             LABEL org.opencontainers.image.title=\"droptrace\" \\\n      \
+             org.opencontainers.image.version=\"{version}\" \\\n      \
+             org.opencontainers.image.description=\"eBPF packet-drop tracer for Kubernetes nodes\" \\\n      \
+             org.opencontainers.image.licenses=\"MIT OR Apache-2.0\"\n\
+             # Non-root by default, so a plain run holds no privileges; the DaemonSet runs it as UID 0\n\
+             # with exactly the capabilities of deploy/capabilities.txt.\n\
+             USER 65532:65532\n\
+             ENTRYPOINT [\"/usr/local/bin/droptrace\"]\n\
+             CMD [\"run\"]\n",
+            version = env!("CARGO_PKG_VERSION")
+        ),
+    )?;
+    Ok(())
+}
+
+/// Copies `from` to `rootfs` + `to` (absolute), following symlinks.
+fn copy_into(rootfs: &Path, from: &Path, to: &Path) -> anyhow::Result<()> {
+    let dest = rootfs.join(to.strip_prefix("/").unwrap_or(to));
+    if let Some(parent) = dest.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::copy(from, &dest)
+        .with_context(|| format!("copy {} into the image", from.display()))?;
+    Ok(())
+}
+
+/// Every library `ldd` resolves for `bin`, and the ELF interpreter.
+fn shared_libraries(bin: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(bin)
+        .output()
+        .context("ldd (Debian package libc-bin)")?;
+    if !out.status.success() {
+        bail!(
+            "ldd {}: {}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let libs = parse_ldd(&String::from_utf8_lossy(&out.stdout));
+    if libs.is_empty() {
+        bail!(
+            "ldd found no libc for {}: is it a static binary?",
+            bin.display()
+        );
+    }
+    Ok(libs)
+}
+
+/// `libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x...)` and `/lib64/ld-linux-x86-64.so.2
+/// (0x...)`; linux-vdso has no file.
+fn parse_ldd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            let path = match l.split_once("=>") {
+                Some((_, right)) => right.split_whitespace().next()?,
+                None => l.split_whitespace().next()?,
+            };
+            path.starts_with('/').then(|| PathBuf::from(path))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_gives_libraries_and_interpreter() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffd)\n\
+                    \tlibgcc_s.so.1 => /lib/x86_64-linux-gnu/libgcc_s.so.1 (0x00007f)\n\
+                    \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007f)\n\
+                    \t/lib64/ld-linux-x86-64.so.2 (0x00007f)\n";
+        assert_eq!(
+            parse_ldd(text),
+            [
+                "/lib/x86_64-linux-gnu/libgcc_s.so.1",
+                "/lib/x86_64-linux-gnu/libc.so.6",
+                "/lib64/ld-linux-x86-64.so.2"
+            ]
+            .map(PathBuf::from)
+        );
+    }
 }

@@ -5,6 +5,7 @@ mod bench_criterion;
 mod helm;
 mod image;
 mod setup;
+mod soak;
 
 use std::{
     path::{Path, PathBuf},
@@ -60,11 +61,25 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         rounds: usize,
     },
-    /// Build the container image (Dockerfile) with docker, podman or buildah.
+    /// Hours-long mixed load (churn, stalls, drops, random-source floods) against the release
+    /// droptrace, sampling RSS, fds and CPU every 10 s; writes the `## Soak` section of
+    /// BENCHMARKS.md (needs root).
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+    },
+    /// Build the container image without a registry (FROM scratch: the release binary and
+    /// the libraries it loads) with podman, buildah or docker.
     Image {
         /// Name and tag [default: ghcr.io/droptrace/droptrace:VERSION, what deploy/ pulls].
         #[arg(long)]
         tag: Option<String>,
+        /// Build ./Dockerfile instead (pulls rust and debian base images from a registry).
+        #[arg(long, conflicts_with = "binary")]
+        dockerfile: bool,
+        /// Put this droptrace binary in the image instead of building the release one.
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
     },
 }
 
@@ -83,7 +98,22 @@ fn main() -> ExitCode {
             setup::run(&setup::Options { test_tools: true }).and_then(|()| test(&args))
         }
         Cmd::Lint => lint(),
-        Cmd::Image { tag } => image::run(tag.as_deref()),
+        Cmd::Image {
+            tag,
+            dockerfile,
+            binary,
+        } => image::run(
+            &image::Options {
+                tag: tag.as_deref(),
+                dockerfile,
+                binary: binary.as_deref(),
+            },
+            || setup::run(&setup::Options { test_tools: false }).and_then(|()| build(true)),
+        ),
+        Cmd::Soak { minutes } => setup::run(&setup::Options { test_tools: true })
+            .and_then(|()| bench::ensure_tools())
+            .and_then(|()| build(true))
+            .and_then(|bin| soak::run(minutes, &bin)),
         Cmd::Bench {
             storm_secs,
             iperf_secs,

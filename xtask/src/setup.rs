@@ -22,6 +22,9 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("hping3", "hping3"),
     // The coexistence tests load, pin and attach another cgroup_skb program as an operator would.
     ("bpftool", "bpftool"),
+    // The container test builds the image and runs it as the DaemonSet does.
+    ("podman", "podman"),
+    ("crun", "crun"),
     // Deletes conntrack entries (the ctnetlink removal test).
     ("conntrack", "conntrack"),
     // The syslog sink tests run a real rsyslog (TCP and TLS).
