@@ -205,3 +205,26 @@ impl RedirectedLeg {
             .unwrap_or_else(|| panic!("no final stall to {dst}: {:#?}", tracer.events()))
     }
 }
+
+/// sqlplus (python-oracledb) connects to the db namespace's 1521, which the caller's firewall
+/// drops, and times out after 3 s; returns the client's PID and the final `stall` `tracer`
+/// reported for it.
+pub fn sqlplus_stall(
+    topo: &crate::netns::AppDb,
+    tracer: &crate::tracer::Droptrace,
+) -> (u32, serde_json::Value) {
+    use crate::tracer::str_at;
+    let client = crate::oracle_client::Connect::start(&topo.app, topo.db_ip, 1521, "ORCLPDB1", 3.0);
+    let pid = client.pid();
+    let out = client.wait();
+    assert!(out.error.contains("timed out"), "{out:?}");
+    let db = topo.db_ip.to_string();
+    let stall = tracer
+        .wait_for(std::time::Duration::from_secs(8), |v| {
+            str_at(v, "kind") == "stall"
+                && str_at(v, "flow.dst_ip") == db
+                && str_at(v, "attempt.outcome") == "timeout"
+        })
+        .unwrap_or_else(|| panic!("no stall to {db}:1521: {:#?}", tracer.events()));
+    (pid, stall)
+}

@@ -3,12 +3,10 @@
 //! and droptrace traces the sqlplus stall from inside the container. Under the runtime's
 //! default seccomp profile bpf() is refused, and droptrace says so in one line; the manifest's
 //! profile (deploy/seccomp/droptrace.json) is what makes it work.
-use std::time::Duration;
-
 use droptrace_tests::{
     netns::{AppDb, Family},
-    oracle_client,
     podman::{Manifest, Removed, crun_ready},
+    scenario::sqlplus_stall,
     tracer::{Droptrace, at, str_at},
 };
 
@@ -61,18 +59,8 @@ fn daemonset_container_traces_sqlplus_stall() {
     println!("{}", shown.join(" "));
     let tracer = Droptrace::spawn(cmd);
 
-    let client = oracle_client::Connect::start(&topo.app, topo.db_ip, 1521, "ORCLPDB1", 3.0);
-    let pid = client.pid();
-    let outcome = client.wait();
-    assert!(outcome.error.contains("timed out"), "{outcome:?}");
+    let (pid, s) = sqlplus_stall(&topo, &tracer);
     let db = topo.db_ip.to_string();
-    let s = tracer
-        .wait_for(Duration::from_secs(8), |v| {
-            str_at(v, "kind") == "stall"
-                && str_at(v, "flow.dst_ip") == db
-                && str_at(v, "attempt.outcome") == "timeout"
-        })
-        .unwrap_or_else(|| panic!("no stall from the container: {:#?}", tracer.events()));
     let fin = tracer.stop();
     println!("traced from inside the container: {s}");
     assert_eq!(fin.code, Some(0), "clean exit on SIGINT: {}", fin.stderr);

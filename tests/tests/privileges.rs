@@ -1,12 +1,12 @@
 //! Least privilege, proven: droptrace run as an unprivileged user holding exactly the
 //! capabilities of deploy/capabilities.txt traces the sqlplus stall; without any one of them it
 //! refuses with one line naming the missing capability.
-use std::{process::Command, time::Duration};
+use std::process::Command;
 
 use droptrace_tests::{
     deploy::capabilities,
     netns::{AppDb, Family},
-    oracle_client, require_root,
+    require_root,
     tracer::{Droptrace, at, binary, str_at},
 };
 
@@ -48,16 +48,7 @@ fn documented_capabilities_suffice_to_trace_the_sqlplus_stall() {
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
     let tracer = Droptrace::start_with(&wrapper, &[]);
 
-    let out = oracle_client::connect(&topo.app, topo.db_ip, 1521, "ORCLPDB1", 3.0);
-    assert!(out.error.contains("timed out"), "{out:?}");
-    let db = topo.db_ip.to_string();
-    let s = tracer
-        .wait_for(Duration::from_secs(8), |v| {
-            str_at(v, "kind") == "stall"
-                && str_at(v, "flow.dst_ip") == db
-                && str_at(v, "attempt.outcome") == "timeout"
-        })
-        .unwrap_or_else(|| panic!("no stall as nobody: {:#?}", tracer.events()));
+    let (_, s) = droptrace_tests::scenario::sqlplus_stall(&topo, &tracer);
     let fin = tracer.stop();
     assert_eq!(fin.code, Some(0), "{}", fin.stderr);
     println!("stall as uid 65534 with {caps:?}: {s}");
