@@ -55,7 +55,16 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
 fn parsed(lines: &[String]) -> Vec<Value> {
     lines
         .iter()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .enumerate()
+        .map(|(i, l)| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "line {i} of {}: {e}: {l:?}; around it: {:?}",
+                    lines.len(),
+                    &lines[i.saturating_sub(2)..(i + 3).min(lines.len())]
+                )
+            })
+        })
         .collect()
 }
 

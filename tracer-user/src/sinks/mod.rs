@@ -1278,10 +1278,27 @@ fn from_spool_or_self(
     urgent: bool,
 ) -> std::io::Result<Option<(Vec<Arc<Record>>, Source)>> {
     let mut sh = ctx.lock();
-    if let Some(sp) = sh.spool.as_mut().filter(|s| !s.is_empty()) {
-        return Ok(sp
-            .peek(ctx.batch)?
-            .map(|p| (p.records.clone(), Source::Spool(p))));
+    while let Some(sp) = sh.spool.as_mut().filter(|s| !s.is_empty()) {
+        let Some(p) = sp.peek(ctx.batch)? else { break };
+        // A line the spool cannot read back (disk corruption, a foreign file) is counted
+        // lost, never sent as an empty event.
+        let good: Vec<_> = p
+            .records
+            .iter()
+            .filter(|r| !r.line.is_empty())
+            .cloned()
+            .collect();
+        let bad = (p.records.len() - good.len()) as u64;
+        if bad > 0 {
+            tracing::warn!(sink = %ctx.name, "{bad} unreadable spool lines counted lost");
+            ctx.stats.discard(Discard::SpoolFull, bad);
+        }
+        if good.is_empty() {
+            sp.commit(&p)?;
+            ctx.update_gauge(&sh);
+            continue;
+        }
+        return Ok(Some((good, Source::Spool(p))));
     }
     // Caught up: intake may go direct again.
     sh.spooling = false;
