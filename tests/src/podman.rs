@@ -138,6 +138,10 @@ impl Manifest {
             .expect("securityContext");
         let mut c = Command::new("podman");
         c.args(["run", "--rm", "--name", name, "--runtime", "crun"]);
+        // A cgroup namespace of its own, as containerd and CRI-O give every container on
+        // cgroup v2 nodes: the host's /sys/fs/cgroup (hostPath) is then not at the namespace's
+        // root, and droptrace must still find the real v2 root for its TNS programs.
+        c.arg("--cgroupns=private");
         // This session's machine has no CAP_SYS_RESOURCE in its bounding set: podman would
         // raise RLIMIT_NOFILE/NPROC past the limits it runs with and crun fail. A kubelet
         // passes none; keep the limits we have.
