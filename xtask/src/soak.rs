@@ -321,6 +321,13 @@ fn report(minutes: u64, samples: &[Sample], totals: &str, floods: u32) -> String
         "| RSS slope after the first tenth | {:+.2} MiB/hour |",
         slope(settled)
     );
+    // Step-ups while the first floods fill the tables weigh on a whole-run fit; the second
+    // half says whether it keeps growing.
+    let _ = writeln!(
+        md,
+        "| RSS slope over the second half | {:+.2} MiB/hour |",
+        slope(&points[points.len() / 2..])
+    );
     let _ = writeln!(
         md,
         "| RSS first / last / peak | {:.1} / {:.1} / {:.1} MiB ({}) |",
