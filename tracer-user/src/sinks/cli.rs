@@ -12,7 +12,9 @@ pub const AUTH_ENV: &str = "DROPTRACE_HTTP_AUTH";
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
     /// Where events go, repeatable: `-` (stdout), `file:PATH`, `tcp://HOST:PORT`,
-    /// `syslog+tcp://HOST:PORT`, `syslog+tls://HOST:PORT`, `http(s)://HOST:PORT/PATH`.
+    /// `syslog+tcp://HOST:PORT`, `syslog+tls://HOST:PORT`, `http(s)://HOST:PORT/PATH`,
+    /// OpenTelemetry logs over gRPC `otlp://HOST:PORT` (TLS: `otlps://`) or HTTP
+    /// `otlp+http://HOST:PORT` (TLS: `otlp+https://`).
     #[arg(long = "output", short = 'o', value_name = "SINK", default_value = "-")]
     pub outputs: Vec<String>,
     /// Line format: native (droptrace.v1), ecs (Elastic Common Schema) or ocsf (Network Activity).
@@ -37,7 +39,8 @@ pub struct OutputArgs {
     #[arg(long, default_value = "generic")]
     pub http_mode: HttpMode,
     /// File holding the HTTP Authorization header value (e.g. `ApiKey …`, `Basic …`; a bare
-    /// token in splunk-hec mode). The DROPTRACE_HTTP_AUTH env var works too.
+    /// token in splunk-hec mode), for http(s):// and otlp outputs. The DROPTRACE_HTTP_AUTH
+    /// env var works too. OTLP outputs also send OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long, value_name = "FILE")]
     pub http_auth_file: Option<PathBuf>,
     /// Most events per write or HTTP request.
@@ -92,9 +95,18 @@ impl OutputArgs {
                 "the HTTP auth value has a line break".into(),
             ));
         }
+        let otlp_headers = if specs
+            .iter()
+            .any(|s| matches!(s.target, super::Target::Otlp { .. }))
+        {
+            super::otlp::env_headers().map_err(OutputError::Spec)?
+        } else {
+            Vec::new()
+        };
         Ok((
             specs,
             OutputOptions {
+                otlp_headers,
                 format: self.format,
                 node: node.to_string(),
                 rotate_size: self.rotate_size,

@@ -35,6 +35,7 @@ use crate::{
 pub mod cli;
 mod file;
 mod http;
+pub mod otlp;
 mod spool;
 mod stream;
 mod tls;
@@ -50,6 +51,9 @@ pub struct Record {
     pub time: String,
     /// One JSON line, no newline.
     pub line: Bytes,
+    /// For OTLP sinks: the LogRecord fields other than the body ([`otlp::sidecar`]); empty
+    /// when no OTLP output is configured.
+    pub otlp: Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +125,22 @@ pub enum Target {
         path: String,
         tls: bool,
     },
+    /// OpenTelemetry logs over gRPC (`otlp://`, `otlps://`) or HTTP (`otlp+http(s)://`).
+    Otlp {
+        host: String,
+        port: u16,
+        /// HTTP only: where to POST (default /v1/logs).
+        path: String,
+        grpc: bool,
+        tls: bool,
+    },
+}
+
+impl Target {
+    /// Sends over the network (what `--format text` and the spool are not for).
+    pub fn is_network(&self) -> bool {
+        !matches!(self, Target::Stdout | Target::File(_))
+    }
 }
 
 impl FromStr for SinkSpec {
@@ -152,20 +172,44 @@ impl FromStr for SinkSpec {
                 port,
                 tls: true,
             }
+        } else if let Some((grpc, tls, rest)) = [
+            ("otlp://", true, false),
+            ("otlps://", true, true),
+            ("otlp+http://", false, false),
+            ("otlp+https://", false, true),
+        ]
+        .into_iter()
+        .find_map(|(p, g, t)| s.strip_prefix(p).map(|r| (g, t, r)))
+        {
+            let (authority, path) = split_url(rest, "").map_err(bad)?;
+            if grpc && !matches!(path, "" | "/") {
+                return Err(bad(
+                    "OTLP/gRPC takes no path (the service is LogsService/Export)".into(),
+                ));
+            }
+            let default = if grpc {
+                otlp::GRPC_PORT
+            } else {
+                otlp::HTTP_PORT
+            };
+            let (host, port) = host_port(authority, Some(default)).map_err(bad)?;
+            Target::Otlp {
+                host,
+                port,
+                path: if matches!(path, "" | "/") {
+                    otlp::HTTP_PATH.to_string()
+                } else {
+                    path.to_string()
+                },
+                grpc,
+                tls,
+            }
         } else if let Some((tls, rest)) = s
             .strip_prefix("http://")
             .map(|r| (false, r))
             .or_else(|| s.strip_prefix("https://").map(|r| (true, r)))
         {
-            let (authority, path) = match rest.find('/') {
-                Some(i) => (&rest[..i], &rest[i..]),
-                None => (rest, "/"),
-            };
-            if authority.contains('@') {
-                return Err(bad(
-                    "credentials in the URL are not supported; use --http-auth-file".into(),
-                ));
-            }
+            let (authority, path) = split_url(rest, "/").map_err(bad)?;
             let (host, port) =
                 host_port(authority, Some(if tls { 443 } else { 80 })).map_err(bad)?;
             Target::Http {
@@ -176,7 +220,7 @@ impl FromStr for SinkSpec {
             }
         } else {
             return Err(bad(
-                "unknown scheme (expected -, file:PATH, tcp://, syslog+tcp://, syslog+tls://, http://, https://)"
+                "unknown scheme (expected -, file:PATH, tcp://, syslog+tcp://, syslog+tls://, http://, https://, otlp://, otlps://, otlp+http://, otlp+https://)"
                     .into(),
             ));
         };
@@ -185,6 +229,19 @@ impl FromStr for SinkSpec {
             target,
         })
     }
+}
+
+/// The authority and path of a URL after its scheme (`default_path` when it has none);
+/// credentials in the URL are refused.
+fn split_url<'a>(rest: &'a str, default_path: &'a str) -> Result<(&'a str, &'a str), String> {
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, default_path),
+    };
+    if authority.contains('@') {
+        return Err("credentials in the URL are not supported; use --http-auth-file".into());
+    }
+    Ok((authority, path))
 }
 
 /// `host:port`, `[v6]:port`, or a bare host when there is a default port.
@@ -222,8 +279,10 @@ pub struct OutputOptions {
     pub rotate_keep: u32,
     pub tls: TlsFiles,
     pub http_mode: HttpMode,
-    /// The Authorization header value for HTTP sinks.
+    /// The Authorization header value for HTTP and OTLP sinks.
     pub http_auth: Option<String>,
+    /// More headers for OTLP requests (OTEL_EXPORTER_OTLP_HEADERS).
+    pub otlp_headers: Vec<(String, String)>,
     /// Most events in one write / POST.
     pub batch: usize,
     pub spool_dir: Option<PathBuf>,
@@ -250,6 +309,7 @@ impl Default for OutputOptions {
             tls: TlsFiles::default(),
             http_mode: HttpMode::Generic,
             http_auth: None,
+            otlp_headers: Vec::new(),
             batch: 500,
             spool_dir: None,
             spool_max: 256 << 20,
@@ -394,6 +454,8 @@ impl SinkHandle {
 struct LostMaker {
     format: Format,
     node: String,
+    /// Some sink speaks OTLP: records carry the OTLP sidecar.
+    otlp: bool,
 }
 
 impl LostMaker {
@@ -405,17 +467,18 @@ impl LostMaker {
             why.as_str(),
             Some(sink),
         );
-        let rec = Arc::new(record(self.format, &e, &mut Vec::new()));
+        let rec = Arc::new(record(self.format, self.otlp, &e, &mut Vec::new()));
         (e, rec)
     }
 }
 
-fn record(format: Format, e: &Event, buf: &mut Vec<u8>) -> Record {
+fn record(format: Format, otlp: bool, e: &Event, buf: &mut Vec<u8>) -> Record {
     encode::encode(format, e, buf);
     Record {
         kind: e.kind,
         time: e.time.clone(),
         line: Bytes::copy_from_slice(buf),
+        otlp: if otlp { otlp::sidecar(e) } else { Bytes::new() },
     }
 }
 
@@ -473,7 +536,9 @@ impl Output {
         let tls = if specs.iter().any(|s| {
             matches!(
                 s.target,
-                Target::Syslog { tls: true, .. } | Target::Http { tls: true, .. }
+                Target::Syslog { tls: true, .. }
+                    | Target::Http { tls: true, .. }
+                    | Target::Otlp { tls: true, .. }
             )
         }) {
             Some(tls::client_config(&opts.tls)?)
@@ -532,13 +597,21 @@ impl Output {
             ));
         }
         let sinks = Arc::new(handles);
+        let otlp = specs
+            .iter()
+            .any(|s| matches!(s.target, Target::Otlp { .. }));
         let lost = Arc::new(LostMaker {
             format: opts.format,
             node: opts.node.clone(),
+            otlp,
         });
 
         let (events_tx, events_rx) = mpsc::channel(queue);
-        let encode = (opts.format, opts.lossless);
+        let encode = Encoding {
+            format: opts.format,
+            otlp,
+            lossless: opts.lossless,
+        };
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -760,7 +833,7 @@ enum Phase {
 #[allow(clippy::too_many_arguments)]
 async fn run_outputs(
     workers: Vec<(Arc<SinkCtx>, Transport, mpsc::Receiver<Arc<Record>>)>,
-    (events, encode): (mpsc::Receiver<Arc<Event>>, (Format, bool)),
+    (events, encode): (mpsc::Receiver<Arc<Event>>, Encoding),
     sinks: Arc<Vec<SinkHandle>>,
     lost: Arc<LostMaker>,
     metrics: Option<(Arc<Metrics>, std::net::TcpListener)>,
@@ -892,16 +965,30 @@ async fn run_outputs(
     let _ = done.send(summary);
 }
 
+/// How the encoder task encodes: the format, whether records need the OTLP sidecar, and
+/// whether to wait for room in the queues (replay).
+#[derive(Debug, Clone, Copy)]
+struct Encoding {
+    format: Format,
+    otlp: bool,
+    lossless: bool,
+}
+
 /// Encodes each event once and queues the line on every sink.
 async fn encode_all(
     mut events: mpsc::Receiver<Arc<Event>>,
     sinks: Arc<Vec<SinkHandle>>,
-    (format, lossless): (Format, bool),
+    encoding: Encoding,
     mut hurry: watch::Receiver<bool>,
 ) {
+    let Encoding {
+        format,
+        otlp,
+        lossless,
+    } = encoding;
     let mut buf = Vec::with_capacity(4096);
     while let Some(e) = events.recv().await {
-        let rec = Arc::new(record(format, &e, &mut buf));
+        let rec = Arc::new(record(format, otlp, &e, &mut buf));
         for s in sinks.iter() {
             if !lossless || *hurry.borrow() {
                 s.push(&rec);
@@ -1276,6 +1363,7 @@ enum Transport {
     File(file::FileSink),
     Stream(stream::StreamSink),
     Http(http::HttpSink),
+    Grpc(otlp::GrpcSink),
 }
 
 impl Transport {
@@ -1331,6 +1419,42 @@ impl Transport {
                 opts.http_auth.clone(),
                 opts.io_timeout,
             )),
+            Target::Otlp {
+                host,
+                port,
+                path,
+                grpc,
+                tls,
+            } => {
+                let resource = otlp::Resource::new(&crate::daemon::hostname());
+                let mut headers = opts.otlp_headers.clone();
+                if *grpc {
+                    if let Some(a) = &opts.http_auth {
+                        headers.push(("authorization".into(), a.clone()));
+                    }
+                    Transport::Grpc(otlp::GrpcSink::new(
+                        host,
+                        *port,
+                        tls_for(host, *tls)?,
+                        headers,
+                        opts.io_timeout,
+                        resource,
+                    ))
+                } else {
+                    Transport::Http(
+                        http::HttpSink::new(
+                            host,
+                            *port,
+                            path,
+                            tls_for(host, *tls)?,
+                            HttpMode::Generic,
+                            opts.http_auth.clone(),
+                            opts.io_timeout,
+                        )
+                        .otlp(resource, headers),
+                    )
+                }
+            }
         })
     }
 
@@ -1338,6 +1462,7 @@ impl Transport {
         match self {
             Transport::Stream(s) => s.connect().await,
             Transport::Http(h) => h.connect().await,
+            Transport::Grpc(g) => g.connect().await,
             Transport::Stdout(_) | Transport::File(_) => Ok(()),
         }
     }
@@ -1365,6 +1490,7 @@ impl Transport {
                 .map_err(|e| DeliverError::retry(format!("write: {e}"))),
             Transport::Stream(s) => s.deliver(batch).await.map(|()| 0),
             Transport::Http(h) => h.deliver(batch).await.map(|a| a.rejected),
+            Transport::Grpc(g) => g.deliver(batch).await,
         }
     }
 
@@ -1375,7 +1501,7 @@ impl Transport {
                 use tokio::io::AsyncWriteExt;
                 let _ = out.flush().await;
             }
-            Transport::File(_) | Transport::Http(_) => {}
+            Transport::File(_) | Transport::Http(_) | Transport::Grpc(_) => {}
         }
     }
 }

@@ -239,6 +239,7 @@ impl Spool {
                 kind: Kind::Lost,
                 time: String::new(),
                 line: Bytes::new(),
+                otlp: Bytes::new(),
             })));
         }
         Ok(Some(Peeked {
@@ -285,9 +286,19 @@ impl Spool {
     }
 }
 
+/// `KIND[~OTLP] TIME LINE\n`: the OTLP sidecar (binary) base64-encoded after the kind.
 fn encode_line(r: &Record) -> Vec<u8> {
-    let mut v = Vec::with_capacity(r.line.len() + r.time.len() + 8);
+    use base64::Engine as _;
+    let mut v = Vec::with_capacity(r.line.len() + r.time.len() + r.otlp.len() * 4 / 3 + 12);
     v.extend_from_slice(r.kind.as_str().as_bytes());
+    if !r.otlp.is_empty() {
+        v.push(b'~');
+        v.extend_from_slice(
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(&r.otlp)
+                .as_bytes(),
+        );
+    }
     v.push(b' ');
     v.extend_from_slice(r.time.as_bytes());
     v.push(b' ');
@@ -311,12 +322,28 @@ fn count_lines_until(path: &Path, limit: u64) -> io::Result<u64> {
 
 fn decode_line(line: &[u8]) -> Option<Record> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
+    use base64::Engine as _;
     let mut parts = line.splitn(3, |b| *b == b' ');
-    let kind = match parts.next()? {
+    let head = parts.next()?;
+    let (kind, otlp) = match head.iter().position(|b| *b == b'~') {
+        Some(i) => (
+            &head[..i],
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(&head[i + 1..])
+                    .ok()?,
+            ),
+        ),
+        None => (head, Bytes::new()),
+    };
+    let kind = match kind {
         b"drop" => Kind::Drop,
         b"lost" => Kind::Lost,
         b"stall" => Kind::Stall,
         b"tns" => Kind::Tns,
+        b"tcp_state" => Kind::TcpState,
+        b"retransmit" => Kind::Retransmit,
+        b"conntrack" => Kind::Conntrack,
         _ => return None,
     };
     let time = std::str::from_utf8(parts.next()?).ok()?.to_string();
@@ -325,6 +352,7 @@ fn decode_line(line: &[u8]) -> Option<Record> {
         kind,
         time,
         line: Bytes::copy_from_slice(json),
+        otlp,
     })
 }
 
@@ -337,6 +365,7 @@ mod tests {
             kind: Kind::Drop,
             time: format!("2026-01-01T00:00:{:02}.000000Z", i % 60),
             line: Bytes::from(format!("{{\"i\":{i}}}")),
+            otlp: Bytes::new(),
         })
     }
 
@@ -376,6 +405,31 @@ mod tests {
         assert!(s.peek(1).unwrap().is_none());
         // Everything consumed: no files left but the directory.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn otlp_sidecar_survives_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut with = (*rec(1)).clone();
+        // Binary, with newlines and spaces: base64 in the spool line.
+        with.otlp = Bytes::from_static(b"\n\x00\xff \n~");
+        s.append(&[Arc::new(with.clone()), rec(2)]).unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let p = s.peek(10).unwrap().unwrap();
+        assert_eq!(p.records.len(), 2);
+        assert_eq!(p.records[0].otlp, with.otlp);
+        assert_eq!(p.records[0].line, with.line);
+        assert_eq!(p.records[0].time, with.time);
+        assert!(p.records[1].otlp.is_empty());
+        // Raw kinds come back as themselves.
+        let mut raw = (*rec(3)).clone();
+        raw.kind = Kind::TcpState;
+        assert_eq!(
+            decode_line(&encode_line(&raw)).unwrap().kind,
+            Kind::TcpState
+        );
     }
 
     #[test]
