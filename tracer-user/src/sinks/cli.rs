@@ -68,6 +68,11 @@ pub struct OutputArgs {
     /// Pods that get their own label in droptrace_drops_total; later ones count as "other".
     #[arg(long, default_value_t = crate::metrics::DEFAULT_MAX_PODS)]
     pub metrics_max_pods: usize,
+    /// Write each stall incident as a Kubernetes Event (events.k8s.io/v1) on the client pod,
+    /// and on the destination pod for ingress denials (needs --k8s-api or --kubeconfig, and
+    /// create/patch on events.events.k8s.io).
+    #[arg(long)]
+    pub k8s_events: bool,
 }
 
 impl OutputArgs {
@@ -127,6 +132,8 @@ impl OutputArgs {
                 metrics_addr: self.metrics,
                 metrics_max_pods: self.metrics_max_pods,
                 lossless: false,
+                // The caller adds the API connection.
+                k8s_events: None,
             },
         ))
     }

@@ -35,6 +35,7 @@ use crate::{
 pub mod cli;
 mod file;
 mod http;
+pub mod k8s_events;
 pub mod otlp;
 mod spool;
 mod stream;
@@ -297,6 +298,8 @@ pub struct OutputOptions {
     /// Wait for room in the queues instead of discarding (`replay`: a batch tool should
     /// go at the pace of its slowest output, not lose events). Never for `run`.
     pub lossless: bool,
+    /// `--k8s-events`: the API to write Kubernetes Events to.
+    pub k8s_events: Option<kube::Config>,
 }
 
 impl Default for OutputOptions {
@@ -319,6 +322,7 @@ impl Default for OutputOptions {
             metrics_addr: None,
             metrics_max_pods: crate::metrics::DEFAULT_MAX_PODS,
             lossless: false,
+            k8s_events: None,
         }
     }
 }
@@ -334,13 +338,16 @@ enum Discard {
     Rejected,
     /// Still in memory at the end of `--flush-timeout` with no spool to keep them.
     Shutdown,
+    /// Over the per-node write rate (`--k8s-events`).
+    RateLimited,
 }
 
-const DISCARDS: [Discard; 4] = [
+const DISCARDS: [Discard; 5] = [
     Discard::QueueFull,
     Discard::SpoolFull,
     Discard::Rejected,
     Discard::Shutdown,
+    Discard::RateLimited,
 ];
 
 impl Discard {
@@ -350,6 +357,7 @@ impl Discard {
             Discard::SpoolFull => "spool_full",
             Discard::Rejected => "rejected",
             Discard::Shutdown => "shutdown",
+            Discard::RateLimited => "rate_limited",
         }
     }
 }
@@ -360,10 +368,10 @@ pub struct SinkStats {
     sent: AtomicU64,
     errors: AtomicU64,
     spooled: AtomicU64,
-    discarded: [AtomicU64; 4],
+    discarded: [AtomicU64; 5],
     /// Discards already announced to the other sinks / to this sink itself.
-    reported_others: [AtomicU64; 4],
-    reported_self: [AtomicU64; 4],
+    reported_others: [AtomicU64; 5],
+    reported_self: [AtomicU64; 5],
 }
 
 impl SinkStats {
@@ -488,6 +496,8 @@ pub struct Output {
     /// stays off the tracing loop.
     events: mpsc::Sender<Arc<Event>>,
     sinks: Arc<Vec<SinkHandle>>,
+    /// `--k8s-events`: its counters (it takes stall incidents, not lines).
+    k8s: Option<Arc<SinkStats>>,
     metrics: Option<Arc<Metrics>>,
     flush_timeout: Duration,
     stop: Option<oneshot::Sender<tokio::time::Instant>>,
@@ -606,6 +616,20 @@ impl Output {
             otlp,
         });
 
+        let k8s = opts.k8s_events.clone().map(|config| {
+            let stats = Arc::new(SinkStats::default());
+            if let Some(m) = &metrics {
+                m.register_sink(k8s_events::SINK_NAME, stats.clone());
+            }
+            K8sEvents {
+                stats,
+                config,
+                node: opts.node.clone(),
+                queue,
+            }
+        });
+        let k8s_stats = k8s.as_ref().map(|k| k.stats.clone());
+
         let (events_tx, events_rx) = mpsc::channel(queue);
         let encode = Encoding {
             format: opts.format,
@@ -634,7 +658,7 @@ impl Output {
                 rt.block_on(run_outputs(
                     workers,
                     (events_rx, encode),
-                    thread_sinks,
+                    (thread_sinks, k8s),
                     lost,
                     thread_metrics.zip(metrics_listener),
                     flush_timeout,
@@ -658,6 +682,7 @@ impl Output {
         Ok(Output {
             events: events_tx,
             sinks,
+            k8s: k8s_stats,
             metrics,
             flush_timeout,
             stop: Some(stop_tx),
@@ -676,6 +701,15 @@ impl Output {
             for s in self.sinks.iter() {
                 s.stats.discard(Discard::QueueFull, 1);
             }
+            self.k8s_discard(event, Discard::QueueFull);
+        }
+    }
+
+    /// The Kubernetes Events an event would have made, counted as discarded.
+    fn k8s_discard(&self, event: &Event, why: Discard) {
+        if let Some(k) = &self.k8s {
+            let n = k8s_events::events_for(event, "").len();
+            k.discard(why, n as u64);
         }
     }
 
@@ -696,6 +730,7 @@ impl Output {
             for s in self.sinks.iter() {
                 s.stats.discard(Discard::Shutdown, 1);
             }
+            self.k8s_discard(event, Discard::Shutdown);
         }
     }
 
@@ -830,11 +865,19 @@ enum Phase {
     Stop,
 }
 
+/// `--k8s-events` as the output thread starts it.
+struct K8sEvents {
+    stats: Arc<SinkStats>,
+    config: kube::Config,
+    node: String,
+    queue: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_outputs(
     workers: Vec<(Arc<SinkCtx>, Transport, mpsc::Receiver<Arc<Record>>)>,
     (events, encode): (mpsc::Receiver<Arc<Event>>, Encoding),
-    sinks: Arc<Vec<SinkHandle>>,
+    (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sEvents>),
     lost: Arc<LostMaker>,
     metrics: Option<(Arc<Metrics>, std::net::TcpListener)>,
     flush_timeout: Duration,
@@ -853,6 +896,20 @@ async fn run_outputs(
             return;
         }
     }
+    // The Events writer's client is made here, so its connections live on this thread.
+    let k8s = match k8s {
+        Some(k) => match kube::Client::try_from(k.config.clone()) {
+            Ok(client) => Some((k, client)),
+            Err(e) => {
+                let _ = ready.send(Err(OutputError::Sink {
+                    sink: k8s_events::SINK_NAME.into(),
+                    why: e.to_string(),
+                }));
+                return;
+            }
+        },
+        None => None,
+    };
     let server = match metrics {
         Some((m, l)) => match tokio::net::TcpListener::from_std(l) {
             Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, m))),
@@ -888,15 +945,47 @@ async fn run_outputs(
         )));
     }
 
+    let mut k8s_feed = None;
+    let mut k8s_stats = None;
+    let mut k8s_taken = None;
+    if let Some((k, client)) = k8s {
+        let (tx, rx) = mpsc::channel(k.queue);
+        let writer = k8s_events::Writer::new(client, &k.node, k.stats.clone());
+        let (taken_tx, taken_rx) = oneshot::channel();
+        k8s_taken = Some(taken_rx);
+        tasks.push(tokio::spawn(k8s_events::run(
+            writer,
+            rx,
+            phase_rx.clone(),
+            taken_tx,
+        )));
+        k8s_feed = Some((tx, k.stats.clone()));
+        k8s_stats = Some(k.stats);
+    }
+    let sources: Vec<(String, Arc<SinkStats>)> = sinks
+        .iter()
+        .map(|s| (s.name.clone(), s.stats.clone()))
+        .chain(
+            k8s_stats
+                .iter()
+                .map(|s| (k8s_events::SINK_NAME.to_string(), s.clone())),
+        )
+        .collect();
+
     let (hurry_tx, hurry_rx) = watch::channel(false);
-    let mut encoder = tokio::spawn(encode_all(events, sinks.clone(), encode, hurry_rx));
+    let mut encoder = tokio::spawn(encode_all(
+        events,
+        (sinks.clone(), k8s_feed),
+        encode,
+        hurry_rx,
+    ));
 
     // Running: announce discards once a second until asked to stop.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(stop);
     let deadline = loop {
         tokio::select! {
-            _ = tick.tick() => report_lost(&sinks, &lost),
+            _ = tick.tick() => report_lost(&sources, &sinks, &lost),
             d = &mut stop => break d.unwrap_or_else(|_| tokio::time::Instant::now() + flush_timeout),
         }
     };
@@ -910,7 +999,11 @@ async fn run_outputs(
         let _ = hurry_tx.send(true);
         let _ = encoder.await;
     }
-    report_lost(&sinks, &lost);
+    // The Events writer has counted what it turned down: announce that too.
+    if let Some(t) = k8s_taken {
+        let _ = tokio::time::timeout_at(deadline, t).await;
+    }
+    report_lost(&sources, &sinks, &lost);
     let _ = phase_tx.send(Phase::Draining);
     let mut joined = futures_join(&mut tasks, Some(deadline)).await;
     let timed_out = !joined;
@@ -952,12 +1045,14 @@ async fn run_outputs(
     let summary = OutputSummary {
         sinks: contexts
             .iter()
-            .map(|c| SinkSummary {
-                name: c.name.clone(),
-                sent: c.stats.sent(),
-                errors: c.stats.errors(),
-                discarded: c.stats.discarded(),
-                spooled: c.stats.spooled(),
+            .map(|c| (&c.name, &c.stats))
+            .chain(k8s_stats.iter().map(|s| (&sources[sources.len() - 1].0, s)))
+            .map(|(name, stats)| SinkSummary {
+                name: name.clone(),
+                sent: stats.sent(),
+                errors: stats.errors(),
+                discarded: stats.discarded(),
+                spooled: stats.spooled(),
             })
             .collect(),
         timed_out,
@@ -974,10 +1069,14 @@ struct Encoding {
     lossless: bool,
 }
 
-/// Encodes each event once and queues the line on every sink.
+/// Stall incidents on their way to the Kubernetes Events writer, and its counters.
+type K8sFeed = (mpsc::Sender<Arc<Event>>, Arc<SinkStats>);
+
+/// Encodes each event once and queues the line on every sink; hands stall incidents to the
+/// Kubernetes Events writer.
 async fn encode_all(
     mut events: mpsc::Receiver<Arc<Event>>,
-    sinks: Arc<Vec<SinkHandle>>,
+    (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sFeed>),
     encoding: Encoding,
     mut hurry: watch::Receiver<bool>,
 ) {
@@ -988,6 +1087,19 @@ async fn encode_all(
     } = encoding;
     let mut buf = Vec::with_capacity(4096);
     while let Some(e) = events.recv().await {
+        if let Some((tx, stats)) = &k8s {
+            let n = k8s_events::events_for(&e, "").len() as u64;
+            if n > 0 {
+                let sent = if lossless && !*hurry.borrow() {
+                    tx.send(e.clone()).await.is_ok()
+                } else {
+                    tx.try_send(e.clone()).is_ok()
+                };
+                if !sent {
+                    stats.discard(Discard::QueueFull, n);
+                }
+            }
+        }
         let rec = Arc::new(record(format, otlp, &e, &mut buf));
         for s in sinks.iter() {
             if !lossless || *hurry.borrow() {
@@ -1027,19 +1139,18 @@ async fn futures_join(
     true
 }
 
-/// Tells every other sink about each sink's new discards.
-fn report_lost(sinks: &[SinkHandle], lost: &LostMaker) {
-    for (i, s) in sinks.iter().enumerate() {
+/// Tells every other sink about each output's new discards (`sources`: the sinks, and the
+/// Kubernetes Events writer, which has no stream of its own).
+fn report_lost(sources: &[(String, Arc<SinkStats>)], sinks: &[SinkHandle], lost: &LostMaker) {
+    for (name, stats) in sources {
         for why in DISCARDS {
-            let total = s.stats.discarded[why as usize].load(Ordering::Relaxed);
-            let told = s.stats.reported_others[why as usize].load(Ordering::Relaxed);
+            let total = stats.discarded[why as usize].load(Ordering::Relaxed);
+            let told = stats.reported_others[why as usize].load(Ordering::Relaxed);
             if total > told {
-                s.stats.reported_others[why as usize].store(total, Ordering::Relaxed);
-                let (_, rec) = lost.record(&s.name, why, total - told);
-                for (j, other) in sinks.iter().enumerate() {
-                    if i != j {
-                        other.push(&rec);
-                    }
+                stats.reported_others[why as usize].store(total, Ordering::Relaxed);
+                let (_, rec) = lost.record(name, why, total - told);
+                for other in sinks.iter().filter(|o| &o.name != name) {
+                    other.push(&rec);
                 }
             }
         }
