@@ -149,8 +149,8 @@ fn line(format: Format, e: &Event) -> String {
 fn severity(kind: Kind) -> (u64, &'static str) {
     match kind {
         Kind::Lost => (17, "ERROR"),
-        Kind::Drop | Kind::Stall => (13, "WARN"),
-        Kind::Tns => (9, "INFO"),
+        Kind::Drop | Kind::Stall | Kind::Storm => (13, "WARN"),
+        Kind::Tns | Kind::Connect => (9, "INFO"),
         _ => (5, "DEBUG"),
     }
 }

@@ -428,6 +428,11 @@ impl Cluster {
             .flat_map(|m| m.values())
     }
 
+    /// Every pod, namespace by namespace.
+    pub fn pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
+        self.pods.values().flat_map(|m| m.values())
+    }
+
     pub fn pod_count(&self) -> usize {
         self.pods.values().map(BTreeMap::len).sum()
     }

@@ -614,6 +614,8 @@ mod tests {
             duration_ms: 5000,
             outcome: outcome.into(),
             data_retransmits: 0,
+            side: None,
+            storm: None,
         });
         let pod = |ns: &str, name: &str| Endpoint {
             ip: None,
@@ -635,6 +637,7 @@ mod tests {
                 }],
                 explanation: String::new(),
                 suggested_fix: Some("kind: NetworkPolicy".into()),
+                fix_check: None,
             })
         });
         e

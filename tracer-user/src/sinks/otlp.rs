@@ -129,13 +129,14 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: AnyValue) {
     });
 }
 
-/// OpenTelemetry SeverityNumber by kind: lost events are errors, drops and stalls warnings,
-/// Oracle handshakes information, the raw per-signal records debug.
+/// OpenTelemetry SeverityNumber by kind (as the syslog severities): lost events are errors,
+/// drops, stalls and storms warnings, Oracle handshakes and connects information, the raw
+/// per-signal records debug.
 pub fn severity(kind: Kind) -> (u64, &'static str) {
     match kind {
         Kind::Lost => (17, "ERROR"),
-        Kind::Drop | Kind::Stall => (13, "WARN"),
-        Kind::Tns => (9, "INFO"),
+        Kind::Drop | Kind::Stall | Kind::Storm => (13, "WARN"),
+        Kind::Tns | Kind::Connect => (9, "INFO"),
         Kind::TcpState | Kind::Retransmit | Kind::Conntrack => (5, "DEBUG"),
     }
 }
@@ -187,6 +188,14 @@ fn attributes(rec: &mut Vec<u8>, e: &Event) {
         .or_else(|| e.lost.as_ref().map(|l| l.reason.as_str()));
     if let Some(r) = reason {
         s("droptrace.drop.reason", r);
+    }
+    let class = e
+        .drop
+        .as_ref()
+        .map(|d| d.class)
+        .or_else(|| e.drops.as_ref()?.first().map(|d| d.class));
+    if let Some(c) = class {
+        s("droptrace.drop.class", c.as_str());
     }
     if let Some(a) = &e.attempt {
         s("droptrace.attempt.outcome", &a.outcome);

@@ -344,6 +344,8 @@ fn decode_line(line: &[u8]) -> Option<Record> {
         b"tcp_state" => Kind::TcpState,
         b"retransmit" => Kind::Retransmit,
         b"conntrack" => Kind::Conntrack,
+        b"storm" => Kind::Storm,
+        b"connect" => Kind::Connect,
         _ => return None,
     };
     let time = std::str::from_utf8(parts.next()?).ok()?.to_string();

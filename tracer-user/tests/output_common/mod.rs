@@ -153,6 +153,18 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         }],
         explanation: "egress from shop/checkout-7d9f is isolated by shop/default-deny".into(),
         suggested_fix: Some("allow egress to data/oracle on 1521".into()),
+        // The fix selects app=checkout: the other replica gets through too.
+        fix_check: Some(FixCheck {
+            allows_flow: true,
+            newly_allowed: vec![Admitted {
+                from: "shop/checkout-8c2a".into(),
+                to: "data/oracle-0".into(),
+                port: 1521,
+                protocol: "TCP".into(),
+            }],
+            truncated: false,
+            still_denied: Vec::new(),
+        }),
     }));
 
     // A bare drop: host-network process, IPv6, nothing resolved.
