@@ -13,6 +13,7 @@ use crate::event::{
 pub mod community_id;
 mod ecs;
 mod ocsf;
+pub mod text;
 
 /// The wire format of every line, chosen once for all sinks (`--format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,9 +22,14 @@ pub enum Format {
     Native,
     Ecs,
     Ocsf,
+    /// The terminal view (docs/events.md, "--format text").
+    Text,
+    /// The terminal view with ANSI colours (`--format text` on a terminal).
+    TextColor,
 }
 
 impl Format {
+    /// The JSON formats (one schema each).
     pub const ALL: [Format; 3] = [Format::Native, Format::Ecs, Format::Ocsf];
 
     pub fn as_str(self) -> &'static str {
@@ -31,7 +37,12 @@ impl Format {
             Format::Native => "native",
             Format::Ecs => "ecs",
             Format::Ocsf => "ocsf",
+            Format::Text | Format::TextColor => "text",
         }
+    }
+
+    pub fn is_text(self) -> bool {
+        matches!(self, Format::Text | Format::TextColor)
     }
 }
 
@@ -47,14 +58,18 @@ impl FromStr for Format {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Format::ALL
             .into_iter()
+            .chain([Format::Text])
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown format `{s}` (expected native, ecs or ocsf)"))
+            .ok_or_else(|| format!("unknown format `{s}` (expected native, ecs, ocsf or text)"))
     }
 }
 
-/// One NDJSON line (without the newline) in `format`.
+/// One NDJSON line (without the newline) in `format`; for text, one line, and for an
+/// incident the indented lines under it.
 pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
     match format {
+        Format::Text => text::encode(event, false, buf),
+        Format::TextColor => text::encode(event, true, buf),
         Format::Native => native(event, buf),
         Format::Ecs => write_with_sections(
             &ecs::map(event),

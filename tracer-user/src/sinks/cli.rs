@@ -17,9 +17,11 @@ pub struct OutputArgs {
     /// `otlp+http://HOST:PORT` (TLS: `otlp+https://`).
     #[arg(long = "output", short = 'o', value_name = "SINK", default_value = "-")]
     pub outputs: Vec<String>,
-    /// Line format: native (droptrace.v1), ecs (Elastic Common Schema) or ocsf (Network Activity).
-    #[arg(long, default_value = "native", value_parser = parse_format)]
-    pub format: Format,
+    /// Line format: native (droptrace.v1), ecs (Elastic Common Schema), ocsf (Network
+    /// Activity), or text (one readable line per event, for terminals and files). Default:
+    /// text when stdout is a terminal and is the only output, else native.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
     /// Rotate file outputs past this size (e.g. 100M; 0 = never).
     #[arg(long, default_value = "100M", value_parser = parse_size)]
     pub rotate_size: u64,
@@ -108,11 +110,12 @@ impl OutputArgs {
         } else {
             Vec::new()
         };
+        let format = self.format(&specs, stdout_is_terminal())?;
         Ok((
             specs,
             OutputOptions {
                 otlp_headers,
-                format: self.format,
+                format,
                 node: node.to_string(),
                 rotate_size: self.rotate_size,
                 rotate_keep: self.rotate_keep,
@@ -137,6 +140,44 @@ impl OutputArgs {
             },
         ))
     }
+}
+
+impl OutputArgs {
+    /// `--format`, or its default: text on a terminal that is the only output, else native.
+    /// Text goes to terminals and files only, and is coloured on a terminal (unless NO_COLOR).
+    pub fn format(&self, specs: &[SinkSpec], tty: bool) -> Result<Format, OutputError> {
+        let only_stdout = specs.iter().all(|s| s.target == super::Target::Stdout);
+        let format = match self.format {
+            Some(f) => f,
+            None if tty && only_stdout && self.spool_dir.is_none() => Format::Text,
+            None => Format::Native,
+        };
+        if !format.is_text() {
+            return Ok(format);
+        }
+        if let Some(s) = specs.iter().find(|s| s.target.is_network()) {
+            return Err(OutputError::Spec(format!(
+                "--format text is for terminals and files, not for --output {} (use native, ecs or ocsf)",
+                s.name
+            )));
+        }
+        if self.spool_dir.is_some() {
+            return Err(OutputError::Spec(
+                "--format text is for terminals and files, not with --spool-dir".into(),
+            ));
+        }
+        let color = tty && only_stdout && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        Ok(if color {
+            Format::TextColor
+        } else {
+            Format::Text
+        })
+    }
+}
+
+fn stdout_is_terminal() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(1) == 1 }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {
