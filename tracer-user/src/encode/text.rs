@@ -7,7 +7,8 @@
 //!     fix: ...
 //! ```
 //!
-//! An incident's diagnosis, suggested fix and fix check follow on indented lines. Colour (ANSI)
+//! An incident's diagnosis, suggested fix and fix check follow on indented lines (the fix
+//! under the final record of an attempt, not under its `in_progress` one). Colour (ANSI)
 //! when the caller asks for it: `--format text` on a terminal.
 use std::fmt::Write as _;
 
@@ -194,7 +195,12 @@ pub fn encode(e: &Event, color: bool, buf: &mut Vec<u8>) {
         if let Some(d) = &e.diagnosis {
             under.push(d.clone());
         }
-        if let Some(p) = &e.policy
+        // The fix goes under the final record of an attempt, not its interim ones.
+        let interim = e
+            .attempt
+            .as_ref()
+            .is_some_and(|a| a.outcome == "in_progress");
+        if let Some(p) = e.policy.as_ref().filter(|_| !interim)
             && let Some(fix) = &p.suggested_fix
         {
             under.push(st.paint(GREEN, "suggested fix (kubectl apply -f -):"));
@@ -252,6 +258,43 @@ mod tests {
             "Feb 29 23:59:59.999"
         );
         assert_eq!(short_time("bad"), "bad");
+    }
+
+    #[test]
+    fn the_fix_goes_under_the_final_record_only() {
+        use crate::event::{Attempt, Policy, Shared};
+        let mut e = Event::new(Kind::Stall, "2026-01-01T00:00:00.000000Z".into(), "n");
+        e.attempt = Some(Attempt {
+            id: 1,
+            started: e.time.clone(),
+            syn_retransmits: 2,
+            duration_ms: 3000,
+            outcome: "in_progress".into(),
+            data_retransmits: 0,
+            side: None,
+            storm: None,
+        });
+        e.diagnosis = Some("still connecting".into());
+        e.policy = Some(Shared::new(Policy {
+            verdict: "denied".into(),
+            direction: "egress".into(),
+            policies: Vec::new(),
+            explanation: String::new(),
+            suggested_fix: Some("kind: NetworkPolicy".into()),
+            fix_check: None,
+        }));
+        let text = |e: &Event| {
+            let mut buf = Vec::new();
+            encode(e, false, &mut buf);
+            String::from_utf8(buf).unwrap()
+        };
+        let interim = text(&e);
+        assert!(interim.contains("\n    still connecting") && !interim.contains("suggested fix"));
+        e.attempt.as_mut().unwrap().outcome = "timeout".into();
+        assert!(
+            text(&e)
+                .contains("\n    suggested fix (kubectl apply -f -):\n      kind: NetworkPolicy")
+        );
     }
 
     #[test]
