@@ -1006,6 +1006,26 @@ spec:
             "x/b -> y/c TCP/80",
         ]
     );
+    // Brute force agrees: every pod pair on every port the pods serve, with the whole policy
+    // set copied and the fix added.
+    let mut after = c.policies().clone();
+    for p in droptrace::policy::fix_check::parse_fix(&fix).unwrap() {
+        after.insert(p);
+    }
+    let mut brute = Vec::new();
+    for from in netpol_world::PODS {
+        for to in netpol_world::PODS {
+            for port in [80, 81] {
+                let (a, b) = (c.side(pod_ip(from), None), c.side(pod_ip(to), None));
+                let newly = !c.policies().evaluate(&a, &b, Tcp, port).allowed()
+                    && after.evaluate(&a, &b, Tcp, port).allowed();
+                if newly && !(from == "x/a" && to == "y/b" && port == 80) {
+                    brute.push(format!("{from} -> {to} TCP/{port}"));
+                }
+            }
+        }
+    }
+    assert_eq!(admitted(&check.newly_allowed), brute);
 }
 
 /// A hand-written fix with a port range: every port of the range but the flow's is listed,

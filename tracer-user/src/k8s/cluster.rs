@@ -428,9 +428,9 @@ impl Cluster {
             .flat_map(|m| m.values())
     }
 
-    /// Every pod, namespace by namespace.
-    pub fn pods(&self) -> impl Iterator<Item = &Arc<Pod>> {
-        self.pods.values().flat_map(|m| m.values())
+    /// The namespaces that have pods.
+    pub fn pod_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.pods.keys().map(String::as_str)
     }
 
     pub fn pod_count(&self) -> usize {

@@ -13,14 +13,14 @@ use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
 use super::{
-    evaluate::{Direction, PolicySet, Side, peers_match},
+    evaluate::{Direction, PolicySet, Side, Verdict, peers_match},
     rules::{CompiledPolicy, PeerMatch, PortSpec, Rule},
 };
 use crate::{
     event::{Admitted, FixCheck},
     k8s::{
         Cluster,
-        model::{Pod, Protocol},
+        model::{Labels, Pod, Protocol},
     },
 };
 
@@ -52,7 +52,7 @@ pub fn check(
 ) -> Option<FixCheck> {
     let policies = parse_fix(fix)?;
     let before = cluster.policies();
-    let after = applied(before, &policies);
+    let after = After::new(before, &policies);
     let allows_flow = ports
         .first()
         .is_some_and(|p| after.evaluate(src, dst, protocol, *p).allowed());
@@ -139,8 +139,28 @@ fn pairs<'a>(
     if subjects.is_empty() {
         return Vec::new();
     }
+    // Namespaces no peer of the rule can select are skipped whole.
+    let blocks = rule.peers.is_empty()
+        || rule
+            .peers
+            .iter()
+            .any(|m| matches!(m, PeerMatch::Block { .. }));
     let mut peers: Vec<Side> = cluster
-        .pods()
+        .pod_namespaces()
+        .filter(|ns| {
+            blocks
+                || rule.peers.iter().any(|m| match m {
+                    PeerMatch::Pods {
+                        namespaces: None, ..
+                    } => *ns == policy.namespace,
+                    PeerMatch::Pods {
+                        namespaces: Some(sel),
+                        ..
+                    } => sel.matches(cluster.namespace_labels(ns).unwrap_or(&Labels::new())),
+                    PeerMatch::Block { .. } => true,
+                })
+        })
+        .flat_map(|ns| cluster.pods_in(ns))
         .filter_map(|p| pod_side(cluster, p))
         .filter(|s| peers_match(rule, s, &policy.namespace))
         .collect();
@@ -214,11 +234,53 @@ fn rule_ports(rule: &Rule, dst: &Side) -> Vec<(Protocol, u16)> {
     out
 }
 
-/// The policy set with `fix` applied (for callers that evaluate more flows against it).
-pub fn applied(set: &PolicySet, fix: &[CompiledPolicy]) -> PolicySet {
-    let mut after = set.clone();
-    for p in fix {
-        after.insert(p.clone());
+/// The cluster's policies with a fix applied, without copying them all: a direction whose
+/// subject pod is in a namespace the fix does not touch keeps its verdict; the others are
+/// evaluated against that namespace's policies plus the fix's.
+struct After<'a> {
+    before: &'a PolicySet,
+    touched: PolicySet,
+    namespaces: BTreeSet<&'a str>,
+}
+
+impl<'a> After<'a> {
+    fn new(before: &'a PolicySet, fix: &'a [CompiledPolicy]) -> Self {
+        let namespaces: BTreeSet<&str> = fix.iter().map(|p| p.namespace.as_str()).collect();
+        let mut touched = PolicySet::default();
+        for p in before
+            .iter()
+            .filter(|p| namespaces.contains(p.namespace.as_str()))
+        {
+            touched.insert(p.clone());
+        }
+        for p in fix {
+            touched.insert(p.clone());
+        }
+        Self {
+            before,
+            touched,
+            namespaces,
+        }
     }
-    after
+
+    fn evaluate(&self, src: &Side, dst: &Side, protocol: Protocol, port: u16) -> Verdict {
+        let touched = |s: &Side| {
+            s.pod
+                .is_some_and(|p| self.namespaces.contains(p.pod.namespace.as_str()))
+        };
+        if !touched(src) && !touched(dst) {
+            return self.before.evaluate(src, dst, protocol, port);
+        }
+        let mut v = self.touched.evaluate(src, dst, protocol, port);
+        if !touched(src) || !touched(dst) {
+            let b = self.before.evaluate(src, dst, protocol, port);
+            if !touched(src) {
+                v.egress = b.egress;
+            }
+            if !touched(dst) {
+                v.ingress = b.ingress;
+            }
+        }
+        v
+    }
 }
