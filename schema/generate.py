@@ -112,7 +112,18 @@ NATIVE_DEFS = {
         "direction": {"enum": ["egress", "ingress"]},
         "policies": {"type": "array", "items": ref("policy_ref")},
         "explanation": STR,
-    }, {"suggested_fix": STR}),
+    }, {"suggested_fix": STR, "fix_check": ref("fix_check")}),
+    "admitted": obj({
+        "from": STR, "to": STR, "port": U16,
+        "protocol": {"enum": ["TCP", "UDP", "SCTP"]},
+    }),
+    "fix_check": obj({
+        "allows_flow": {"type": "boolean"},
+        "newly_allowed": {"type": "array", "items": ref("admitted")},
+    }, {
+        "truncated": {"type": "boolean"},
+        "still_denied": {"type": "array", "items": ref("admitted")},
+    }),
     "oracle": obj({}, {
         "packet": {"enum": ["CONNECT", "ACCEPT", "REFUSE", "REDIRECT", "RESEND", "DATA"]},
         "service_name": STR, "sid": STR, "program": STR, "client_host": STR,

@@ -24,6 +24,8 @@ const NAME: &str = "droptrace";
 const CHART: &str = "deploy/helm/droptrace";
 /// What droptrace reads from the API, and nothing else.
 const READ_ONLY: [&str; 3] = ["get", "list", "watch"];
+/// What `--k8s-events` does with events.events.k8s.io, and nothing else.
+const EVENT_WRITES: [&str; 2] = ["create", "patch"];
 const RESOURCES: [(&str, &str); 6] = [
     ("", "pods"),
     ("", "namespaces"),
@@ -212,6 +214,16 @@ fn assert_rbac(o: &Objects, name: &str, namespace: &str) {
     let mut granted = BTreeSet::new();
     for rule in role.rules.as_deref().unwrap_or_default() {
         let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+        let groups = rule.api_groups.as_deref().unwrap_or_default();
+        let resources = rule.resources.as_deref().unwrap_or_default();
+        if groups == ["events.k8s.io"] {
+            // --k8s-events writes Events, and may do nothing else with them.
+            assert_eq!(resources, ["events"], "{rule:?}");
+            assert_eq!(verbs, BTreeSet::from(EVENT_WRITES), "verbs of {rule:?}");
+            assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
+            assert!(granted.insert(("events.k8s.io".to_string(), "events".to_string())));
+            continue;
+        }
         assert_eq!(verbs, BTreeSet::from(READ_ONLY), "verbs of {rule:?}");
         assert!(rule.resource_names.is_none() && rule.non_resource_urls.is_none());
         for group in rule.api_groups.as_deref().unwrap_or_default() {
@@ -225,6 +237,7 @@ fn assert_rbac(o: &Objects, name: &str, namespace: &str) {
     }
     let wanted: BTreeSet<(String, String)> = RESOURCES
         .iter()
+        .chain([&("events.k8s.io", "events")])
         .map(|(g, r)| (g.to_string(), r.to_string()))
         .collect();
     assert_eq!(granted, wanted, "ClusterRole resources");

@@ -464,6 +464,36 @@ pub struct Policy {
     pub explanation: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suggested_fix: Option<String>,
+    /// The cluster re-evaluated with `suggested_fix` applied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fix_check: Option<FixCheck>,
+}
+
+/// What applying a suggested fix would do: let the flow through, and what else.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FixCheck {
+    /// The flow (its destination port) is allowed with the fix applied.
+    pub allows_flow: bool,
+    /// Every other connection (pod pair or address, port) the fix newly allows; empty when
+    /// it is as narrow as it should be.
+    pub newly_allowed: Vec<Admitted>,
+    /// More were newly allowed than listed.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+    /// The flow on the other ports the fix is for (e.g. an Oracle redirect port) that stay
+    /// denied with it applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub still_denied: Vec<Admitted>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Admitted {
+    /// `namespace/pod` or an address.
+    pub from: String,
+    pub to: String,
+    pub port: u16,
+    /// TCP, UDP or SCTP.
+    pub protocol: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -194,6 +194,9 @@ impl Explanation {
         if let Some(fix) = &r.policy.suggested_fix {
             let _ = write!(out, "\nsuggested fix:\n{fix}");
         }
+        if let Some(c) = &r.policy.fix_check {
+            out.push_str(&fix_check_text(c));
+        }
         out
     }
 
@@ -237,4 +240,35 @@ fn direction_text(out: &mut String, d: &DirectionVerdict) {
     for m in &d.near_misses {
         let _ = writeln!(out, "  closest: {m}");
     }
+}
+
+/// The fix re-evaluated, for people: does it let the flow through, and what else.
+pub fn fix_check_text(c: &crate::event::FixCheck) -> String {
+    let mut out = String::from("\nfix check (the snapshot re-evaluated with the fix applied):\n");
+    out.push_str(if c.allows_flow {
+        "  allows this flow\n"
+    } else {
+        "  does NOT allow this flow\n"
+    });
+    for d in &c.still_denied {
+        let _ = writeln!(
+            out,
+            "  still denies {}/{} (a port it is also for)",
+            d.protocol, d.port
+        );
+    }
+    if c.newly_allowed.is_empty() {
+        out.push_str("  allows nothing else\n");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "  also allows {}{} other connection(s):",
+        c.newly_allowed.len(),
+        if c.truncated { "+" } else { "" }
+    );
+    for a in &c.newly_allowed {
+        let _ = writeln!(out, "    {} -> {} {}/{}", a.from, a.to, a.protocol, a.port);
+    }
+    out
 }

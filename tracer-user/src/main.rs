@@ -51,6 +51,9 @@ struct ReplayArgs {
     node_name: Option<String>,
     #[command(flatten)]
     output: OutputArgs,
+    /// The API that --k8s-events writes to.
+    #[command(flatten)]
+    k8s: droptrace::k8s::ApiArgs,
 }
 
 #[derive(Args)]
@@ -314,6 +317,10 @@ fn run(args: RunArgs) -> ExitCode {
     let Some(rt) = runtime() else {
         return ExitCode::from(1);
     };
+    if args.output.k8s_events && !args.k8s.enabled() {
+        eprintln!("droptrace: --k8s-events needs --k8s-api or --kubeconfig");
+        return ExitCode::from(2);
+    }
     let api = if args.k8s.enabled() {
         // A bad kubeconfig is bad input, found before anything is loaded.
         match rt.block_on(args.k8s.connect()) {
@@ -326,6 +333,10 @@ fn run(args: RunArgs) -> ExitCode {
     } else {
         None
     };
+    let events_api = api
+        .as_ref()
+        .filter(|_| args.output.k8s_events)
+        .map(|c| c.config.clone());
     let identity = match rt.block_on(Identity::start(IdentityOptions {
         snapshot: args.k8s_snapshot,
         watch_snapshot: args.watch_snapshot,
@@ -351,7 +362,8 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false)) else {
+    let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false, events_api))
+    else {
         return ExitCode::from(2);
     };
     match rt.block_on(daemon::run(opts, output, identity)) {
@@ -398,7 +410,21 @@ fn replay(args: ReplayArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let Some(mut output) = rt.block_on(start_output(&args.output, &node, true)) else {
+    let events_api = match (args.output.k8s_events, args.k8s.enabled()) {
+        (false, _) => None,
+        (true, false) => {
+            eprintln!("droptrace: --k8s-events needs --k8s-api or --kubeconfig");
+            return ExitCode::from(2);
+        }
+        (true, true) => match rt.block_on(args.k8s.connect()) {
+            Ok(c) => Some(c.config),
+            Err(e) => {
+                eprintln!("droptrace: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let Some(mut output) = rt.block_on(start_output(&args.output, &node, true, events_api)) else {
         return ExitCode::from(2);
     };
     let result = rt.block_on(replay::run(input, &mut output, &node));
@@ -430,10 +456,25 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 /// Starts the outputs; on bad input prints one line (the caller exits 2). `lossless`: wait
-/// for slow outputs instead of discarding (replay).
-async fn start_output(args: &OutputArgs, node: &str, lossless: bool) -> Option<Output> {
+/// for slow outputs instead of discarding (replay). `k8s_events`: the API for --k8s-events.
+async fn start_output(
+    args: &OutputArgs,
+    node: &str,
+    lossless: bool,
+    k8s_events: Option<kube::Config>,
+) -> Option<Output> {
     let started = match args.resolve(node) {
-        Ok((specs, opts)) => Output::start(&specs, OutputOptions { lossless, ..opts }).await,
+        Ok((specs, opts)) => {
+            Output::start(
+                &specs,
+                OutputOptions {
+                    lossless,
+                    k8s_events,
+                    ..opts
+                },
+            )
+            .await
+        }
         Err(e) => Err(e),
     };
     match started {

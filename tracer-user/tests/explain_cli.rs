@@ -53,6 +53,12 @@ metadata:
   namespace: app
 ";
     assert!(out.starts_with(expected_head), "{out}");
+    assert!(
+        out.ends_with(
+            "\nfix check (the snapshot re-evaluated with the fix applied):\n  allows this flow\n  allows nothing else\n"
+        ),
+        "{out}"
+    );
 }
 
 #[test]
@@ -115,6 +121,17 @@ fn json_output_is_one_object() {
     assert!(
         fix.contains("port: 1521") && fix.contains("port: 1522"),
         "{fix}"
+    );
+    // The fix lets 1521 through and nothing else; the oracle pod's ingress still refuses
+    // 1522, which an egress-only fix cannot change.
+    let check = &v["policy"]["fix_check"];
+    assert_eq!(check["allows_flow"], true, "{check}");
+    assert_eq!(check["newly_allowed"], serde_json::json!([]), "{check}");
+    assert_eq!(
+        check["still_denied"],
+        serde_json::json!([{"from": "app/client-7d9f8b6c5d-x2k4p", "to": "db/oracle-0",
+            "port": 1522, "protocol": "TCP"}]),
+        "{check}"
     );
 }
 

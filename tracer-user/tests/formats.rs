@@ -18,6 +18,7 @@ fn schema_path(format: Format, kind: &str) -> PathBuf {
         Format::Native => s.join(format!("droptrace.v1/{kind}.schema.json")),
         Format::Ecs => s.join("ecs/droptrace.schema.json"),
         Format::Ocsf => s.join("ocsf/network_activity.schema.json"),
+        Format::Text | Format::TextColor => unreachable!("text has no schema"),
     }
 }
 
@@ -175,4 +176,72 @@ fn golden_set_covers_every_kind() {
             "tns"
         ]
     );
+}
+
+/// `--format text`: one readable line per event (an incident's diagnosis, fix and fix check
+/// under it), golden files like the JSON formats; colour only in `TextColor`.
+#[test]
+fn text_golden_lines_match() {
+    let update = std::env::var_os("UPDATE_GOLDEN").is_some();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/text");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut mismatches = Vec::new();
+    let mut buf = Vec::new();
+    let mut color = Vec::new();
+    for (name, event) in output_common::samples() {
+        encode::encode(Format::Text, &event, &mut buf);
+        let text = String::from_utf8(buf.clone()).unwrap();
+        assert!(!text.contains('\x1b'), "{name}: no colour in plain text");
+        assert!(!text.ends_with('\n'), "{name}: the sink adds the newline");
+        let first = text.lines().next().unwrap();
+        let b = first.as_bytes();
+        assert!(
+            b.len() > 20 && b[6] == b' ' && b[9] == b':' && b[15] == b'.' && b[19] == b' ',
+            "{name}: the time first (`Nov 25 10:00:05.250`): {first}"
+        );
+        // Every line after the first is indented under it.
+        assert!(
+            text.lines().skip(1).all(|l| l.starts_with("    ")),
+            "{name}:\n{text}"
+        );
+        encode::encode(Format::TextColor, &event, &mut color);
+        let colored = String::from_utf8(color.clone()).unwrap();
+        assert!(colored.contains("\x1b["), "{name}: colour on a terminal");
+        let stripped = strip_ansi(&colored);
+        assert_eq!(stripped, text, "{name}: colour changes nothing but colour");
+        let golden = dir.join(format!("{name}.txt"));
+        if update {
+            std::fs::write(&golden, format!("{text}\n")).unwrap();
+        } else {
+            let want = std::fs::read_to_string(&golden).unwrap_or_default();
+            if want.trim_end_matches('\n') != text {
+                mismatches.push(format!(
+                    "{}:\n  want {want}\n  got  {text}",
+                    golden.display()
+                ));
+            }
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "text lines differ from the golden files (UPDATE_GOLDEN=1 to accept):\n{}",
+        mismatches.join("\n")
+    );
+}
+
+fn strip_ansi(s: &str) -> String {
+    let mut out = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' {
+            for d in chars.by_ref() {
+                if d == 'm' {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }

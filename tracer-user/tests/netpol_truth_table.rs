@@ -6,7 +6,7 @@
 mod netpol_world;
 
 use droptrace::k8s::model::Protocol::{Sctp, Tcp, Udp};
-use netpol_world::{apply_json, assert_table, pod_json, world};
+use netpol_world::{apply_json, assert_table, pod_ip, pod_json, world};
 use serde_json::json;
 
 const ALL_ALLOWED: &str = "
@@ -898,4 +898,169 @@ spec:
         now(),
     );
     assert_table(&c, Tcp, 80, ALL_ALLOWED);
+}
+
+// ------------------------------------------------------------- fixes that prove themselves
+
+/// x/a may open nothing.
+const A_NO_EGRESS: &str = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+";
+
+fn fix_check_of(
+    c: &droptrace::k8s::Cluster,
+    from: &str,
+    to: &str,
+    port: u16,
+) -> (String, droptrace::event::FixCheck) {
+    let r = droptrace::k8s::evaluate_flow(
+        c,
+        &netpol_world::query(pod_ip(from), pod_ip(to), Tcp, port),
+        &[],
+    );
+    assert!(
+        !r.verdict.allowed(),
+        "{from} -> {to} must be denied to have a fix"
+    );
+    let fix = r.policy.suggested_fix.clone().expect("a suggested fix");
+    (fix, r.policy.fix_check.clone().expect("a fix check"))
+}
+
+fn admitted(list: &[droptrace::event::Admitted]) -> Vec<String> {
+    list.iter()
+        .map(|a| format!("{} -> {} {}/{}", a.from, a.to, a.protocol, a.port))
+        .collect()
+}
+
+/// The fix for one denied egress selects that pod and that peer on that port: nothing else.
+#[test]
+fn narrow_fix_allows_the_flow_and_nothing_else() {
+    let c = world(A_NO_EGRESS);
+    let (fix, check) = fix_check_of(&c, "x/a", "y/b", 80);
+    assert!(fix.contains("pod: a") && fix.contains("pod: b"), "{fix}");
+    assert!(check.allows_flow);
+    assert_eq!(admitted(&check.newly_allowed), Vec::<String>::new());
+    assert!(!check.truncated);
+}
+
+/// Both directions denied: two policies, and together they let the flow through.
+#[test]
+fn fix_for_both_directions_allows_the_flow() {
+    let c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: a-no-egress, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-in, namespace: y}
+spec:
+  podSelector: {}
+",
+    );
+    let (fix, check) = fix_check_of(&c, "x/a", "y/b", 80);
+    assert_eq!(fix.matches("kind: NetworkPolicy").count(), 2, "{fix}");
+    assert!(check.allows_flow);
+    assert!(
+        check.newly_allowed.is_empty(),
+        "{:?}",
+        admitted(&check.newly_allowed)
+    );
+}
+
+/// Replicas share their workload label: the fix selects every replica on both sides, so it
+/// also admits the other replica's connections. The check lists each of them.
+#[test]
+fn fix_broader_than_the_flow_lists_what_else_it_admits() {
+    let mut c = world(
+        "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: default-deny-egress, namespace: x}
+spec:
+  podSelector: {}
+  policyTypes: [Egress]
+",
+    );
+    for (pod, app) in [("x/a", "web"), ("x/b", "web"), ("y/b", "db"), ("y/c", "db")] {
+        let name = pod.split_once('/').unwrap().1;
+        apply_json(&mut c, pod_json(pod, json!({"pod": name, "app": app})));
+    }
+    let (fix, check) = fix_check_of(&c, "x/a", "y/b", 80);
+    assert!(fix.contains("app: web") && fix.contains("app: db"), "{fix}");
+    assert!(check.allows_flow);
+    assert_eq!(
+        admitted(&check.newly_allowed),
+        [
+            "x/a -> y/c TCP/80",
+            "x/b -> y/b TCP/80",
+            "x/b -> y/c TCP/80",
+        ]
+    );
+    // Brute force agrees: every pod pair on every port the pods serve, with the whole policy
+    // set copied and the fix added.
+    let mut after = c.policies().clone();
+    for p in droptrace::policy::fix_check::parse_fix(&fix).unwrap() {
+        after.insert(p);
+    }
+    let mut brute = Vec::new();
+    for from in netpol_world::PODS {
+        for to in netpol_world::PODS {
+            for port in [80, 81] {
+                let (a, b) = (c.side(pod_ip(from), None), c.side(pod_ip(to), None));
+                let newly = !c.policies().evaluate(&a, &b, Tcp, port).allowed()
+                    && after.evaluate(&a, &b, Tcp, port).allowed();
+                if newly && !(from == "x/a" && to == "y/b" && port == 80) {
+                    brute.push(format!("{from} -> {to} TCP/{port}"));
+                }
+            }
+        }
+    }
+    assert_eq!(admitted(&check.newly_allowed), brute);
+}
+
+/// A hand-written fix with a port range: every port of the range but the flow's is listed,
+/// and a fix that misses the flow says so.
+#[test]
+fn fix_check_of_a_port_range_and_of_a_fix_that_misses() {
+    use droptrace::policy::fix_check;
+    let c = world(A_NO_EGRESS);
+    let (src, dst) = (c.side(pod_ip("x/a"), None), c.side(pod_ip("y/b"), None));
+    let range = "
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: allow-range, namespace: x}
+spec:
+  podSelector: {matchLabels: {pod: a}}
+  policyTypes: [Egress]
+  egress:
+  - to:
+    - namespaceSelector: {matchLabels: {ns: y}}
+      podSelector: {matchLabels: {pod: b}}
+    ports:
+    - {protocol: TCP, port: 80, endPort: 82}
+";
+    let check = fix_check::check(&c, &src, &dst, Tcp, &[80], range).unwrap();
+    assert!(check.allows_flow);
+    assert_eq!(
+        admitted(&check.newly_allowed),
+        ["x/a -> y/b TCP/81", "x/a -> y/b TCP/82"]
+    );
+    let wrong_port = range.replace("port: 80, endPort: 82", "port: 443");
+    let check = fix_check::check(&c, &src, &dst, Tcp, &[80], &wrong_port).unwrap();
+    assert!(
+        !check.allows_flow,
+        "a fix on another port does not fix the flow"
+    );
+    assert_eq!(admitted(&check.newly_allowed), ["x/a -> y/b TCP/443"]);
+    assert!(fix_check::check(&c, &src, &dst, Tcp, &[80], "kind: [").is_none());
 }

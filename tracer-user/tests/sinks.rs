@@ -25,51 +25,6 @@ const RSYSLOGD: &str = "/usr/sbin/rsyslogd";
 
 // ---------------------------------------------------------------- rsyslog
 
-struct Certs {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-    client_cert: PathBuf,
-    client_key: PathBuf,
-    /// The server identity for in-test TLS servers.
-    server: (rustls::pki_types::CertificateDer<'static>, Vec<u8>),
-}
-
-/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made fresh
-/// for the test.
-fn make_certs(dir: &Path) -> Certs {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "droptrace test CA");
-    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
-    let leaf = |names: Vec<String>, cn: &str| {
-        let key = KeyPair::generate().unwrap();
-        let mut p = CertificateParams::new(names).unwrap();
-        p.distinguished_name.push(DnType::CommonName, cn);
-        (p.signed_by(&key, &ca).unwrap(), key)
-    };
-    let (cert, key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost");
-    let (client, client_key) = leaf(vec!["droptrace.test".into()], "droptrace");
-    let c = Certs {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-        client_cert: dir.join("client.pem"),
-        client_key: dir.join("client.key"),
-        server: (cert.der().clone(), key.serialize_der()),
-    };
-    std::fs::write(&c.ca, ca.pem()).unwrap();
-    std::fs::write(&c.cert, cert.pem()).unwrap();
-    std::fs::write(&c.key, key.serialize_pem()).unwrap();
-    std::fs::write(&c.client_cert, client.pem()).unwrap();
-    std::fs::write(&c.client_key, client_key.serialize_pem()).unwrap();
-    c
-}
-
 /// A private rsyslogd: imtcp on a loopback port, every message to `out` as "MSGID MSG".
 struct Rsyslog {
     conf: PathBuf,
@@ -307,64 +262,6 @@ impl TapMkdir for PathBuf {
     fn tap_mkdir(self) -> Self {
         std::fs::create_dir_all(&self).unwrap();
         self
-    }
-}
-
-/// A `droptrace replay` fed through stdin, so the test decides when events arrive.
-struct LiveReplay {
-    proc: Guard,
-}
-
-impl LiveReplay {
-    fn start(args: &[&str]) -> Self {
-        Self::start_to(args, Stdio::null())
-    }
-
-    /// With its stdout (the `-` sink) going to `stdout`.
-    fn start_to(args: &[&str], stdout: impl Into<Stdio>) -> Self {
-        let child = droptrace()
-            .args(["replay", "--input", "-", "--node-name", "test-node"])
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(stdout)
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        LiveReplay {
-            proc: Guard(Some(child)),
-        }
-    }
-
-    fn send(&mut self, events: &[Event]) {
-        let stdin = self.proc.child().stdin.as_mut().unwrap();
-        stdin.write_all(ndjson(events).as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// Closes stdin and waits for the summary; returns stderr.
-    fn finish(mut self, timeout: Duration) -> String {
-        let mut child = self.proc.0.take().unwrap();
-        drop(child.stdin.take());
-        let start = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                child
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err)
-                    .unwrap();
-                assert!(status.success(), "replay failed: {err}");
-                return err;
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("replay did not finish within {timeout:?}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 }
 

@@ -24,7 +24,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what is missing: nightly rust-src, bpf-linker, test tools, python-oracledb venv, helm.
+    /// Install what is missing: nightly rust-src, bpf-linker, test tools, python venv (oracledb, opentelemetry-proto, grpcio), helm.
     Setup {
         /// Only the build chain (no Debian packages, no venv).
         #[arg(long)]
@@ -234,6 +234,8 @@ fn test(args: &[String]) -> anyhow::Result<()> {
     step("unit and integration tests (tracer-common, tracer-user, xtask)");
     status(
         cargo()
+            // The OTLP sink tests run a receiver from the venv.
+            .env("DROPTRACE_PYTHON", setup::venv_python())
             .args([
                 "test",
                 "--package",

@@ -12,6 +12,8 @@ use crate::{is_root, status, step, workspace_root};
 /// bpf-linker 0.10.4 loads the toolchain's own libLLVM (LLVM 22 = nightly 1.97's).
 const BPF_LINKER_VERSION: &str = "0.10.4";
 const ORACLEDB_VERSION: &str = "26.1.0";
+const OTEL_PROTO_VERSION: &str = "1.45.2";
+const GRPCIO_VERSION: &str = "1.85.3";
 
 /// Debian packages the end-to-end tests drive: (command that proves it is there, package).
 const TEST_PACKAGES: &[(&str, &str)] = &[
@@ -255,17 +257,42 @@ pub fn venv_python() -> PathBuf {
     venv_dir().join("bin/python")
 }
 
+/// The test venv's packages: (distribution, version, module the tests import).
+const PY_PACKAGES: &[(&str, &str, &str)] = &[
+    // The Oracle thin client of the sqlplus-like tests.
+    ("oracledb", ORACLEDB_VERSION, "oracledb"),
+    // The OTLP receiver of the OTLP sink tests decodes with the official definitions.
+    (
+        "opentelemetry-proto",
+        OTEL_PROTO_VERSION,
+        "opentelemetry.proto.collector.logs.v1.logs_service_pb2_grpc",
+    ),
+    ("grpcio", GRPCIO_VERSION, "grpc"),
+];
+
 fn python_venv() -> anyhow::Result<()> {
     let py = venv_python();
-    let has = |py: &PathBuf| {
-        output(Command::new(py).args(["-c", "import oracledb; print(oracledb.__version__)"]))
-            .map(|v| v.trim().to_string())
+    // The installed version when the module imports, per distribution.
+    let has = |py: &PathBuf, dist: &str, module: &str| {
+        output(Command::new(py).args([
+            "-c",
+            &format!("import {module}, importlib.metadata as m; print(m.version('{dist}'))"),
+        ]))
+        .map(|v| v.trim().to_string())
     };
-    if let Some(v) = has(&py)
-        && v == ORACLEDB_VERSION
-    {
+    let missing: Vec<String> = PY_PACKAGES
+        .iter()
+        .filter(|(dist, version, module)| has(&py, dist, module).as_deref() != Some(*version))
+        .map(|(dist, version, _)| format!("{dist}=={version}"))
+        .collect();
+    if missing.is_empty() {
         step(&format!(
-            "python-oracledb {v}: present in {}",
+            "python packages ({}): present in {}",
+            PY_PACKAGES
+                .iter()
+                .map(|(d, v, _)| format!("{d} {v}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             venv_dir().display()
         ));
         return Ok(());
@@ -276,7 +303,8 @@ fn python_venv() -> anyhow::Result<()> {
             .context("by hand: python3 -m venv .venv (Debian: apt-get install python3-venv)")?;
     }
     step(&format!(
-        "python-oracledb: pip install oracledb=={ORACLEDB_VERSION}"
+        "python packages: pip install {}",
+        missing.join(" ")
     ));
     status(
         Command::new(&py)
@@ -287,10 +315,13 @@ fn python_venv() -> anyhow::Result<()> {
                 "--quiet",
                 "--disable-pip-version-check",
             ])
-            .arg(format!("oracledb=={ORACLEDB_VERSION}")),
+            .args(&missing),
     )
-    .with_context(|| format!("by hand: .venv/bin/pip install oracledb=={ORACLEDB_VERSION}"))?;
-    has(&py).context("oracledb still not importable after pip install")?;
+    .with_context(|| format!("by hand: .venv/bin/pip install {}", missing.join(" ")))?;
+    for (dist, _, module) in PY_PACKAGES {
+        has(&py, dist, module)
+            .with_context(|| format!("{module} still not importable after pip install"))?;
+    }
     Ok(())
 }
 

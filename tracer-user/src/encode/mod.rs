@@ -13,6 +13,7 @@ use crate::event::{
 pub mod community_id;
 mod ecs;
 mod ocsf;
+pub mod text;
 
 /// The wire format of every line, chosen once for all sinks (`--format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -21,9 +22,14 @@ pub enum Format {
     Native,
     Ecs,
     Ocsf,
+    /// The terminal view (docs/events.md, "--format text").
+    Text,
+    /// The terminal view with ANSI colours (`--format text` on a terminal).
+    TextColor,
 }
 
 impl Format {
+    /// The JSON formats (one schema each).
     pub const ALL: [Format; 3] = [Format::Native, Format::Ecs, Format::Ocsf];
 
     pub fn as_str(self) -> &'static str {
@@ -31,7 +37,12 @@ impl Format {
             Format::Native => "native",
             Format::Ecs => "ecs",
             Format::Ocsf => "ocsf",
+            Format::Text | Format::TextColor => "text",
         }
+    }
+
+    pub fn is_text(self) -> bool {
+        matches!(self, Format::Text | Format::TextColor)
     }
 }
 
@@ -47,14 +58,18 @@ impl FromStr for Format {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Format::ALL
             .into_iter()
+            .chain([Format::Text])
             .find(|f| f.as_str() == s)
-            .ok_or_else(|| format!("unknown format `{s}` (expected native, ecs or ocsf)"))
+            .ok_or_else(|| format!("unknown format `{s}` (expected native, ecs, ocsf or text)"))
     }
 }
 
-/// One NDJSON line (without the newline) in `format`.
+/// One NDJSON line (without the newline) in `format`; for text, one line, and for an
+/// incident the indented lines under it.
 pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
     match format {
+        Format::Text => text::encode(event, false, buf),
+        Format::TextColor => text::encode(event, true, buf),
         Format::Native => native(event, buf),
         Format::Ecs => write_with_sections(
             &ecs::map(event),
@@ -118,7 +133,7 @@ fn prune(v: &mut Value) -> bool {
 
 /// The pod the event is about (for single-pod fields like ECS `orchestrator.*`): the
 /// endpoint that is a pod on this node, else the first that is a pod at all; source first.
-fn subject(e: &Event) -> Option<(Side, &Endpoint)> {
+pub(crate) fn subject(e: &Event) -> Option<(Side, &Endpoint)> {
     let sides = [
         (Side::Source, e.source.as_deref()),
         (Side::Destination, e.destination.as_deref()),
@@ -134,7 +149,7 @@ fn subject(e: &Event) -> Option<(Side, &Endpoint)> {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Side {
+pub(crate) enum Side {
     Source,
     Destination,
 }
@@ -375,6 +390,11 @@ fn endpoints(sip: std::net::IpAddr, sp: u16, dip: std::net::IpAddr, dp: u16) -> 
 /// Unix milliseconds of an RFC 3339 timestamp (`Z` or `±hh:mm` offset, any fraction).
 /// `None` if it does not parse; callers then fall back to 0 rather than fail the event.
 pub fn rfc3339_millis(s: &str) -> Option<i64> {
+    rfc3339_nanos(s).map(|ns| ns.div_euclid(1_000_000) as i64)
+}
+
+/// Unix nanoseconds of an RFC 3339 timestamp (digits past the ninth are ignored).
+pub fn rfc3339_nanos(s: &str) -> Option<i128> {
     let b = s.as_bytes();
     let num = |r: std::ops::Range<usize>| -> Option<i64> {
         let t = s.get(r)?;
@@ -392,7 +412,7 @@ pub fn rfc3339_millis(s: &str) -> Option<i64> {
         return None;
     }
     let mut i = 19;
-    let mut millis = 0i64;
+    let mut nanos = 0i64;
     if b.get(i) == Some(&b'.') {
         let start = i + 1;
         i = start;
@@ -402,8 +422,8 @@ pub fn rfc3339_millis(s: &str) -> Option<i64> {
         if i == start {
             return None;
         }
-        let frac = &s[start..i.min(start + 3)];
-        millis = frac.parse::<i64>().ok()? * 10i64.pow(3 - frac.len() as u32);
+        let frac = &s[start..i.min(start + 9)];
+        nanos = frac.parse::<i64>().ok()? * 10i64.pow(9 - frac.len() as u32);
     }
     let offset_min = match b.get(i)? {
         b'Z' | b'z' if i + 1 == b.len() => 0,
@@ -415,7 +435,7 @@ pub fn rfc3339_millis(s: &str) -> Option<i64> {
     };
     let days = days_from_civil(y, mo, d);
     let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset_min * 60;
-    Some(secs * 1000 + millis)
+    Some(i128::from(secs) * 1_000_000_000 + i128::from(nanos))
 }
 
 /// Howard Hinnant's civil-to-days (the inverse of clock.rs's days-to-civil).

@@ -428,6 +428,11 @@ impl Cluster {
             .flat_map(|m| m.values())
     }
 
+    /// The namespaces that have pods.
+    pub fn pod_namespaces(&self) -> impl Iterator<Item = &str> {
+        self.pods.keys().map(String::as_str)
+    }
+
     pub fn pod_count(&self) -> usize {
         self.pods.values().map(BTreeMap::len).sum()
     }

@@ -10,7 +10,7 @@ use super::{
 };
 use crate::{
     event::{self, Endpoint, Event, Kind, Shared},
-    policy::{Side, Verdict, fix},
+    policy::{Side, Verdict, fix, fix_check},
 };
 
 /// A connection as policies see it: from the initiator to the port it connected to.
@@ -154,6 +154,11 @@ fn policy_with_fix(
 ) -> event::Policy {
     let mut policy = verdict.to_event();
     policy.suggested_fix = fix::suggest(verdict, src, dst, extra_ports, cluster);
+    if let Some(f) = &policy.suggested_fix {
+        let mut ports = vec![verdict.port];
+        ports.extend(extra_ports.iter().filter(|p| **p != 0));
+        policy.fix_check = fix_check::check(cluster, src, dst, verdict.protocol, &ports, f);
+    }
     policy
 }
 

@@ -133,6 +133,9 @@ impl LiveError {
 pub struct Connection {
     pub client: Client,
     pub server: String,
+    /// What the client was made from, for clients made on other threads (Kubernetes Events
+    /// are written from the output thread).
+    pub config: Config,
 }
 
 impl Debug for Connection {
@@ -160,11 +163,15 @@ pub async fn connect(kubeconfig: Option<&Path>) -> Result<Connection, LiveError>
         .to_string()
         .trim_end_matches('/')
         .to_string();
-    let client = Client::try_from(config).map_err(|e| LiveError::Client {
+    let client = Client::try_from(config.clone()).map_err(|e| LiveError::Client {
         server: server.clone(),
         what: chain(&e),
     })?;
-    Ok(Connection { client, server })
+    Ok(Connection {
+        client,
+        server,
+        config,
+    })
 }
 
 fn kubeconfig_error(path: &Path, e: KubeconfigError) -> LiveError {

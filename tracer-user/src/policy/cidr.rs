@@ -34,6 +34,12 @@ impl Cidr {
         }
     }
 
+    /// The address of a single-address block (/32, /128).
+    pub fn single_address(&self) -> Option<IpAddr> {
+        let full = if self.network.is_ipv4() { 32 } else { 128 };
+        (self.prefix == full).then_some(self.network)
+    }
+
     /// Whether `other` lies entirely inside this block.
     pub fn covers(&self, other: &Cidr) -> bool {
         other.prefix >= self.prefix && self.contains(other.network)

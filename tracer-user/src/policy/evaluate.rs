@@ -148,6 +148,7 @@ impl Verdict {
                     .collect(),
                 explanation: explanation.join("; "),
                 suggested_fix: None,
+                fix_check: None,
             };
         }
         let direction = if self.egress.reason == Reason::AllowedByRule
@@ -169,6 +170,7 @@ impl Verdict {
                 .collect(),
             explanation: format!("{}; {}", self.egress.explanation, self.ingress.explanation),
             suggested_fix: None,
+            fix_check: None,
         }
     }
 }
@@ -408,7 +410,7 @@ impl FlowCtx<'_> {
     }
 }
 
-fn peers_match(rule: &Rule, peer: &Side, policy_namespace: &str) -> bool {
+pub(crate) fn peers_match(rule: &Rule, peer: &Side, policy_namespace: &str) -> bool {
     rule.peers.is_empty()
         || rule
             .peers

@@ -12,12 +12,16 @@ pub const AUTH_ENV: &str = "DROPTRACE_HTTP_AUTH";
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
     /// Where events go, repeatable: `-` (stdout), `file:PATH`, `tcp://HOST:PORT`,
-    /// `syslog+tcp://HOST:PORT`, `syslog+tls://HOST:PORT`, `http(s)://HOST:PORT/PATH`.
+    /// `syslog+tcp://HOST:PORT`, `syslog+tls://HOST:PORT`, `http(s)://HOST:PORT/PATH`,
+    /// OpenTelemetry logs over gRPC `otlp://HOST:PORT` (TLS: `otlps://`) or HTTP
+    /// `otlp+http://HOST:PORT` (TLS: `otlp+https://`).
     #[arg(long = "output", short = 'o', value_name = "SINK", default_value = "-")]
     pub outputs: Vec<String>,
-    /// Line format: native (droptrace.v1), ecs (Elastic Common Schema) or ocsf (Network Activity).
-    #[arg(long, default_value = "native", value_parser = parse_format)]
-    pub format: Format,
+    /// Line format: native (droptrace.v1), ecs (Elastic Common Schema), ocsf (Network
+    /// Activity), or text (one readable line per event, for terminals and files). Default:
+    /// text when stdout is a terminal and is the only output, else native.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<Format>,
     /// Rotate file outputs past this size (e.g. 100M; 0 = never).
     #[arg(long, default_value = "100M", value_parser = parse_size)]
     pub rotate_size: u64,
@@ -37,7 +41,8 @@ pub struct OutputArgs {
     #[arg(long, default_value = "generic")]
     pub http_mode: HttpMode,
     /// File holding the HTTP Authorization header value (e.g. `ApiKey …`, `Basic …`; a bare
-    /// token in splunk-hec mode). The DROPTRACE_HTTP_AUTH env var works too.
+    /// token in splunk-hec mode), for http(s):// and otlp outputs. The DROPTRACE_HTTP_AUTH
+    /// env var works too. OTLP outputs also send OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long, value_name = "FILE")]
     pub http_auth_file: Option<PathBuf>,
     /// Most events per write or HTTP request.
@@ -65,6 +70,11 @@ pub struct OutputArgs {
     /// Pods that get their own label in droptrace_drops_total; later ones count as "other".
     #[arg(long, default_value_t = crate::metrics::DEFAULT_MAX_PODS)]
     pub metrics_max_pods: usize,
+    /// Write each stall incident as a Kubernetes Event (events.k8s.io/v1) on the client pod,
+    /// and on the destination pod for ingress denials (needs --k8s-api or --kubeconfig, and
+    /// create/patch on events.events.k8s.io).
+    #[arg(long)]
+    pub k8s_events: bool,
 }
 
 impl OutputArgs {
@@ -99,10 +109,20 @@ impl OutputArgs {
                 "the HTTP auth value has a line break".into(),
             ));
         }
+        let otlp_headers = if specs
+            .iter()
+            .any(|s| matches!(s.target, super::Target::Otlp { .. }))
+        {
+            super::otlp::env_headers().map_err(OutputError::Spec)?
+        } else {
+            Vec::new()
+        };
+        let format = self.format(&specs, stdout_is_terminal())?;
         Ok((
             specs,
             OutputOptions {
-                format: self.format,
+                otlp_headers,
+                format,
                 node: node.to_string(),
                 rotate_size: self.rotate_size,
                 rotate_keep: self.rotate_keep,
@@ -122,9 +142,49 @@ impl OutputArgs {
                 metrics_addr: self.metrics,
                 metrics_max_pods: self.metrics_max_pods,
                 lossless: false,
+                // The caller adds the API connection.
+                k8s_events: None,
             },
         ))
     }
+}
+
+impl OutputArgs {
+    /// `--format`, or its default: text on a terminal that is the only output, else native.
+    /// Text goes to terminals and files only, and is coloured on a terminal (unless NO_COLOR).
+    pub fn format(&self, specs: &[SinkSpec], tty: bool) -> Result<Format, OutputError> {
+        let only_stdout = specs.iter().all(|s| s.target == super::Target::Stdout);
+        let format = match self.format {
+            Some(f) => f,
+            None if tty && only_stdout && self.spool_dir.is_none() => Format::Text,
+            None => Format::Native,
+        };
+        if !format.is_text() {
+            return Ok(format);
+        }
+        if let Some(s) = specs.iter().find(|s| s.target.is_network()) {
+            return Err(OutputError::Spec(format!(
+                "--format text is for terminals and files, not for --output {} (use native, ecs or ocsf)",
+                s.name
+            )));
+        }
+        if self.spool_dir.is_some() {
+            return Err(OutputError::Spec(
+                "--format text is for terminals and files, not with --spool-dir".into(),
+            ));
+        }
+        let color = tty && only_stdout && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+        Ok(if color {
+            Format::TextColor
+        } else {
+            Format::Text
+        })
+    }
+}
+
+fn stdout_is_terminal() -> bool {
+    // SAFETY: isatty only inspects the descriptor.
+    unsafe { libc::isatty(1) == 1 }
 }
 
 fn parse_format(s: &str) -> Result<Format, String> {

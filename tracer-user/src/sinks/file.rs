@@ -105,6 +105,7 @@ mod tests {
             kind: Kind::Drop,
             time: String::new(),
             line: bytes::Bytes::from(vec![b'x'; 39]),
+            otlp: bytes::Bytes::new(),
         });
         for _ in 0..10 {
             s.deliver(std::slice::from_ref(&rec)).unwrap();

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Duration};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::{
-    DeliverError, Record,
+    DeliverError, Record, otlp,
     stream::{self, Io, TlsTarget},
 };
 use crate::encode::rfc3339_millis;
@@ -48,6 +48,10 @@ pub struct HttpSink {
     mode: HttpMode,
     /// The full Authorization header value.
     auth: Option<String>,
+    /// More request headers (OTLP: OTEL_EXPORTER_OTLP_HEADERS).
+    headers: Vec<(String, String)>,
+    /// Set for `otlp+http(s)://`: protobuf ExportLogsServiceRequest bodies.
+    otlp: Option<otlp::Resource>,
     timeout: Duration,
     conn: Option<BufReader<Box<dyn Io>>>,
 }
@@ -80,9 +84,18 @@ impl HttpSink {
             tls,
             mode,
             auth,
+            headers: Vec::new(),
+            otlp: None,
             timeout,
             conn: None,
         }
+    }
+
+    /// OTLP/HTTP: protobuf bodies for `resource`, with `headers` on every request.
+    pub fn otlp(mut self, resource: otlp::Resource, headers: Vec<(String, String)>) -> Self {
+        self.otlp = Some(resource);
+        self.headers = headers;
+        self
     }
 
     pub async fn connect(&mut self) -> Result<(), DeliverError> {
@@ -95,6 +108,9 @@ impl HttpSink {
     }
 
     pub fn body(&self, batch: &[Arc<Record>]) -> Vec<u8> {
+        if let Some(resource) = &self.otlp {
+            return otlp::export_request(resource, batch);
+        }
         let mut body = Vec::with_capacity(batch.iter().map(|r| r.line.len() + 64).sum());
         for r in batch {
             match self.mode {
@@ -139,6 +155,15 @@ impl HttpSink {
             self.conn = None;
         }
         match status {
+            200..=299 if self.otlp.is_some() => {
+                let (rejected, why) = otlp::partial_success(&resp);
+                if rejected > 0 {
+                    tracing::warn!("OTLP receiver rejected {rejected} log records: {why}");
+                }
+                Ok(Accepted {
+                    rejected: rejected.min(batch.len() as u64),
+                })
+            }
             200..=299 => Ok(Accepted {
                 rejected: match self.mode {
                     HttpMode::ElasticsearchBulk => bulk_item_errors(&resp),
@@ -171,6 +196,7 @@ impl HttpSink {
             .as_mut()
             .ok_or_else(|| std::io::Error::other("not connected"))?;
         let content_type = match self.mode {
+            _ if self.otlp.is_some() => "application/x-protobuf",
             HttpMode::SplunkHec => "application/json",
             _ => "application/x-ndjson",
         };
@@ -184,6 +210,9 @@ impl HttpSink {
         );
         if let Some(a) = &self.auth {
             head.push_str(&format!("Authorization: {a}\r\n"));
+        }
+        for (k, v) in &self.headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
         }
         head.push_str("\r\n");
         let w = conn.get_mut();
@@ -321,6 +350,7 @@ mod tests {
             kind: Kind::Drop,
             time: "1970-01-01T00:00:01.500000Z".into(),
             line: bytes::Bytes::from_static(b"{\"a\":1}"),
+            otlp: bytes::Bytes::new(),
         })
     }
 

@@ -35,6 +35,8 @@ use crate::{
 pub mod cli;
 mod file;
 mod http;
+pub mod k8s_events;
+pub mod otlp;
 mod spool;
 mod stream;
 mod tls;
@@ -50,6 +52,9 @@ pub struct Record {
     pub time: String,
     /// One JSON line, no newline.
     pub line: Bytes,
+    /// For OTLP sinks: the LogRecord fields other than the body ([`otlp::sidecar`]); empty
+    /// when no OTLP output is configured.
+    pub otlp: Bytes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +130,22 @@ pub enum Target {
         path: String,
         tls: bool,
     },
+    /// OpenTelemetry logs over gRPC (`otlp://`, `otlps://`) or HTTP (`otlp+http(s)://`).
+    Otlp {
+        host: String,
+        port: u16,
+        /// HTTP only: where to POST (default /v1/logs).
+        path: String,
+        grpc: bool,
+        tls: bool,
+    },
+}
+
+impl Target {
+    /// Sends over the network (what `--format text` and the spool are not for).
+    pub fn is_network(&self) -> bool {
+        !matches!(self, Target::Stdout | Target::File(_))
+    }
 }
 
 impl FromStr for SinkSpec {
@@ -156,20 +177,44 @@ impl FromStr for SinkSpec {
                 port,
                 tls: true,
             }
+        } else if let Some((grpc, tls, rest)) = [
+            ("otlp://", true, false),
+            ("otlps://", true, true),
+            ("otlp+http://", false, false),
+            ("otlp+https://", false, true),
+        ]
+        .into_iter()
+        .find_map(|(p, g, t)| s.strip_prefix(p).map(|r| (g, t, r)))
+        {
+            let (authority, path) = split_url(rest, "").map_err(bad)?;
+            if grpc && !matches!(path, "" | "/") {
+                return Err(bad(
+                    "OTLP/gRPC takes no path (the service is LogsService/Export)".into(),
+                ));
+            }
+            let default = if grpc {
+                otlp::GRPC_PORT
+            } else {
+                otlp::HTTP_PORT
+            };
+            let (host, port) = host_port(authority, Some(default)).map_err(bad)?;
+            Target::Otlp {
+                host,
+                port,
+                path: if matches!(path, "" | "/") {
+                    otlp::HTTP_PATH.to_string()
+                } else {
+                    path.to_string()
+                },
+                grpc,
+                tls,
+            }
         } else if let Some((tls, rest)) = s
             .strip_prefix("http://")
             .map(|r| (false, r))
             .or_else(|| s.strip_prefix("https://").map(|r| (true, r)))
         {
-            let (authority, path) = match rest.find('/') {
-                Some(i) => (&rest[..i], &rest[i..]),
-                None => (rest, "/"),
-            };
-            if authority.contains('@') {
-                return Err(bad(
-                    "credentials in the URL are not supported; use --http-auth-file".into(),
-                ));
-            }
+            let (authority, path) = split_url(rest, "/").map_err(bad)?;
             let (host, port) =
                 host_port(authority, Some(if tls { 443 } else { 80 })).map_err(bad)?;
             Target::Http {
@@ -180,7 +225,7 @@ impl FromStr for SinkSpec {
             }
         } else {
             return Err(bad(
-                "unknown scheme (expected -, file:PATH, tcp://, syslog+tcp://, syslog+tls://, http://, https://)"
+                "unknown scheme (expected -, file:PATH, tcp://, syslog+tcp://, syslog+tls://, http://, https://, otlp://, otlps://, otlp+http://, otlp+https://)"
                     .into(),
             ));
         };
@@ -189,6 +234,19 @@ impl FromStr for SinkSpec {
             target,
         })
     }
+}
+
+/// The authority and path of a URL after its scheme (`default_path` when it has none);
+/// credentials in the URL are refused.
+fn split_url<'a>(rest: &'a str, default_path: &'a str) -> Result<(&'a str, &'a str), String> {
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, default_path),
+    };
+    if authority.contains('@') {
+        return Err("credentials in the URL are not supported; use --http-auth-file".into());
+    }
+    Ok((authority, path))
 }
 
 /// `host:port`, `[v6]:port`, or a bare host when there is a default port.
@@ -226,8 +284,10 @@ pub struct OutputOptions {
     pub rotate_keep: u32,
     pub tls: TlsFiles,
     pub http_mode: HttpMode,
-    /// The Authorization header value for HTTP sinks.
+    /// The Authorization header value for HTTP and OTLP sinks.
     pub http_auth: Option<String>,
+    /// More headers for OTLP requests (OTEL_EXPORTER_OTLP_HEADERS).
+    pub otlp_headers: Vec<(String, String)>,
     /// Most events in one write / POST.
     pub batch: usize,
     pub spool_dir: Option<PathBuf>,
@@ -242,6 +302,8 @@ pub struct OutputOptions {
     /// Wait for room in the queues instead of discarding (`replay`: a batch tool should
     /// go at the pace of its slowest output, not lose events). Never for `run`.
     pub lossless: bool,
+    /// `--k8s-events`: the API to write Kubernetes Events to.
+    pub k8s_events: Option<kube::Config>,
 }
 
 impl Default for OutputOptions {
@@ -254,6 +316,7 @@ impl Default for OutputOptions {
             tls: TlsFiles::default(),
             http_mode: HttpMode::Generic,
             http_auth: None,
+            otlp_headers: Vec::new(),
             batch: 500,
             spool_dir: None,
             spool_max: 256 << 20,
@@ -263,6 +326,7 @@ impl Default for OutputOptions {
             metrics_addr: None,
             metrics_max_pods: crate::metrics::DEFAULT_MAX_PODS,
             lossless: false,
+            k8s_events: None,
         }
     }
 }
@@ -278,13 +342,16 @@ enum Discard {
     Rejected,
     /// Still in memory at the end of `--flush-timeout` with no spool to keep them.
     Shutdown,
+    /// Over the per-node write rate (`--k8s-events`).
+    RateLimited,
 }
 
-const DISCARDS: [Discard; 4] = [
+const DISCARDS: [Discard; 5] = [
     Discard::QueueFull,
     Discard::SpoolFull,
     Discard::Rejected,
     Discard::Shutdown,
+    Discard::RateLimited,
 ];
 
 impl Discard {
@@ -294,6 +361,7 @@ impl Discard {
             Discard::SpoolFull => "spool_full",
             Discard::Rejected => "rejected",
             Discard::Shutdown => "shutdown",
+            Discard::RateLimited => "rate_limited",
         }
     }
 }
@@ -306,10 +374,10 @@ pub struct SinkStats {
     spooled: AtomicU64,
     /// The last connect or delivery failed (set at start too, when the receiver is not up).
     down: std::sync::atomic::AtomicBool,
-    discarded: [AtomicU64; 4],
+    discarded: [AtomicU64; 5],
     /// Discards already announced to the other sinks / to this sink itself.
-    reported_others: [AtomicU64; 4],
-    reported_self: [AtomicU64; 4],
+    reported_others: [AtomicU64; 5],
+    reported_self: [AtomicU64; 5],
 }
 
 impl SinkStats {
@@ -405,6 +473,8 @@ impl SinkHandle {
 struct LostMaker {
     format: Format,
     node: String,
+    /// Some sink speaks OTLP: records carry the OTLP sidecar.
+    otlp: bool,
 }
 
 impl LostMaker {
@@ -416,17 +486,18 @@ impl LostMaker {
             why.as_str(),
             Some(sink),
         );
-        let rec = Arc::new(record(self.format, &e, &mut Vec::new()));
+        let rec = Arc::new(record(self.format, self.otlp, &e, &mut Vec::new()));
         (e, rec)
     }
 }
 
-fn record(format: Format, e: &Event, buf: &mut Vec<u8>) -> Record {
+fn record(format: Format, otlp: bool, e: &Event, buf: &mut Vec<u8>) -> Record {
     encode::encode(format, e, buf);
     Record {
         kind: e.kind,
         time: e.time.clone(),
         line: Bytes::copy_from_slice(buf),
+        otlp: if otlp { otlp::sidecar(e) } else { Bytes::new() },
     }
 }
 
@@ -436,6 +507,8 @@ pub struct Output {
     /// stays off the tracing loop.
     events: mpsc::Sender<Arc<Event>>,
     sinks: Arc<Vec<SinkHandle>>,
+    /// `--k8s-events`: its counters (it takes stall incidents, not lines).
+    k8s: Option<Arc<SinkStats>>,
     metrics: Option<Arc<Metrics>>,
     flush_timeout: Duration,
     stop: Option<oneshot::Sender<tokio::time::Instant>>,
@@ -488,7 +561,9 @@ impl Output {
         let tls = if specs.iter().any(|s| {
             matches!(
                 s.target,
-                Target::Syslog { tls: true, .. } | Target::Http { tls: true, .. }
+                Target::Syslog { tls: true, .. }
+                    | Target::Http { tls: true, .. }
+                    | Target::Otlp { tls: true, .. }
             )
         }) || opts.tls.ca.is_some()
             || opts.tls.client_cert.is_some()
@@ -550,13 +625,35 @@ impl Output {
             ));
         }
         let sinks = Arc::new(handles);
+        let otlp = specs
+            .iter()
+            .any(|s| matches!(s.target, Target::Otlp { .. }));
         let lost = Arc::new(LostMaker {
             format: opts.format,
             node: opts.node.clone(),
+            otlp,
         });
 
+        let k8s = opts.k8s_events.clone().map(|config| {
+            let stats = Arc::new(SinkStats::default());
+            if let Some(m) = &metrics {
+                m.register_sink(k8s_events::SINK_NAME, stats.clone());
+            }
+            K8sEvents {
+                stats,
+                config,
+                node: opts.node.clone(),
+                queue,
+            }
+        });
+        let k8s_stats = k8s.as_ref().map(|k| k.stats.clone());
+
         let (events_tx, events_rx) = mpsc::channel(queue);
-        let encode = (opts.format, opts.lossless);
+        let encode = Encoding {
+            format: opts.format,
+            otlp,
+            lossless: opts.lossless,
+        };
         let (ready_tx, ready_rx) = oneshot::channel();
         let (stop_tx, stop_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
@@ -579,7 +676,7 @@ impl Output {
                 rt.block_on(run_outputs(
                     workers,
                     (events_rx, encode),
-                    thread_sinks,
+                    (thread_sinks, k8s),
                     lost,
                     thread_metrics.zip(metrics_listener),
                     flush_timeout,
@@ -603,6 +700,7 @@ impl Output {
         Ok(Output {
             events: events_tx,
             sinks,
+            k8s: k8s_stats,
             metrics,
             flush_timeout,
             stop: Some(stop_tx),
@@ -621,6 +719,15 @@ impl Output {
             for s in self.sinks.iter() {
                 s.stats.discard(Discard::QueueFull, 1);
             }
+            self.k8s_discard(event, Discard::QueueFull);
+        }
+    }
+
+    /// The Kubernetes Events an event would have made, counted as discarded.
+    fn k8s_discard(&self, event: &Event, why: Discard) {
+        if let Some(k) = &self.k8s {
+            let n = k8s_events::events_for(event, "").len();
+            k.discard(why, n as u64);
         }
     }
 
@@ -641,6 +748,7 @@ impl Output {
             for s in self.sinks.iter() {
                 s.stats.discard(Discard::Shutdown, 1);
             }
+            self.k8s_discard(event, Discard::Shutdown);
         }
     }
 
@@ -775,11 +883,19 @@ enum Phase {
     Stop,
 }
 
+/// `--k8s-events` as the output thread starts it.
+struct K8sEvents {
+    stats: Arc<SinkStats>,
+    config: kube::Config,
+    node: String,
+    queue: usize,
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_outputs(
     workers: Vec<(Arc<SinkCtx>, Transport, mpsc::Receiver<Arc<Record>>)>,
-    (events, encode): (mpsc::Receiver<Arc<Event>>, (Format, bool)),
-    sinks: Arc<Vec<SinkHandle>>,
+    (events, encode): (mpsc::Receiver<Arc<Event>>, Encoding),
+    (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sEvents>),
     lost: Arc<LostMaker>,
     metrics: Option<(Arc<Metrics>, std::net::TcpListener)>,
     flush_timeout: Duration,
@@ -813,6 +929,20 @@ async fn run_outputs(
             );
         }
     }
+    // The Events writer's client is made here, so its connections live on this thread.
+    let k8s = match k8s {
+        Some(k) => match kube::Client::try_from(k.config.clone()) {
+            Ok(client) => Some((k, client)),
+            Err(e) => {
+                let _ = ready.send(Err(OutputError::Sink {
+                    sink: k8s_events::SINK_NAME.into(),
+                    why: e.to_string(),
+                }));
+                return;
+            }
+        },
+        None => None,
+    };
     let server = match metrics {
         Some((m, l)) => match tokio::net::TcpListener::from_std(l) {
             Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, m))),
@@ -851,15 +981,47 @@ async fn run_outputs(
         )));
     }
 
+    let mut k8s_feed = None;
+    let mut k8s_stats = None;
+    let mut k8s_taken = None;
+    if let Some((k, client)) = k8s {
+        let (tx, rx) = mpsc::channel(k.queue);
+        let writer = k8s_events::Writer::new(client, &k.node, k.stats.clone());
+        let (taken_tx, taken_rx) = oneshot::channel();
+        k8s_taken = Some(taken_rx);
+        tasks.push(tokio::spawn(k8s_events::run(
+            writer,
+            rx,
+            phase_rx.clone(),
+            taken_tx,
+        )));
+        k8s_feed = Some((tx, k.stats.clone()));
+        k8s_stats = Some(k.stats);
+    }
+    let sources: Vec<(String, Arc<SinkStats>)> = sinks
+        .iter()
+        .map(|s| (s.name.clone(), s.stats.clone()))
+        .chain(
+            k8s_stats
+                .iter()
+                .map(|s| (k8s_events::SINK_NAME.to_string(), s.clone())),
+        )
+        .collect();
+
     let (hurry_tx, hurry_rx) = watch::channel(false);
-    let mut encoder = tokio::spawn(encode_all(events, sinks.clone(), encode, hurry_rx));
+    let mut encoder = tokio::spawn(encode_all(
+        events,
+        (sinks.clone(), k8s_feed),
+        encode,
+        hurry_rx,
+    ));
 
     // Running: announce discards once a second until asked to stop.
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tokio::pin!(stop);
     let deadline = loop {
         tokio::select! {
-            _ = tick.tick() => report_lost(&sinks, &lost),
+            _ = tick.tick() => report_lost(&sources, &sinks, &lost),
             d = &mut stop => break d.unwrap_or_else(|_| tokio::time::Instant::now() + flush_timeout),
         }
     };
@@ -873,7 +1035,11 @@ async fn run_outputs(
         let _ = hurry_tx.send(true);
         let _ = encoder.await;
     }
-    report_lost(&sinks, &lost);
+    // The Events writer has counted what it turned down: announce that too.
+    if let Some(t) = k8s_taken {
+        let _ = tokio::time::timeout_at(deadline, t).await;
+    }
+    report_lost(&sources, &sinks, &lost);
     let _ = phase_tx.send(Phase::Draining);
     let mut joined = futures_join(&mut tasks, Some(deadline)).await;
     let timed_out = !joined;
@@ -894,12 +1060,12 @@ async fn run_outputs(
     // Discards counted while draining (a sink that never caught up, with no spool to keep
     // what it held): announced to the sinks that are still up, straight through their
     // transports, so they too have their `lost` record.
-    let finals = unreported(&sinks, &lost);
-    for ((i, ctx), returned) in contexts.iter().enumerate().zip(transports) {
+    let finals = unreported(&sources, &lost);
+    for (ctx, returned) in contexts.iter().zip(transports) {
         let Ok(mut t) = returned.await else { continue };
         let recs: Vec<_> = finals
             .iter()
-            .filter(|(from, _)| *from != i)
+            .filter(|(from, _)| *from != ctx.name)
             .map(|(_, r)| r.clone())
             .collect();
         if !recs.is_empty() {
@@ -943,12 +1109,14 @@ async fn run_outputs(
     let summary = OutputSummary {
         sinks: contexts
             .iter()
-            .map(|c| SinkSummary {
-                name: c.name.clone(),
-                sent: c.stats.sent(),
-                errors: c.stats.errors(),
-                discarded: c.stats.discarded(),
-                spooled: c.stats.spooled(),
+            .map(|c| (&c.name, &c.stats))
+            .chain(k8s_stats.iter().map(|s| (&sources[sources.len() - 1].0, s)))
+            .map(|(name, stats)| SinkSummary {
+                name: name.clone(),
+                sent: stats.sent(),
+                errors: stats.errors(),
+                discarded: stats.discarded(),
+                spooled: stats.spooled(),
             })
             .collect(),
         timed_out,
@@ -956,16 +1124,47 @@ async fn run_outputs(
     let _ = done.send(summary);
 }
 
-/// Encodes each event once and queues the line on every sink.
+/// How the encoder task encodes: the format, whether records need the OTLP sidecar, and
+/// whether to wait for room in the queues (replay).
+#[derive(Debug, Clone, Copy)]
+struct Encoding {
+    format: Format,
+    otlp: bool,
+    lossless: bool,
+}
+
+/// Stall incidents on their way to the Kubernetes Events writer, and its counters.
+type K8sFeed = (mpsc::Sender<Arc<Event>>, Arc<SinkStats>);
+
+/// Encodes each event once and queues the line on every sink; hands stall incidents to the
+/// Kubernetes Events writer.
 async fn encode_all(
     mut events: mpsc::Receiver<Arc<Event>>,
-    sinks: Arc<Vec<SinkHandle>>,
-    (format, lossless): (Format, bool),
+    (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sFeed>),
+    encoding: Encoding,
     mut hurry: watch::Receiver<bool>,
 ) {
+    let Encoding {
+        format,
+        otlp,
+        lossless,
+    } = encoding;
     let mut buf = Vec::with_capacity(4096);
     while let Some(e) = events.recv().await {
-        let rec = Arc::new(record(format, &e, &mut buf));
+        if let Some((tx, stats)) = &k8s {
+            let n = k8s_events::events_for(&e, "").len() as u64;
+            if n > 0 {
+                let sent = if lossless && !*hurry.borrow() {
+                    tx.send(e.clone()).await.is_ok()
+                } else {
+                    tx.try_send(e.clone()).is_ok()
+                };
+                if !sent {
+                    stats.discard(Discard::QueueFull, n);
+                }
+            }
+        }
+        let rec = Arc::new(record(format, otlp, &e, &mut buf));
         for s in sinks.iter() {
             if !lossless || *hurry.borrow() {
                 s.push(&rec);
@@ -1004,13 +1203,12 @@ async fn futures_join(
     true
 }
 
-/// Tells every other sink about each sink's new discards.
-fn report_lost(sinks: &[SinkHandle], lost: &LostMaker) {
-    for (i, rec) in unreported(sinks, lost) {
-        for (j, other) in sinks.iter().enumerate() {
-            if i != j {
-                other.push(&rec);
-            }
+/// Tells every other sink about each output's new discards (`sources`: the sinks, and the
+/// Kubernetes Events writer, which has no stream of its own).
+fn report_lost(sources: &[(String, Arc<SinkStats>)], sinks: &[SinkHandle], lost: &LostMaker) {
+    for (name, rec) in unreported(sources, lost) {
+        for other in sinks.iter().filter(|o| o.name != name) {
+            other.push(&rec);
         }
     }
 }
@@ -1018,17 +1216,20 @@ fn report_lost(sinks: &[SinkHandle], lost: &LostMaker) {
 /// At exit, how long a sink that is up gets to take the last loss announcements.
 const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// `lost` records for the discards not yet announced to the other sinks, with the index of
-/// the sink that discarded; marks them announced.
-fn unreported(sinks: &[SinkHandle], lost: &LostMaker) -> Vec<(usize, Arc<Record>)> {
+/// `lost` records for the discards not yet announced to the other sinks, with the name of
+/// the output that discarded; marks them announced.
+fn unreported(
+    sources: &[(String, Arc<SinkStats>)],
+    lost: &LostMaker,
+) -> Vec<(String, Arc<Record>)> {
     let mut out = Vec::new();
-    for (i, s) in sinks.iter().enumerate() {
+    for (name, stats) in sources {
         for why in DISCARDS {
-            let total = s.stats.discarded[why as usize].load(Ordering::Relaxed);
-            let told = s.stats.reported_others[why as usize].load(Ordering::Relaxed);
+            let total = stats.discarded[why as usize].load(Ordering::Relaxed);
+            let told = stats.reported_others[why as usize].load(Ordering::Relaxed);
             if total > told {
-                s.stats.reported_others[why as usize].store(total, Ordering::Relaxed);
-                out.push((i, lost.record(&s.name, why, total - told).1));
+                stats.reported_others[why as usize].store(total, Ordering::Relaxed);
+                out.push((name.clone(), lost.record(name, why, total - told).1));
             }
         }
     }
@@ -1380,6 +1581,7 @@ enum Transport {
     File(file::FileSink),
     Stream(stream::StreamSink),
     Http(http::HttpSink),
+    Grpc(otlp::GrpcSink),
 }
 
 impl Transport {
@@ -1435,6 +1637,42 @@ impl Transport {
                 opts.http_auth.clone(),
                 opts.io_timeout,
             )),
+            Target::Otlp {
+                host,
+                port,
+                path,
+                grpc,
+                tls,
+            } => {
+                let resource = otlp::Resource::new(&crate::daemon::hostname());
+                let mut headers = opts.otlp_headers.clone();
+                if *grpc {
+                    if let Some(a) = &opts.http_auth {
+                        headers.push(("authorization".into(), a.clone()));
+                    }
+                    Transport::Grpc(otlp::GrpcSink::new(
+                        host,
+                        *port,
+                        tls_for(host, *tls)?,
+                        headers,
+                        opts.io_timeout,
+                        resource,
+                    ))
+                } else {
+                    Transport::Http(
+                        http::HttpSink::new(
+                            host,
+                            *port,
+                            path,
+                            tls_for(host, *tls)?,
+                            HttpMode::Generic,
+                            opts.http_auth.clone(),
+                            opts.io_timeout,
+                        )
+                        .otlp(resource, headers),
+                    )
+                }
+            }
         })
     }
 
@@ -1442,6 +1680,7 @@ impl Transport {
         match self {
             Transport::Stream(s) => s.connect().await,
             Transport::Http(h) => h.connect().await,
+            Transport::Grpc(g) => g.connect().await,
             Transport::Stdout(_) | Transport::File(_) => Ok(()),
         }
     }
@@ -1469,6 +1708,7 @@ impl Transport {
                 .map_err(|e| DeliverError::retry(format!("write: {e}"))),
             Transport::Stream(s) => s.deliver(batch).await.map(|()| 0),
             Transport::Http(h) => h.deliver(batch).await.map(|a| a.rejected),
+            Transport::Grpc(g) => g.deliver(batch).await,
         }
     }
 
@@ -1479,7 +1719,7 @@ impl Transport {
                 use tokio::io::AsyncWriteExt;
                 let _ = out.flush().await;
             }
-            Transport::File(_) | Transport::Http(_) => {}
+            Transport::File(_) | Transport::Http(_) | Transport::Grpc(_) => {}
         }
     }
 }

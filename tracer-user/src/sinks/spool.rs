@@ -239,6 +239,7 @@ impl Spool {
                 kind: Kind::Lost,
                 time: String::new(),
                 line: Bytes::new(),
+                otlp: Bytes::new(),
             })));
         }
         Ok(Some(Peeked {
@@ -285,9 +286,19 @@ impl Spool {
     }
 }
 
+/// `KIND[~OTLP] TIME LINE\n`: the OTLP sidecar (binary) base64-encoded after the kind.
 fn encode_line(r: &Record) -> Vec<u8> {
-    let mut v = Vec::with_capacity(r.line.len() + r.time.len() + 8);
+    use base64::Engine as _;
+    let mut v = Vec::with_capacity(r.line.len() + r.time.len() + r.otlp.len() * 4 / 3 + 12);
     v.extend_from_slice(r.kind.as_str().as_bytes());
+    if !r.otlp.is_empty() {
+        v.push(b'~');
+        v.extend_from_slice(
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .encode(&r.otlp)
+                .as_bytes(),
+        );
+    }
     v.push(b' ');
     v.extend_from_slice(r.time.as_bytes());
     v.push(b' ');
@@ -311,11 +322,24 @@ fn count_lines_until(path: &Path, limit: u64) -> io::Result<u64> {
 
 fn decode_line(line: &[u8]) -> Option<Record> {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
+    use base64::Engine as _;
     let mut parts = line.splitn(3, |b| *b == b' ');
+    let head = parts.next()?;
+    let (kind, otlp) = match head.iter().position(|b| *b == b'~') {
+        Some(i) => (
+            &head[..i],
+            Bytes::from(
+                base64::engine::general_purpose::STANDARD_NO_PAD
+                    .decode(&head[i + 1..])
+                    .ok()?,
+            ),
+        ),
+        None => (head, Bytes::new()),
+    };
     // Every kind by its serde name (= `Kind::as_str`): a kind added later spools too.
     let kind = {
         use serde::{Deserialize as _, de::IntoDeserializer as _};
-        let name = std::str::from_utf8(parts.next()?).ok()?;
+        let name = std::str::from_utf8(kind).ok()?;
         let de: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
             name.into_deserializer();
         Kind::deserialize(de).ok()?
@@ -326,6 +350,7 @@ fn decode_line(line: &[u8]) -> Option<Record> {
         kind,
         time,
         line: Bytes::copy_from_slice(json),
+        otlp,
     })
 }
 
@@ -352,9 +377,13 @@ mod tests {
                 kind,
                 time: "2026-12-02T08:00:00.000001Z".into(),
                 line: Bytes::from_static(b"{\"kind\":\"x\"}"),
+                otlp: Bytes::from_static(b"\x0a\x03abc"),
             };
             let back = decode_line(&encode_line(&r)).unwrap_or_else(|| panic!("{kind:?}"));
-            assert_eq!((back.kind, back.time, back.line), (r.kind, r.time, r.line));
+            assert_eq!(
+                (back.kind, back.time, back.line, back.otlp),
+                (r.kind, r.time, r.line, r.otlp)
+            );
         }
     }
 
@@ -363,6 +392,7 @@ mod tests {
             kind: Kind::Drop,
             time: format!("2026-01-01T00:00:{:02}.000000Z", i % 60),
             line: Bytes::from(format!("{{\"i\":{i}}}")),
+            otlp: Bytes::new(),
         })
     }
 
@@ -402,6 +432,31 @@ mod tests {
         assert!(s.peek(1).unwrap().is_none());
         // Everything consumed: no files left but the directory.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn otlp_sidecar_survives_the_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut with = (*rec(1)).clone();
+        // Binary, with newlines and spaces: base64 in the spool line.
+        with.otlp = Bytes::from_static(b"\n\x00\xff \n~");
+        s.append(&[Arc::new(with.clone()), rec(2)]).unwrap();
+        drop(s);
+        let mut s = Spool::open(dir.path(), 1 << 20).unwrap();
+        let p = s.peek(10).unwrap().unwrap();
+        assert_eq!(p.records.len(), 2);
+        assert_eq!(p.records[0].otlp, with.otlp);
+        assert_eq!(p.records[0].line, with.line);
+        assert_eq!(p.records[0].time, with.time);
+        assert!(p.records[1].otlp.is_empty());
+        // Raw kinds come back as themselves.
+        let mut raw = (*rec(3)).clone();
+        raw.kind = Kind::TcpState;
+        assert_eq!(
+            decode_line(&encode_line(&raw)).unwrap().kind,
+            Kind::TcpState
+        );
     }
 
     #[test]

@@ -210,6 +210,7 @@ mod tests {
             kind: Kind::Drop,
             time: "2026-01-01T00:00:00.000001Z".into(),
             line: bytes::Bytes::from_static(b"{\"a\":1}"),
+            otlp: bytes::Bytes::new(),
         };
         let mut out = Vec::new();
         frame(

@@ -1,7 +1,9 @@
 //! A fake Kubernetes API server on 127.0.0.1 that speaks the real list and watch wire format,
 //! scripted by the test: hand-written HTTP/1.1, lists as one JSON body with Content-Length,
 //! watches as chunked newline-delimited `{"type": ..., "object": ...}` events, errors as
-//! `Status` objects. Every request is recorded (path, query, Authorization).
+//! `Status` objects. Every request is recorded (method, path, query, Authorization, body).
+//! Writes: POST creates an object in a collection (201, 409 if the name is taken), PATCH
+//! applies a JSON merge patch to one (200, 404 if there is none); `objects` lists them.
 #![allow(dead_code)]
 
 use std::{
@@ -44,9 +46,13 @@ pub fn path_of(kind: &str) -> Option<&'static str> {
 
 #[derive(Debug, Clone)]
 pub struct Request {
+    pub method: String,
     pub path: String,
     pub query: BTreeMap<String, String>,
     pub authorization: Option<String>,
+    pub content_type: Option<String>,
+    /// A JSON request body (POST, PATCH).
+    pub body: Option<Value>,
 }
 
 impl Request {
@@ -77,6 +83,11 @@ struct State {
     /// The open watch stream of each collection (the latest request's).
     watches: HashMap<String, mpsc::UnboundedSender<Line>>,
     requests: Vec<Request>,
+    /// Objects written by POST, by their path (`collection/name`).
+    objects: BTreeMap<String, Value>,
+    /// The next writes are answered with these statuses.
+    write_errors: VecDeque<u16>,
+    next_rv: u64,
 }
 
 pub struct FakeApi {
@@ -178,6 +189,35 @@ impl FakeApi {
         }
     }
 
+    /// The next POST/PATCH requests are answered with these statuses instead.
+    pub fn fail_next_writes(&self, codes: &[u16]) {
+        self.state
+            .lock()
+            .unwrap()
+            .write_errors
+            .extend(codes.iter().copied());
+    }
+
+    /// Objects written under `prefix` (a collection path), in path order.
+    pub fn objects(&self, prefix: &str) -> Vec<Value> {
+        let st = self.state.lock().unwrap();
+        st.objects
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    /// Every POST and PATCH under `prefix`, in arrival order.
+    pub fn writes(&self, prefix: &str) -> Vec<Request> {
+        let st = self.state.lock().unwrap();
+        st.requests
+            .iter()
+            .filter(|r| r.method != "GET" && r.path.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
     pub fn requests(&self, path: &str) -> Vec<Request> {
         let st = self.state.lock().unwrap();
         st.requests
@@ -256,6 +296,8 @@ pub fn status(code: u16, resource_version: &str) -> Value {
             "NotFound",
             "the server could not find the requested resource".into(),
         ),
+        409 => ("AlreadyExists", "the object already exists".into()),
+        400 => ("BadRequest", "no body".into()),
         _ => ("InternalError", "boom".into()),
     };
     json!({
@@ -264,10 +306,67 @@ pub fn status(code: u16, resource_version: &str) -> Value {
     })
 }
 
+/// RFC 7386 JSON merge patch.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(t), Value::Object(p)) => {
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        (t, p) => *t = p.clone(),
+    }
+}
+
+/// A POST or PATCH: the reply, and the stored object changed.
+fn write(st: &mut State, req: &Request) -> Reply {
+    if let Some(code) = st.write_errors.pop_front() {
+        return Reply::Body(code, status(code, ""));
+    }
+    let Some(body) = req.body.clone() else {
+        return Reply::Body(400, status(400, ""));
+    };
+    st.next_rv += 1;
+    let rv = (1000 + st.next_rv).to_string();
+    match req.method.as_str() {
+        "POST" => {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let key = format!("{}/{name}", req.path);
+            if name.is_empty() || st.objects.contains_key(&key) {
+                return Reply::Body(409, status(409, ""));
+            }
+            let mut obj = body;
+            obj["metadata"]["resourceVersion"] = rv.into();
+            obj["metadata"]["uid"] = format!("uid-{name}").into();
+            st.objects.insert(key, obj.clone());
+            Reply::Body(201, obj)
+        }
+        "PATCH" => match st.objects.get_mut(&req.path) {
+            Some(obj) => {
+                merge_patch(obj, &body);
+                obj["metadata"]["resourceVersion"] = rv.into();
+                Reply::Body(200, obj.clone())
+            }
+            None => Reply::Body(404, status(404, "")),
+        },
+        _ => Reply::Body(405, status(500, "")),
+    }
+}
+
 async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
     let mut head = Vec::new();
     let mut chunk = [0u8; 4096];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+    let end = loop {
+        if let Some(i) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
         match sock.read(&mut chunk).await {
             Ok(0) | Err(_) => return,
             Ok(n) => head.extend_from_slice(&chunk[..n]),
@@ -276,33 +375,52 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
         if head.len() > 65536 || head.first() == Some(&0x16) {
             return;
         }
-    }
+    };
+    let mut body = head.split_off(end);
     let head = String::from_utf8_lossy(&head).into_owned();
     let mut lines = head.split("\r\n");
-    let target = lines
-        .next()
-        .and_then(|l| l.split(' ').nth(1))
-        .unwrap_or("/")
-        .to_string();
-    let authorization = lines
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or("GET").to_string();
+    let target = request_line.next().unwrap_or("/").to_string();
+    let headers: Vec<(String, String)> = lines
         .filter_map(|l| l.split_once(':'))
-        .find(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-        .map(|(_, v)| v.trim().to_string());
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let header = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    };
+    let length: usize = header("content-length")
+        .and_then(|l| l.parse().ok())
+        .unwrap_or(0);
+    while body.len() < length {
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => body.extend_from_slice(&chunk[..n]),
+        }
+    }
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let req = Request {
+        method,
         path: path.to_string(),
         query: query
             .split('&')
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
-        authorization,
+        authorization: header("authorization"),
+        content_type: header("content-type"),
+        body: serde_json::from_slice(&body).ok(),
     };
     let reply = {
         let mut st = state.lock().unwrap();
         st.requests.push(req.clone());
         let rv = req.q("resourceVersion").unwrap_or("").to_string();
-        if req.is_watch() {
+        if req.method != "GET" {
+            write(&mut st, &req)
+        } else if req.is_watch() {
             match st
                 .watch_errors
                 .get_mut(&req.path)
@@ -357,7 +475,10 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
 fn reason_phrase(code: u16) -> &'static str {
     match code {
         200 => "OK",
+        201 => "Created",
+        400 => "Bad Request",
         403 => "Forbidden",
+        409 => "Conflict",
         404 => "Not Found",
         410 => "Gone",
         _ => "Internal Server Error",

@@ -4,9 +4,10 @@
 
 use std::{
     collections::BTreeMap,
+    io::{Read, Write},
     net::TcpListener,
-    path::PathBuf,
-    process::{Child, Command},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -152,6 +153,18 @@ pub fn samples() -> Vec<(&'static str, Event)> {
         }],
         explanation: "egress from shop/checkout-7d9f is isolated by shop/default-deny".into(),
         suggested_fix: Some("allow egress to data/oracle on 1521".into()),
+        // The fix selects app=checkout: the other replica gets through too.
+        fix_check: Some(FixCheck {
+            allows_flow: true,
+            newly_allowed: vec![Admitted {
+                from: "shop/checkout-8c2a".into(),
+                to: "data/oracle-0".into(),
+                port: 1521,
+                protocol: "TCP".into(),
+            }],
+            truncated: false,
+            still_denied: Vec::new(),
+        }),
     }));
 
     // A bare drop: host-network process, IPv6, nothing resolved.
@@ -390,4 +403,109 @@ pub fn read_lines(p: &std::path::Path) -> Vec<String> {
 
 pub fn duration_ms(ms: u64) -> Duration {
     Duration::from_millis(ms)
+}
+
+// ---------------------------------------------------------------- shared by the sink tests
+
+pub struct Certs {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+    /// The server identity for in-test TLS servers.
+    pub server: (rustls::pki_types::CertificateDer<'static>, Vec<u8>),
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made fresh
+/// for the test.
+pub fn make_certs(dir: &Path) -> Certs {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "droptrace test CA");
+    ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, ca_key).unwrap();
+    let leaf = |names: Vec<String>, cn: &str| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(names).unwrap();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        (p.signed_by(&key, &ca).unwrap(), key)
+    };
+    let (cert, key) = leaf(vec!["localhost".into(), "127.0.0.1".into()], "localhost");
+    let (client, client_key) = leaf(vec!["droptrace.test".into()], "droptrace");
+    let c = Certs {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+        client_cert: dir.join("client.pem"),
+        client_key: dir.join("client.key"),
+        server: (cert.der().clone(), key.serialize_der()),
+    };
+    std::fs::write(&c.ca, ca.pem()).unwrap();
+    std::fs::write(&c.cert, cert.pem()).unwrap();
+    std::fs::write(&c.key, key.serialize_pem()).unwrap();
+    std::fs::write(&c.client_cert, client.pem()).unwrap();
+    std::fs::write(&c.client_key, client_key.serialize_pem()).unwrap();
+    c
+}
+
+/// A `droptrace replay` fed through stdin, so the test decides when events arrive.
+pub struct LiveReplay {
+    pub proc: Guard,
+}
+
+impl LiveReplay {
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_to(args, Stdio::null())
+    }
+
+    /// With its stdout (the `-` sink) going to `stdout`.
+    pub fn start_to(args: &[&str], stdout: impl Into<Stdio>) -> Self {
+        let child = droptrace()
+            .args(["replay", "--input", "-", "--node-name", "test-node"])
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        LiveReplay {
+            proc: Guard(Some(child)),
+        }
+    }
+
+    pub fn send(&mut self, events: &[Event]) {
+        let stdin = self.proc.child().stdin.as_mut().unwrap();
+        stdin.write_all(ndjson(events).as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Closes stdin and waits for the summary; returns stderr.
+    pub fn finish(mut self, timeout: Duration) -> String {
+        let mut child = self.proc.0.take().unwrap();
+        drop(child.stdin.take());
+        let start = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert!(status.success(), "replay failed: {err}");
+                return err;
+            }
+            if start.elapsed() > timeout {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("replay did not finish within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 }
