@@ -44,6 +44,19 @@ fn drops_to_db(events: &[Value], topo: &AppDb) -> Vec<Value> {
         .collect()
 }
 
+/// (reason, folded?) -> sum of count, for failure messages.
+fn by_reason(events: &[Value]) -> std::collections::BTreeMap<(String, bool), u64> {
+    let mut m = std::collections::BTreeMap::new();
+    for v in events {
+        let key = (
+            str_at(v, "drop.reason").to_string(),
+            str_at(v, "flow.src_ip") == "0.0.0.0",
+        );
+        *m.entry(key).or_default() += at(v, "count").as_u64().unwrap();
+    }
+    m
+}
+
 fn sum(events: &[Value]) -> u64 {
     events
         .iter()
@@ -278,7 +291,12 @@ fn syn_flood_with_rotating_ports_is_folded_per_destination() {
     let firewall = topo.iptables_drop_count(1521);
     assert_eq!(firewall, 30_000);
     let drops = drops_to_db(&fin.events, &topo);
-    assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
+    assert_eq!(
+        sum(&drops),
+        firewall,
+        "sum of count = iptables counter; by reason: {:?}",
+        by_reason(&drops)
+    );
     let folded: u64 = drops
         .iter()
         .filter(|v| at(v, "flow.src_port") == 0 && str_at(v, "flow.src_ip") == "0.0.0.0")
