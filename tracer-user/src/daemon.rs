@@ -12,9 +12,9 @@ use crate::{
     correlate,
     event::{Kind, LostSource},
     identity::Identity,
+    output::Output,
     pipeline::{self, Action, Emit, Pipeline, Summary},
     preflight,
-    sinks::Output,
     tracer::{Tracer, TracerOptions},
 };
 use anyhow::Context as _;

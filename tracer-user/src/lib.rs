@@ -2,7 +2,7 @@
 //!
 //! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode ([`signal`]) ->
 //! correlate ([`correlate`], [`aggregate`]) -> enrich ([`k8s`], [`policy`], [`oracle`]) ->
-//! [`event`] -> [`encode`] -> [`sinks`] (and [`metrics`]). Everything kernel-specific is
+//! [`event`] -> [`encode`] -> [`output`] (sinks, spool, metrics). Everything kernel-specific is
 //! resolved at load time ([`kernel`]).
 pub mod cgroup;
 pub mod clock;
@@ -16,14 +16,13 @@ pub mod explain;
 pub mod identity;
 pub mod k8s;
 pub mod kernel;
-pub mod metrics;
 pub mod oracle;
+pub mod output;
 pub mod pipeline;
 pub mod policy;
 pub mod preflight;
 pub mod replay;
 pub mod report;
 pub mod signal;
-pub mod sinks;
 pub mod tns_track;
 pub mod tracer;

@@ -6,9 +6,9 @@ use clap::{Args, Parser, Subcommand};
 use droptrace::{
     daemon, explain,
     identity::{Identity, IdentityError, IdentityOptions},
+    output::{Output, OutputOptions, cli::OutputArgs},
     pipeline::Emit,
     preflight, replay,
-    sinks::{Output, OutputOptions, cli::OutputArgs},
 };
 
 #[derive(Parser)]

@@ -10,7 +10,7 @@ use tokio::{
 
 use crate::{
     event::{Event, LostSource},
-    sinks::Output,
+    output::Output,
 };
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]

@@ -229,8 +229,8 @@ async fn event_writes_are_rate_limited_per_node_and_losses_reported() {
     assert_eq!(code, 0, "{err}");
     let elapsed = start.elapsed();
     let created = api.objects(EVENTS).len() as u64;
-    let burst = u64::from(droptrace::sinks::k8s_events::BURST);
-    let refill = elapsed.as_secs() / droptrace::sinks::k8s_events::REFILL_EVERY.as_secs() + 1;
+    let burst = u64::from(droptrace::output::k8s_events::BURST);
+    let refill = elapsed.as_secs() / droptrace::output::k8s_events::REFILL_EVERY.as_secs() + 1;
     assert!(
         (burst..=burst + refill).contains(&created),
         "{created} Events written in {elapsed:?}"

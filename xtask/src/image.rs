@@ -19,7 +19,7 @@ pub const REPOSITORY: &str = "ghcr.io/droptrace/droptrace";
 /// service to talk to, also when only a client is installed.
 const ENGINES: [(&str, &str); 3] = [("podman", "build"), ("buildah", "bud"), ("docker", "build")];
 
-/// The CA bundle the sinks trust by default (tracer-user/src/sinks/tls.rs).
+/// The CA bundle the sinks trust by default (tracer-user/src/output/tls.rs).
 const CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 fn reachable(engine: &str) -> bool {

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use crate::{
     drop_class::DropClass,
     event::{Event, Kind},
+    output::OutputSummary,
     signal::DropSignal,
-    sinks::OutputSummary,
 };
 
 /// `--emit`: the records beyond problems that go into the stream.

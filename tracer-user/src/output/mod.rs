@@ -29,19 +29,18 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::{
     encode::{self, Format},
     event::{Event, Kind, LostSource},
-    metrics::Metrics,
 };
 
 pub mod cli;
-mod file;
-mod http;
 pub mod k8s_events;
-pub mod otlp;
+pub mod metrics;
+pub mod sink;
 mod spool;
-mod stream;
 mod tls;
 
-pub use http::HttpMode;
+use metrics::Metrics;
+pub use sink::http::HttpMode;
+use sink::{file, http, otlp, stream};
 pub use tls::TlsFiles;
 
 /// One encoded event as it travels to a sink (and sits in a spool).
@@ -324,7 +323,7 @@ impl Default for OutputOptions {
             flush_timeout: Duration::from_secs(5),
             io_timeout: Duration::from_secs(10),
             metrics_addr: None,
-            metrics_max_pods: crate::metrics::DEFAULT_MAX_PODS,
+            metrics_max_pods: metrics::DEFAULT_MAX_PODS,
             lossless: false,
             k8s_events: None,
         }
@@ -875,7 +874,7 @@ impl SinkCtx {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(crate) enum Phase {
     Running,
     /// Stop taking new events; deliver what is queued and spooled.
     Draining,
@@ -945,7 +944,7 @@ async fn run_outputs(
     };
     let server = match metrics {
         Some((m, l)) => match tokio::net::TcpListener::from_std(l) {
-            Ok(l) => Some(tokio::spawn(crate::metrics::serve(l, m))),
+            Ok(l) => Some(tokio::spawn(metrics::serve(l, m))),
             Err(e) => {
                 let _ = ready.send(Err(OutputError::Metrics {
                     addr: String::new(),

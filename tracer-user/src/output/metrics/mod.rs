@@ -24,7 +24,7 @@ use tokio::{
 
 use crate::{
     event::{Event, Kind, LostSource},
-    sinks::SinkStats,
+    output::SinkStats,
 };
 
 pub const DEFAULT_MAX_PODS: usize = 100;

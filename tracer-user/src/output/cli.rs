@@ -65,10 +65,10 @@ pub struct OutputArgs {
     #[arg(long, default_value = "10s", value_parser = parse_timeout)]
     pub io_timeout: Duration,
     /// Serve Prometheus metrics (/metrics, /healthz, /readyz) on ADDR, e.g. 127.0.0.1:9090.
-    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_addr)]
+    #[arg(long, value_name = "ADDR", value_parser = super::metrics::parse_addr)]
     pub metrics: Option<SocketAddr>,
     /// Pods that get their own label in droptrace_drops_total; later ones count as "other".
-    #[arg(long, default_value_t = crate::metrics::DEFAULT_MAX_PODS)]
+    #[arg(long, default_value_t = super::metrics::DEFAULT_MAX_PODS)]
     pub metrics_max_pods: usize,
     /// Write each stall incident as a Kubernetes Event (events.k8s.io/v1) on the client pod,
     /// and on the destination pod for ingress denials (needs --k8s-api or --kubeconfig, and
@@ -113,7 +113,7 @@ impl OutputArgs {
             .iter()
             .any(|s| matches!(s.target, super::Target::Otlp { .. }))
         {
-            super::otlp::env_headers().map_err(OutputError::Spec)?
+            super::sink::otlp::env_headers().map_err(OutputError::Spec)?
         } else {
             Vec::new()
         };

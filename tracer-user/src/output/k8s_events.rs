@@ -547,7 +547,7 @@ fn classify(e: kube::Error) -> WriteError {
 /// is left or the flush deadline.
 /// `taken` fires once every incident is taken in (and its discards counted), so the last
 /// loss announcement of the run includes them.
-pub(super) async fn run(
+pub(crate) async fn run(
     mut w: Writer,
     mut rx: mpsc::Receiver<Arc<Event>>,
     mut phase: watch::Receiver<Phase>,

@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use super::Record;
+use crate::output::Record;
 
 #[derive(Debug)]
 pub struct FileSink {
