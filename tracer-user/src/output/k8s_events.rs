@@ -27,7 +27,10 @@ use kube::{
 use serde_json::{Value, json};
 use tokio::sync::{mpsc, watch};
 
-use super::{Discard, Phase, SinkStats, phase_at_least};
+use super::{
+    delivery::{Phase, phase_at_least},
+    stats::{Discard, SinkStats},
+};
 use crate::event::{Endpoint, Event, Kind};
 
 /// The name of this output in `lost.sink`, metrics and the exit summary.
@@ -547,7 +550,7 @@ fn classify(e: kube::Error) -> WriteError {
 /// is left or the flush deadline.
 /// `taken` fires once every incident is taken in (and its discards counted), so the last
 /// loss announcement of the run includes them.
-pub(crate) async fn run(
+pub(super) async fn run(
     mut w: Writer,
     mut rx: mpsc::Receiver<Arc<Event>>,
     mut phase: watch::Receiver<Phase>,

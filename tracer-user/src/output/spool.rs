@@ -354,6 +354,19 @@ fn decode_line(line: &[u8]) -> Option<Record> {
     })
 }
 
+/// The spool directory of a sink: its name with everything but `[A-Za-z0-9.-]` as `_`.
+pub(super) fn sanitize(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -492,5 +505,10 @@ mod tests {
         let file = dir.path().join("f");
         fs::write(&file, "x").unwrap();
         assert!(Spool::open(&file.join("sub"), 1024).is_err());
+    }
+
+    #[test]
+    fn sanitized_spool_names() {
+        assert_eq!(sanitize("syslog+tls://h:6514"), "syslog_tls___h_6514");
     }
 }

@@ -1,5 +1,7 @@
-//! Prometheus metrics (`--metrics ADDR`): `/metrics` in the text exposition format,
-//! `/healthz` (200 while the process serves) and `/readyz` (200 once tracing is attached).
+//! Prometheus metrics (`--metrics ADDR`): the registry, rendered in the text exposition
+//! format, served by `server` at `/metrics`, with `/healthz` (200 while the process serves)
+//! and `/readyz` (200 once tracing is attached). It reads the sinks' counters
+//! ([`SinkStats`]) and knows nothing else of the outputs.
 //!
 //! Updates come from the event path, so they are one uncontended mutex and a few map
 //! operations per event. Label sets are bounded: the first `max_pods` (namespace, pod)
@@ -9,23 +11,18 @@
 use std::{
     collections::{BTreeMap, HashSet},
     fmt::Write as _,
-    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
 };
 
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
+use super::stats::SinkStats;
+use crate::event::{Event, Kind, LostSource};
 
-use crate::{
-    event::{Event, Kind, LostSource},
-    output::SinkStats,
-};
+mod server;
+
+pub use server::{parse_addr, serve};
 
 pub const DEFAULT_MAX_PODS: usize = 100;
 const MAX_PORTS: usize = 100;
@@ -308,76 +305,6 @@ fn esc(s: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Serves until the runtime stops. One request per connection (Connection: close).
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                let mut buf = Vec::with_capacity(1024);
-                let mut chunk = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") && buf.len() < 16 * 1024 {
-                    match conn.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                let (status, ctype, body) = respond(&buf, &metrics);
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                let _ = conn.write_all(head.as_bytes()).await;
-                let _ = conn.write_all(body.as_bytes()).await;
-                let _ = conn.shutdown().await;
-            })
-            .await;
-        });
-    }
-}
-
-fn respond(req: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String) {
-    let line = req.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    const TEXT: &str = "text/plain; charset=utf-8";
-    if method != "GET" && method != "HEAD" {
-        return ("405 Method Not Allowed", TEXT, "GET only\n".to_string());
-    }
-    match path {
-        "/metrics" => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.render(),
-        ),
-        "/healthz" => ("200 OK", TEXT, "ok\n".to_string()),
-        "/readyz" if metrics.is_ready() => ("200 OK", TEXT, "ready\n".to_string()),
-        "/readyz" => (
-            "503 Service Unavailable",
-            TEXT,
-            "not attached yet\n".to_string(),
-        ),
-        _ => ("404 Not Found", TEXT, "not found\n".to_string()),
-    }
-}
-
-/// Where `--metrics` listens; `:9090` means all addresses.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
-    let full = if s.starts_with(':') {
-        format!("0.0.0.0{s}")
-    } else {
-        s.to_string()
-    };
-    full.parse()
-        .map_err(|_| format!("`{s}` is not an address:port (e.g. 127.0.0.1:9090 or :9090)"))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -428,23 +355,5 @@ mod tests {
         );
         assert!(text.contains("droptrace_kernel_counter_total{counter=\"tcp_unreadable\"} 1"));
         assert!(text.contains("droptrace_build_info{version="));
-    }
-
-    #[test]
-    fn routes() {
-        let m = Metrics::new(1);
-        assert_eq!(
-            respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m).0,
-            "503 Service Unavailable"
-        );
-        m.set_ready(true);
-        assert_eq!(respond(b"GET /readyz HTTP/1.1\r\n\r\n", &m).0, "200 OK");
-        assert_eq!(respond(b"GET /healthz HTTP/1.1\r\n\r\n", &m).0, "200 OK");
-        assert_eq!(
-            respond(b"GET /nope HTTP/1.1\r\n\r\n", &m).0,
-            "404 Not Found"
-        );
-        assert_eq!(parse_addr(":9090").unwrap().port(), 9090);
-        assert!(parse_addr("nope").is_err());
     }
 }

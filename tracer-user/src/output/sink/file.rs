@@ -6,7 +6,7 @@ use std::{
     sync::Arc,
 };
 
-use crate::output::Record;
+use super::Record;
 
 #[derive(Debug)]
 pub struct FileSink {

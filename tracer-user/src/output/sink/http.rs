@@ -6,11 +6,10 @@ use std::{sync::Arc, time::Duration};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 
 use super::{
-    otlp,
+    DeliverError, Record, otlp,
     stream::{self, Io, TlsTarget},
 };
 use crate::encode::rfc3339_millis;
-use crate::output::{DeliverError, Record};
 
 /// Biggest response body read (ES bulk responses echo one item per document).
 const MAX_BODY: usize = 32 << 20;

@@ -14,11 +14,13 @@ use http_body_util::{BodyExt, Full};
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 
-use super::stream::{self, TlsTarget};
+use super::{
+    DeliverError, Record,
+    stream::{self, TlsTarget},
+};
 use crate::{
     encode::{Side, rfc3339_nanos, subject},
     event::{Endpoint, Event, Kind},
-    output::{DeliverError, Record},
 };
 
 /// gRPC method of the OTLP logs service.

@@ -9,8 +9,8 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
+use super::{DeliverError, Record};
 use crate::event::Kind;
-use crate::output::{DeliverError, Record};
 
 /// RFC 5424 facility local0: what receivers conventionally route to application logs.
 const FACILITY_LOCAL0: u8 = 16;
