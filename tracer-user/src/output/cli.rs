@@ -7,7 +7,7 @@ use super::{HttpMode, OutputError, OutputOptions, SinkSpec, TlsFiles};
 use crate::encode::Format;
 
 /// Env var holding the HTTP Authorization header value (instead of `--http-auth-file`).
-pub const AUTH_ENV: &str = "DROPTRACE_HTTP_AUTH";
+pub(crate) const AUTH_ENV: &str = "DROPTRACE_HTTP_AUTH";
 
 #[derive(Debug, Clone, Args)]
 pub struct OutputArgs {
@@ -16,60 +16,60 @@ pub struct OutputArgs {
     /// OpenTelemetry logs over gRPC `otlp://HOST:PORT` (TLS: `otlps://`) or HTTP
     /// `otlp+http://HOST:PORT` (TLS: `otlp+https://`).
     #[arg(long = "output", short = 'o', value_name = "SINK", default_value = "-")]
-    pub outputs: Vec<String>,
+    pub(crate) outputs: Vec<String>,
     /// Line format: native (droptrace.v1), ecs (Elastic Common Schema), ocsf (Network
     /// Activity), or text (one readable line per event, for terminals and files). Default:
     /// text when stdout is a terminal and is the only output, else native.
     #[arg(long, value_parser = parse_format)]
-    pub format: Option<Format>,
+    pub(crate) format: Option<Format>,
     /// Rotate file outputs past this size (e.g. 100M; 0 = never).
     #[arg(long, default_value = "100M", value_parser = parse_size)]
-    pub rotate_size: u64,
+    pub(crate) rotate_size: u64,
     /// Rotated files kept (PATH.1 … PATH.N).
     #[arg(long, default_value_t = 5)]
-    pub rotate_keep: u32,
+    pub(crate) rotate_keep: u32,
     /// CA certificates (PEM) for syslog+tls:// and https:// (default: the system bundle).
     #[arg(long, value_name = "FILE")]
-    pub ca: Option<PathBuf>,
+    pub(crate) ca: Option<PathBuf>,
     /// Client certificate chain (PEM) for mutual TLS.
     #[arg(long, value_name = "FILE", requires = "client_key")]
-    pub client_cert: Option<PathBuf>,
+    pub(crate) client_cert: Option<PathBuf>,
     /// Client private key (PEM) for mutual TLS.
     #[arg(long, value_name = "FILE", requires = "client_cert")]
-    pub client_key: Option<PathBuf>,
+    pub(crate) client_key: Option<PathBuf>,
     /// Body shape of http(s):// outputs: generic (NDJSON), elasticsearch-bulk, splunk-hec.
     #[arg(long, default_value = "generic")]
-    pub http_mode: HttpMode,
+    pub(crate) http_mode: HttpMode,
     /// File holding the HTTP Authorization header value (e.g. `ApiKey …`, `Basic …`; a bare
     /// token in splunk-hec mode), for http(s):// and otlp outputs. The DROPTRACE_HTTP_AUTH
     /// env var works too. OTLP outputs also send OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long, value_name = "FILE")]
-    pub http_auth_file: Option<PathBuf>,
+    pub(crate) http_auth_file: Option<PathBuf>,
     /// Most events per write or HTTP request.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
-    pub batch: u32,
+    pub(crate) batch: u32,
     /// Keep undelivered events on disk here (one subdirectory per output) and replay them in
     /// order when the receiver is back. Without it, a full memory queue discards (counted).
     #[arg(long, value_name = "DIR")]
-    pub spool_dir: Option<PathBuf>,
+    pub(crate) spool_dir: Option<PathBuf>,
     /// Spool size cap per output (e.g. 256M); past it new events are discarded (counted).
     #[arg(long, default_value = "256M", value_parser = parse_nonzero_size)]
-    pub spool_max: u64,
+    pub(crate) spool_max: u64,
     /// Events held in memory per output.
     #[arg(long, default_value_t = 8192, value_parser = clap::value_parser!(u32).range(1..))]
-    pub queue_size: u32,
+    pub(crate) queue_size: u32,
     /// At exit, how long outputs get to deliver what is queued (the rest stays spooled).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
-    pub flush_timeout: Duration,
+    pub(crate) flush_timeout: Duration,
     /// Connect, handshake, write and HTTP response timeout.
     #[arg(long, default_value = "10s", value_parser = parse_timeout)]
-    pub io_timeout: Duration,
+    pub(crate) io_timeout: Duration,
     /// Serve Prometheus metrics (/metrics, /healthz, /readyz) on ADDR, e.g. 127.0.0.1:9090.
     #[arg(long, value_name = "ADDR", value_parser = super::metrics::parse_addr)]
-    pub metrics: Option<SocketAddr>,
+    pub(crate) metrics: Option<SocketAddr>,
     /// Pods that get their own label in droptrace_drops_total; later ones count as "other".
     #[arg(long, default_value_t = super::metrics::DEFAULT_MAX_PODS)]
-    pub metrics_max_pods: usize,
+    pub(crate) metrics_max_pods: usize,
     /// Write each stall incident as a Kubernetes Event (events.k8s.io/v1) on the client pod,
     /// and on the destination pod for ingress denials (needs --k8s-api or --kubeconfig, and
     /// create/patch on events.events.k8s.io).
@@ -152,7 +152,7 @@ impl OutputArgs {
 impl OutputArgs {
     /// `--format`, or its default: text on a terminal that is the only output, else native.
     /// Text goes to terminals and files only, and is coloured on a terminal (unless NO_COLOR).
-    pub fn format(&self, specs: &[SinkSpec], tty: bool) -> Result<Format, OutputError> {
+    pub(crate) fn format(&self, specs: &[SinkSpec], tty: bool) -> Result<Format, OutputError> {
         let only_stdout = specs.iter().all(|s| s.target == super::Target::Stdout);
         let format = match self.format {
             Some(f) => f,
@@ -211,7 +211,7 @@ fn parse_nonzero_size(s: &str) -> Result<u64, String> {
 }
 
 /// `1048576`, `512K`, `100M`, `2G` (binary multiples; an optional trailing `B`/`iB`).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub(crate) fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let t = t
         .strip_suffix("iB")

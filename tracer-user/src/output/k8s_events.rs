@@ -34,13 +34,13 @@ use super::{
 use crate::event::{Endpoint, Event, Kind};
 
 /// The name of this output in `lost.sink`, metrics and the exit summary.
-pub const SINK_NAME: &str = "k8s-events";
+pub(crate) const SINK_NAME: &str = "k8s-events";
 /// Writes (creates and series patches) a node may make at once.
 pub const BURST: u32 = 25;
 /// Then one more write per this long.
 pub const REFILL_EVERY: Duration = Duration::from_secs(5);
 /// A series is patched at most this often after its second occurrence.
-pub const SERIES_EVERY: Duration = Duration::from_secs(30);
+pub(crate) const SERIES_EVERY: Duration = Duration::from_secs(30);
 /// Events the API server keeps (its --event-ttl default is 1h): older ones are made anew.
 const EVENT_TTL: Duration = Duration::from_secs(50 * 60);
 /// (pod, destination, reason) keys remembered; the least recently seen are forgotten.
@@ -51,7 +51,7 @@ const MAX_PENDING: usize = 256;
 const MAX_NOTE: usize = 1024;
 
 /// Why, as the Event's `reason`: the documented set.
-pub fn reason(e: &Event) -> Option<&'static str> {
+pub(crate) fn reason(e: &Event) -> Option<&'static str> {
     let outcome = e.attempt.as_ref().map(|a| a.outcome.as_str())?;
     if outcome == "in_progress" {
         return None;
@@ -102,7 +102,7 @@ fn destination(e: &Event) -> String {
 }
 
 /// The Events one incident makes: (key, Event object).
-pub fn events_for(e: &Event, node: &str) -> Vec<(Key, Value)> {
+pub(crate) fn events_for(e: &Event, node: &str) -> Vec<(Key, Value)> {
     if e.kind != Kind::Stall {
         return Vec::new();
     }
@@ -219,10 +219,10 @@ fn truncate(s: &str, max: usize) -> String {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Key {
-    pub pod: String,
-    pub destination: String,
-    pub reason: &'static str,
+pub(crate) struct Key {
+    pub(crate) pod: String,
+    pub(crate) destination: String,
+    pub(crate) reason: &'static str,
 }
 
 /// One Event and what the API knows of it.
@@ -262,7 +262,7 @@ impl Bucket {
     }
 }
 
-pub struct Writer {
+pub(crate) struct Writer {
     api: Client,
     node: String,
     stats: Arc<SinkStats>,
@@ -286,7 +286,7 @@ enum WriteError {
 }
 
 impl Writer {
-    pub fn new(api: Client, node: &str, stats: Arc<SinkStats>) -> Self {
+    pub(crate) fn new(api: Client, node: &str, stats: Arc<SinkStats>) -> Self {
         Self {
             api,
             node: node.to_string(),

@@ -38,8 +38,8 @@ pub mod cli;
 mod delivery;
 pub mod k8s_events;
 mod lost;
-pub mod metrics;
-pub mod sink;
+pub(crate) mod metrics;
+pub(crate) mod sink;
 mod spool;
 mod stats;
 mod thread;
@@ -49,9 +49,9 @@ use delivery::{Shared, SinkCtx, SinkHandle};
 use lost::LostMaker;
 use metrics::Metrics;
 use sink::Transport;
-pub use sink::{HttpMode, Record, SinkSpec, Target};
-use stats::Discard;
-pub use stats::{OutputSummary, SinkStats, SinkSummary};
+pub use sink::{HttpMode, SinkSpec, Target};
+use stats::{Discard, SinkStats};
+pub use stats::{OutputSummary, SinkSummary};
 use thread::{Encoding, K8sEvents, run_outputs};
 pub use tls::TlsFiles;
 
@@ -338,7 +338,7 @@ impl Output {
 
     /// Queues the event for every sink (encoded once, on the output thread). Never blocks:
     /// a full queue is a counted discard, reported in-stream as a `lost` event.
-    pub fn send(&mut self, event: &Event) {
+    pub(crate) fn send(&mut self, event: &Event) {
         if let Some(m) = &self.metrics {
             m.observe(event);
         }
@@ -359,7 +359,7 @@ impl Output {
     }
 
     /// Counts an event the stream does not carry (see `--emit`): metrics count every event.
-    pub fn observe(&self, event: &Event) {
+    pub(crate) fn observe(&self, event: &Event) {
         if let Some(m) = &self.metrics {
             m.observe(event);
         }
@@ -367,7 +367,7 @@ impl Output {
 
     /// Like `send`, but waits for room instead of discarding (with `lossless`, the whole
     /// pipeline then goes at the pace of the slowest sink). For `replay`.
-    pub async fn send_wait(&mut self, event: &Event) {
+    pub(crate) async fn send_wait(&mut self, event: &Event) {
         if let Some(m) = &self.metrics {
             m.observe(event);
         }
@@ -380,7 +380,7 @@ impl Output {
     }
 
     /// The metrics registry when `--metrics` is on (the daemon marks readiness on it).
-    pub fn metrics(&self) -> Option<&Arc<Metrics>> {
+    pub(crate) fn metrics(&self) -> Option<&Arc<Metrics>> {
         self.metrics.as_ref()
     }
 

@@ -18,7 +18,7 @@ use std::{
 
 use bytes::Bytes;
 
-use super::Record;
+use super::sink::Record;
 use crate::event::Kind;
 
 /// Fresh spools number segments from here, so there is room to prepend below.
@@ -36,7 +36,7 @@ struct Segment {
 }
 
 #[derive(Debug)]
-pub struct Spool {
+pub(crate) struct Spool {
     dir: PathBuf,
     max_bytes: u64,
     segment_bytes: u64,
@@ -49,15 +49,15 @@ pub struct Spool {
 
 /// A batch read from the head, to `commit` once the sink accepted it.
 #[derive(Debug)]
-pub struct Peeked {
-    pub records: Vec<Arc<Record>>,
+pub(crate) struct Peeked {
+    pub(crate) records: Vec<Arc<Record>>,
     bytes: u64,
     segment: u64,
 }
 
 impl Spool {
     /// Opens (creating) the spool in `dir`, picking up what a previous run left.
-    pub fn open(dir: &Path, max_bytes: u64) -> io::Result<Self> {
+    pub(crate) fn open(dir: &Path, max_bytes: u64) -> io::Result<Self> {
         fs::create_dir_all(dir)?;
         // Fail now, not at the first outage, if the directory is not writable.
         let probe = dir.join(".probe");
@@ -106,11 +106,11 @@ impl Spool {
         Ok(spool)
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.records == 0
     }
 
-    pub fn records(&self) -> u64 {
+    pub(crate) fn records(&self) -> u64 {
         self.records
     }
 
@@ -124,7 +124,7 @@ impl Spool {
 
     /// Appends records in order while they fit under the cap; returns how many did not fit
     /// (the caller discards and counts those: the last ones of `records`).
-    pub fn append(&mut self, records: &[Arc<Record>]) -> io::Result<usize> {
+    pub(crate) fn append(&mut self, records: &[Arc<Record>]) -> io::Result<usize> {
         let mut buf = Vec::new();
         let mut fitted = 0;
         for r in records {
@@ -142,7 +142,7 @@ impl Spool {
     }
 
     /// Appends past the cap: for the one `lost` record that accounts for what was discarded.
-    pub fn append_unbounded(&mut self, r: &Record) -> io::Result<()> {
+    pub(crate) fn append_unbounded(&mut self, r: &Record) -> io::Result<()> {
         self.write_tail(&encode_line(r), 1)
     }
 
@@ -182,7 +182,7 @@ impl Spool {
 
     /// Puts records back in front of everything spooled, ignoring the cap: they were
     /// already taken into the pipeline, and there are at most a queue's worth.
-    pub fn prepend(&mut self, records: &[Arc<Record>]) -> io::Result<()> {
+    pub(crate) fn prepend(&mut self, records: &[Arc<Record>]) -> io::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -216,7 +216,7 @@ impl Spool {
     }
 
     /// Reads up to `max` records from the head without removing them.
-    pub fn peek(&mut self, max: usize) -> io::Result<Option<Peeked>> {
+    pub(crate) fn peek(&mut self, max: usize) -> io::Result<Option<Peeked>> {
         let Some(head) = self.segments.front() else {
             return Ok(None);
         };
@@ -250,7 +250,7 @@ impl Spool {
     }
 
     /// Removes a peeked batch: the sink accepted it.
-    pub fn commit(&mut self, p: &Peeked) -> io::Result<()> {
+    pub(crate) fn commit(&mut self, p: &Peeked) -> io::Result<()> {
         let Some(head) = self.segments.front_mut() else {
             return Ok(());
         };

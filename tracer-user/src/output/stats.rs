@@ -40,7 +40,7 @@ impl Discard {
 
 /// Counters of one sink, shared by `Output::send`, its tasks and the metrics endpoint.
 #[derive(Debug, Default)]
-pub struct SinkStats {
+pub(crate) struct SinkStats {
     pub(super) sent: AtomicU64,
     pub(super) errors: AtomicU64,
     pub(super) spooled: AtomicU64,
@@ -53,25 +53,25 @@ pub struct SinkStats {
 }
 
 impl SinkStats {
-    pub fn sent(&self) -> u64 {
+    pub(crate) fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
 
-    pub fn errors(&self) -> u64 {
+    pub(crate) fn errors(&self) -> u64 {
         self.errors.load(Ordering::Relaxed)
     }
 
     /// Events in the spool now.
-    pub fn spooled(&self) -> u64 {
+    pub(crate) fn spooled(&self) -> u64 {
         self.spooled.load(Ordering::Relaxed)
     }
 
     /// Whether the receiver answered the last connect or delivery.
-    pub fn up(&self) -> bool {
+    pub(crate) fn up(&self) -> bool {
         !self.down.load(Ordering::Relaxed)
     }
 
-    pub fn discarded(&self) -> u64 {
+    pub(crate) fn discarded(&self) -> u64 {
         self.discarded
             .iter()
             .map(|d| d.load(Ordering::Relaxed))
@@ -88,19 +88,19 @@ impl SinkStats {
 /// What one sink did over the run.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkSummary {
-    pub name: String,
-    pub sent: u64,
-    pub errors: u64,
-    pub discarded: u64,
+    pub(crate) name: String,
+    pub(crate) sent: u64,
+    pub(crate) errors: u64,
+    pub(crate) discarded: u64,
     /// Left in the spool for the next run.
-    pub spooled: u64,
+    pub(crate) spooled: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutputSummary {
-    pub sinks: Vec<SinkSummary>,
+    pub(crate) sinks: Vec<SinkSummary>,
     /// The flush deadline passed before every sink caught up.
-    pub timed_out: bool,
+    pub(crate) timed_out: bool,
 }
 
 impl OutputSummary {

@@ -13,12 +13,12 @@ const SYSTEM_CA: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 #[derive(Debug, Clone, Default)]
 pub struct TlsFiles {
-    pub ca: Option<std::path::PathBuf>,
-    pub client_cert: Option<std::path::PathBuf>,
-    pub client_key: Option<std::path::PathBuf>,
+    pub(crate) ca: Option<std::path::PathBuf>,
+    pub(crate) client_cert: Option<std::path::PathBuf>,
+    pub(crate) client_key: Option<std::path::PathBuf>,
 }
 
-pub fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, OutputError> {
+pub(crate) fn client_config(files: &TlsFiles) -> Result<Arc<ClientConfig>, OutputError> {
     let ca = files.ca.as_deref().unwrap_or(Path::new(SYSTEM_CA));
     let mut roots = RootCertStore::empty();
     let certs = load_certs(ca, "CA file")?;
@@ -67,7 +67,7 @@ fn load_certs(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>, O
     Ok(certs)
 }
 
-pub fn server_name(host: &str) -> Result<ServerName<'static>, OutputError> {
+pub(crate) fn server_name(host: &str) -> Result<ServerName<'static>, OutputError> {
     ServerName::try_from(
         host.trim_start_matches('[')
             .trim_end_matches(']')

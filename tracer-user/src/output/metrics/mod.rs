@@ -22,15 +22,15 @@ use crate::event::{Event, Kind, LostSource};
 
 mod server;
 
-pub use server::{parse_addr, serve};
+pub(crate) use server::{parse_addr, serve};
 
-pub const DEFAULT_MAX_PODS: usize = 100;
+pub(crate) const DEFAULT_MAX_PODS: usize = 100;
 const MAX_PORTS: usize = 100;
 const MAX_REASONS: usize = 512;
 const MAX_OUTCOMES: usize = 32;
 const OTHER: &str = "other";
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     ready: AtomicBool,
     max_pods: usize,
     inner: Mutex<Inner>,
@@ -52,7 +52,7 @@ struct Inner {
 }
 
 impl Metrics {
-    pub fn new(max_pods: usize) -> Self {
+    pub(crate) fn new(max_pods: usize) -> Self {
         Self {
             ready: AtomicBool::new(false),
             max_pods,
@@ -62,11 +62,11 @@ impl Metrics {
     }
 
     /// `/readyz` answers 200 from now on (the daemon calls it once programs are attached).
-    pub fn set_ready(&self, ready: bool) {
+    pub(crate) fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
     }
 
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         self.ready.load(Ordering::Relaxed)
     }
 
@@ -77,7 +77,7 @@ impl Metrics {
     }
 
     /// Counts one event leaving the daemon.
-    pub fn observe(&self, e: &Event) {
+    pub(crate) fn observe(&self, e: &Event) {
         let Ok(mut m) = self.inner.lock() else {
             return;
         };
@@ -140,14 +140,14 @@ impl Metrics {
     }
 
     /// The kernel programs' counters, read by the run loop every second.
-    pub fn kernel_counters(&self, counters: &[(&'static str, u64)]) {
+    pub(crate) fn kernel_counters(&self, counters: &[(&'static str, u64)]) {
         if let Ok(mut m) = self.inner.lock() {
             m.kernel = counters.to_vec();
         }
     }
 
     /// The text exposition format, version 0.0.4.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         family_line(
             &mut out,

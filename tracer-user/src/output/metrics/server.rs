@@ -11,7 +11,7 @@ use tokio::{
 use super::Metrics;
 
 /// Serves until the runtime stops. One request per connection (Connection: close).
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+pub(crate) async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
         let Ok((mut conn, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -70,7 +70,7 @@ fn respond(req: &[u8], metrics: &Metrics) -> (&'static str, &'static str, String
 }
 
 /// Where `--metrics` listens; `:9090` means all addresses.
-pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     let full = if s.starts_with(':') {
         format!("0.0.0.0{s}")
     } else {

@@ -9,7 +9,7 @@ use std::{
 use super::Record;
 
 #[derive(Debug)]
-pub struct FileSink {
+pub(crate) struct FileSink {
     path: PathBuf,
     /// 0 = never rotate.
     rotate_size: u64,
@@ -20,7 +20,7 @@ pub struct FileSink {
 
 impl FileSink {
     /// Opens the file now, so a bad path fails at start.
-    pub fn open(path: &Path, rotate_size: u64, rotate_keep: u32) -> io::Result<Self> {
+    pub(crate) fn open(path: &Path, rotate_size: u64, rotate_keep: u32) -> io::Result<Self> {
         let mut s = Self {
             path: path.to_path_buf(),
             rotate_size,
@@ -43,7 +43,7 @@ impl FileSink {
     }
 
     /// Accepted = handed to the kernel (write(2) returned); no fsync per batch.
-    pub fn deliver(&mut self, batch: &[Arc<Record>]) -> io::Result<()> {
+    pub(crate) fn deliver(&mut self, batch: &[Arc<Record>]) -> io::Result<()> {
         let mut buf = Vec::with_capacity(batch.iter().map(|r| r.line.len() + 1).sum());
         for r in batch {
             buf.extend_from_slice(&r.line);

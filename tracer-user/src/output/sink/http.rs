@@ -40,7 +40,7 @@ impl std::str::FromStr for HttpMode {
     }
 }
 
-pub struct HttpSink {
+pub(crate) struct HttpSink {
     host: String,
     port: u16,
     path: String,
@@ -57,13 +57,13 @@ pub struct HttpSink {
 }
 
 /// What a 2xx response said about individual documents.
-pub struct Accepted {
+pub(crate) struct Accepted {
     /// Documents the receiver refused inside an accepted request (ES bulk item errors).
-    pub rejected: u64,
+    pub(crate) rejected: u64,
 }
 
 impl HttpSink {
-    pub fn new(
+    pub(crate) fn new(
         host: &str,
         port: u16,
         path: &str,
@@ -92,13 +92,13 @@ impl HttpSink {
     }
 
     /// OTLP/HTTP: protobuf bodies for `resource`, with `headers` on every request.
-    pub fn otlp(mut self, resource: otlp::Resource, headers: Vec<(String, String)>) -> Self {
+    pub(crate) fn otlp(mut self, resource: otlp::Resource, headers: Vec<(String, String)>) -> Self {
         self.otlp = Some(resource);
         self.headers = headers;
         self
     }
 
-    pub async fn connect(&mut self) -> Result<(), DeliverError> {
+    pub(crate) async fn connect(&mut self) -> Result<(), DeliverError> {
         if self.conn.is_some() {
             return Ok(());
         }
@@ -107,7 +107,7 @@ impl HttpSink {
         Ok(())
     }
 
-    pub fn body(&self, batch: &[Arc<Record>]) -> Vec<u8> {
+    pub(crate) fn body(&self, batch: &[Arc<Record>]) -> Vec<u8> {
         if let Some(resource) = &self.otlp {
             return otlp::export_request(resource, batch);
         }
@@ -136,7 +136,10 @@ impl HttpSink {
         body
     }
 
-    pub async fn deliver(&mut self, batch: &[Arc<Record>]) -> Result<Accepted, DeliverError> {
+    pub(crate) async fn deliver(
+        &mut self,
+        batch: &[Arc<Record>],
+    ) -> Result<Accepted, DeliverError> {
         self.connect().await?;
         let body = self.body(batch);
         let result = tokio::time::timeout(self.timeout, self.exchange(&body)).await;

@@ -12,7 +12,7 @@ use crate::{
 
 pub(super) mod file;
 pub(super) mod http;
-pub mod otlp;
+pub(crate) mod otlp;
 pub(super) mod spec;
 pub(super) mod stream;
 
@@ -21,15 +21,15 @@ pub use spec::{SinkSpec, Target};
 
 /// One encoded event as it travels to a sink (and sits in a spool).
 #[derive(Debug, Clone)]
-pub struct Record {
-    pub kind: Kind,
+pub(crate) struct Record {
+    pub(crate) kind: Kind,
     /// RFC 3339 event time (syslog TIMESTAMP, HEC `time`).
-    pub time: String,
+    pub(crate) time: String,
     /// One JSON line, no newline.
-    pub line: Bytes,
+    pub(crate) line: Bytes,
     /// For OTLP sinks: the LogRecord fields other than the body ([`otlp::sidecar`]); empty
     /// when no OTLP output is configured.
-    pub otlp: Bytes,
+    pub(crate) otlp: Bytes,
 }
 
 impl Record {

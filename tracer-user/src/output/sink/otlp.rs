@@ -24,15 +24,15 @@ use crate::{
 };
 
 /// gRPC method of the OTLP logs service.
-pub const GRPC_PATH: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
+pub(crate) const GRPC_PATH: &str = "/opentelemetry.proto.collector.logs.v1.LogsService/Export";
 /// OTLP/HTTP logs path.
-pub const HTTP_PATH: &str = "/v1/logs";
-pub const GRPC_PORT: u16 = 4317;
-pub const HTTP_PORT: u16 = 4318;
+pub(crate) const HTTP_PATH: &str = "/v1/logs";
+pub(crate) const GRPC_PORT: u16 = 4317;
+pub(crate) const HTTP_PORT: u16 = 4318;
 
 /// Protobuf wire encoding, the few primitives the OTLP messages need.
 mod pb {
-    pub fn varint(out: &mut Vec<u8>, mut v: u64) {
+    pub(crate) fn varint(out: &mut Vec<u8>, mut v: u64) {
         while v >= 0x80 {
             out.push((v as u8) | 0x80);
             v >>= 7;
@@ -44,28 +44,28 @@ mod pb {
         varint(out, (u64::from(field) << 3) | u64::from(wire));
     }
 
-    pub fn bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
+    pub(crate) fn bytes(out: &mut Vec<u8>, field: u32, b: &[u8]) {
         key(out, field, 2);
         varint(out, b.len() as u64);
         out.extend_from_slice(b);
     }
 
-    pub fn string(out: &mut Vec<u8>, field: u32, s: &str) {
+    pub(crate) fn string(out: &mut Vec<u8>, field: u32, s: &str) {
         bytes(out, field, s.as_bytes());
     }
 
-    pub fn uint(out: &mut Vec<u8>, field: u32, v: u64) {
+    pub(crate) fn uint(out: &mut Vec<u8>, field: u32, v: u64) {
         key(out, field, 0);
         varint(out, v);
     }
 
-    pub fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
+    pub(crate) fn fixed64(out: &mut Vec<u8>, field: u32, v: u64) {
         key(out, field, 1);
         out.extend_from_slice(&v.to_le_bytes());
     }
 
     /// A nested message written by `f`.
-    pub fn message(out: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
+    pub(crate) fn message(out: &mut Vec<u8>, field: u32, f: impl FnOnce(&mut Vec<u8>)) {
         let mut inner = Vec::new();
         f(&mut inner);
         bytes(out, field, &inner);
@@ -73,12 +73,12 @@ mod pb {
 
     /// One field of a message: (number, wire type, value); varints as their value,
     /// length-delimited as the bytes. `None` on malformed input.
-    pub enum Value<'a> {
+    pub(crate) enum Value<'a> {
         Int(u64),
         Bytes(&'a [u8]),
     }
 
-    pub fn fields(mut b: &[u8]) -> Option<Vec<(u32, Value<'_>)>> {
+    pub(crate) fn fields(mut b: &[u8]) -> Option<Vec<(u32, Value<'_>)>> {
         let mut out = Vec::new();
         let read_varint = |b: &mut &[u8]| -> Option<u64> {
             let mut v = 0u64;
@@ -132,7 +132,7 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: AnyValue) {
 /// OpenTelemetry SeverityNumber by kind (as the syslog severities): lost events are errors,
 /// drops, stalls and storms warnings, Oracle handshakes and connects information, the raw
 /// per-signal records debug.
-pub fn severity(kind: Kind) -> (u64, &'static str) {
+pub(crate) fn severity(kind: Kind) -> (u64, &'static str) {
     match kind {
         Kind::Lost => (17, "ERROR"),
         Kind::Drop | Kind::Stall | Kind::Storm => (13, "WARN"),
@@ -150,7 +150,7 @@ fn now_nanos() -> u64 {
 
 /// What an OTLP sink needs of an event beyond its line: `node` (field 1, the resource's
 /// k8s.node.name) and the LogRecord fields other than the body (field 2), protobuf-encoded.
-pub fn sidecar(e: &Event) -> Bytes {
+pub(crate) fn sidecar(e: &Event) -> Bytes {
     let mut rec = Vec::with_capacity(512);
     let time = rfc3339_nanos(&e.time)
         .and_then(|n| u64::try_from(n).ok())
@@ -283,12 +283,12 @@ fn pod_attributes(s: &mut impl FnMut(&str, &str), prefix: &str, ep: &Endpoint) {
 /// Resource attributes shared by every request: service.name=droptrace, service.version,
 /// host.name (this machine); k8s.node.name comes from each event's node.
 #[derive(Debug, Clone)]
-pub struct Resource {
+pub(crate) struct Resource {
     host: String,
 }
 
 impl Resource {
-    pub fn new(host: &str) -> Self {
+    pub(crate) fn new(host: &str) -> Self {
         Self {
             host: host.to_string(),
         }
@@ -337,7 +337,7 @@ fn parts(r: &Record) -> (String, Vec<u8>) {
 }
 
 /// ExportLogsServiceRequest: one ResourceLogs per run of records from the same node.
-pub fn export_request(resource: &Resource, batch: &[Arc<Record>]) -> Vec<u8> {
+pub(crate) fn export_request(resource: &Resource, batch: &[Arc<Record>]) -> Vec<u8> {
     let mut out = Vec::with_capacity(batch.iter().map(|r| r.line.len() + r.otlp.len()).sum());
     let mut i = 0;
     while i < batch.len() {
@@ -372,7 +372,7 @@ pub fn export_request(resource: &Resource, batch: &[Arc<Record>]) -> Vec<u8> {
 }
 
 /// ExportLogsServiceResponse.partial_success: (rejected_log_records, error_message).
-pub fn partial_success(resp: &[u8]) -> (u64, String) {
+pub(crate) fn partial_success(resp: &[u8]) -> (u64, String) {
     let Some(fields) = pb::fields(resp) else {
         return (0, String::new());
     };
@@ -395,7 +395,7 @@ pub fn partial_success(resp: &[u8]) -> (u64, String) {
 
 /// Extra request headers from `OTEL_EXPORTER_OTLP_HEADERS` / `OTEL_EXPORTER_OTLP_LOGS_HEADERS`
 /// (`key1=value1,key2=value2`, values percent-decoded), as the OpenTelemetry SDKs read them.
-pub fn env_headers() -> Result<Vec<(String, String)>, String> {
+pub(crate) fn env_headers() -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for var in [
         "OTEL_EXPORTER_OTLP_HEADERS",
@@ -407,7 +407,7 @@ pub fn env_headers() -> Result<Vec<(String, String)>, String> {
     Ok(out)
 }
 
-pub fn parse_headers(s: &str) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn parse_headers(s: &str) -> Result<Vec<(String, String)>, String> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
         let (k, v) = item

@@ -9,8 +9,8 @@ use crate::output::OutputError;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkSpec {
     /// As given; the sink's name in `lost.sink`, metrics and logs.
-    pub name: String,
-    pub target: Target,
+    pub(crate) name: String,
+    pub(crate) target: Target,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,7 +45,7 @@ pub enum Target {
 
 impl Target {
     /// Sends over the network (what `--format text` and the spool are not for).
-    pub fn is_network(&self) -> bool {
+    pub(crate) fn is_network(&self) -> bool {
         !matches!(self, Target::Stdout | Target::File(_))
     }
 }

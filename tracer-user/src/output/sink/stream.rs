@@ -16,20 +16,20 @@ use crate::event::Kind;
 const FACILITY_LOCAL0: u8 = 16;
 
 #[derive(Debug, Clone)]
-pub enum Framing {
+pub(crate) enum Framing {
     Ndjson,
     Syslog { hostname: String, procid: u32 },
 }
 
 /// A TLS client config and the name to verify, when the sink uses TLS.
-pub type TlsTarget = Option<(Arc<ClientConfig>, ServerName<'static>)>;
+pub(crate) type TlsTarget = Option<(Arc<ClientConfig>, ServerName<'static>)>;
 
 /// A connected byte stream, plain or TLS.
-pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// TCP connect, then the TLS handshake if any, each bounded by `timeout`.
-pub async fn dial(
+pub(crate) async fn dial(
     host: &str,
     port: u16,
     tls: &TlsTarget,
@@ -66,7 +66,7 @@ pub async fn dial(
     })
 }
 
-pub struct StreamSink {
+pub(crate) struct StreamSink {
     host: String,
     port: u16,
     tls: TlsTarget,
@@ -76,7 +76,13 @@ pub struct StreamSink {
 }
 
 impl StreamSink {
-    pub fn new(host: &str, port: u16, tls: TlsTarget, framing: Framing, timeout: Duration) -> Self {
+    pub(crate) fn new(
+        host: &str,
+        port: u16,
+        tls: TlsTarget,
+        framing: Framing,
+        timeout: Duration,
+    ) -> Self {
         Self {
             host: host.to_string(),
             port,
@@ -87,7 +93,7 @@ impl StreamSink {
         }
     }
 
-    pub async fn connect(&mut self) -> Result<(), DeliverError> {
+    pub(crate) async fn connect(&mut self) -> Result<(), DeliverError> {
         if self.conn.is_none() {
             self.conn = Some(dial(&self.host, self.port, &self.tls, self.timeout).await?);
         }
@@ -97,7 +103,7 @@ impl StreamSink {
     /// Accepted = written and flushed to the socket. Before writing, checks that the peer has
     /// not closed the connection: receivers never send, so anything readable is a FIN, an
     /// RST or a TLS close_notify, and writing after it would be silently lost.
-    pub async fn deliver(&mut self, batch: &[Arc<Record>]) -> Result<(), DeliverError> {
+    pub(crate) async fn deliver(&mut self, batch: &[Arc<Record>]) -> Result<(), DeliverError> {
         self.connect().await?;
         let mut buf = Vec::with_capacity(batch.iter().map(|r| r.line.len() + 96).sum());
         for r in batch {
@@ -113,7 +119,7 @@ impl StreamSink {
         result
     }
 
-    pub async fn close(&mut self) {
+    pub(crate) async fn close(&mut self) {
         if let Some(mut s) = self.conn.take() {
             let _ = s.shutdown().await;
         }
@@ -165,7 +171,7 @@ fn severity(kind: Kind) -> u8 {
 }
 
 /// Appends one framed record.
-pub fn frame(framing: &Framing, r: &Record, out: &mut Vec<u8>) {
+pub(crate) fn frame(framing: &Framing, r: &Record, out: &mut Vec<u8>) {
     match framing {
         Framing::Ndjson => {
             out.extend_from_slice(&r.line);
@@ -191,7 +197,7 @@ pub fn frame(framing: &Framing, r: &Record, out: &mut Vec<u8>) {
 }
 
 /// RFC 5424 HOSTNAME: printable US-ASCII, no spaces, at most 255 characters, "-" if none.
-pub fn syslog_hostname(node: &str) -> String {
+pub(crate) fn syslog_hostname(node: &str) -> String {
     let h: String = node
         .chars()
         .filter(|c| c.is_ascii_graphic())
