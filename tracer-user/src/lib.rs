@@ -11,6 +11,7 @@ pub mod correlate;
 pub mod daemon;
 pub mod drop_class;
 pub mod encode;
+pub mod error;
 pub mod event;
 pub mod explain;
 pub mod identity;

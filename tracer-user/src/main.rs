@@ -1,12 +1,14 @@
-//! The `droptrace` command line. Exit codes: 0 success, 1 runtime failure, 2 bad input or
-//! missing privileges.
+//! The `droptrace` command line. Every command returns `Result<(), Error>`; exit codes (0
+//! success, 1 runtime failure, 2 bad input or missing privileges) are in `error.rs`.
 use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
-    daemon, explain,
-    identity::{Identity, IdentityError, IdentityOptions},
-    output::{Output, OutputOptions, cli::OutputArgs},
+    daemon,
+    error::Error,
+    explain,
+    identity::{Identity, IdentityOptions},
+    output::{Output, OutputError, OutputOptions, cli::OutputArgs},
     pipeline::Emit,
     preflight, replay,
 };
@@ -219,16 +221,26 @@ fn init_logging(level: &str) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
+    match droptrace() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", e.report());
+            ExitCode::from(e.exit_code())
+        }
+    }
+}
+
+fn droptrace() -> Result<(), Error> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) if !e.use_stderr() => {
             // --help, --version.
             let _ = e.print();
-            return ExitCode::SUCCESS;
+            return Ok(());
         }
         Err(e) => {
             use clap::error::ErrorKind;
-            let msg = match e.kind() {
+            return Err(Error::Input(match e.kind() {
                 // clap would print the whole help as the "error".
                 ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
                 | ErrorKind::MissingSubcommand => {
@@ -236,15 +248,10 @@ fn main() -> ExitCode {
                         .to_string()
                 }
                 _ => one_line(&e.to_string()),
-            };
-            eprintln!("droptrace: {msg}");
-            return ExitCode::from(2);
+            }));
         }
     };
-    if let Err(e) = init_logging(&cli.log_level) {
-        eprintln!("droptrace: {e}");
-        return ExitCode::from(2);
-    }
+    init_logging(&cli.log_level).map_err(Error::Input)?;
     match cli.cmd {
         Cmd::Check { json } => check(json),
         Cmd::Run(args) => run(args),
@@ -253,17 +260,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn check(json: bool) -> ExitCode {
-    let report = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt.block_on(async { preflight::run(true) }),
-        Err(e) => {
-            eprintln!("droptrace: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
-    };
+fn check(json: bool) -> Result<(), Error> {
+    let report = runtime()?.block_on(async { preflight::run(true) });
     if json {
         println!(
             "{}",
@@ -281,18 +279,21 @@ fn check(json: bool) -> ExitCode {
         }
     }
     match report.first_failure() {
-        None => ExitCode::SUCCESS,
-        Some(f) => {
-            eprintln!("droptrace: cannot trace: {}: {}", f.name, f.detail);
-            ExitCode::from(if f.name == "privileges" { 2 } else { 1 })
-        }
+        None => Ok(()),
+        Some(f) if f.name == "privileges" => Err(Error::Privileges(format!(
+            "cannot trace: {}: {}",
+            f.name, f.detail
+        ))),
+        Some(f) => Err(Error::CannotTrace {
+            check: f.name.clone(),
+            detail: f.detail.clone(),
+        }),
     }
 }
 
-fn run(args: RunArgs) -> ExitCode {
+fn run(args: RunArgs) -> Result<(), Error> {
     if let Some(why) = preflight::missing_privileges() {
-        eprintln!("droptrace: {why}");
-        return ExitCode::from(2);
+        return Err(Error::Privileges(why));
     }
     let opts = daemon::RunOptions {
         ports: args.ports,
@@ -314,22 +315,13 @@ fn run(args: RunArgs) -> ExitCode {
         ct_netlink: !args.no_ctnetlink,
         pod: args.pod.clone(),
     };
-    let Some(rt) = runtime() else {
-        return ExitCode::from(1);
-    };
+    let rt = runtime()?;
     if args.output.k8s_events && !args.k8s.enabled() {
-        eprintln!("droptrace: --k8s-events needs --k8s-api or --kubeconfig");
-        return ExitCode::from(2);
+        return Err(Error::Input(K8S_EVENTS_NEEDS_API.into()));
     }
+    // A bad kubeconfig is bad input, found before anything is loaded.
     let api = if args.k8s.enabled() {
-        // A bad kubeconfig is bad input, found before anything is loaded.
-        match rt.block_on(args.k8s.connect()) {
-            Ok(conn) => Some(conn),
-            Err(e) => {
-                eprintln!("droptrace: {e}");
-                return ExitCode::from(2);
-            }
-        }
+        Some(rt.block_on(args.k8s.connect())?)
     } else {
         None
     };
@@ -337,151 +329,97 @@ fn run(args: RunArgs) -> ExitCode {
         .as_ref()
         .filter(|_| args.output.k8s_events)
         .map(|c| c.config.clone());
-    let identity = match rt.block_on(Identity::start(IdentityOptions {
+    let identity = rt.block_on(Identity::start(IdentityOptions {
         snapshot: args.k8s_snapshot,
         watch_snapshot: args.watch_snapshot,
         api,
         ip_history: args.ip_history,
-    })) {
-        Ok(id) => id,
-        Err(e) => {
-            eprintln!("droptrace: {e}");
-            return ExitCode::from(match e {
-                IdentityError::Input(_) => 2,
-                IdentityError::Api(_) => 1,
-            });
-        }
-    };
+    }))?;
     if let Some(spec) = &opts.pod {
-        let resolved = match &identity {
-            Some(id) => id.pod_ips(spec).map(|_| ()),
-            None => Err("--pod needs --k8s-api, --kubeconfig or --k8s-snapshot".to_string()),
-        };
-        if let Err(e) = resolved {
-            eprintln!("droptrace: {e}");
-            return ExitCode::from(2);
+        match &identity {
+            Some(id) => id.pod_ips(spec).map(|_| ()).map_err(Error::Input)?,
+            None => {
+                return Err(Error::Input(
+                    "--pod needs --k8s-api, --kubeconfig or --k8s-snapshot".into(),
+                ));
+            }
         }
     }
-    let Some(output) = rt.block_on(start_output(&args.output, &opts.node, false, events_api))
-    else {
-        return ExitCode::from(2);
-    };
-    match rt.block_on(daemon::run(opts, output, identity)) {
-        Ok(summary) => {
-            eprintln!("{}", summary.line());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("droptrace: {e:#}");
-            ExitCode::from(1)
-        }
-    }
+    let output = rt.block_on(start_output(&args.output, &opts.node, false, events_api))?;
+    let summary = rt
+        .block_on(daemon::run(opts, output, identity))
+        .map_err(|error| Error::Failed {
+            error,
+            outputs: None,
+        })?;
+    eprintln!("{}", summary.line());
+    Ok(())
 }
 
-fn explain(args: &explain::ExplainArgs) -> ExitCode {
-    match explain::run(args) {
-        Ok(e) if args.json => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&e.json()).unwrap_or_default()
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(e) => {
-            print!("{}", e.text());
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("droptrace: {e}");
-            ExitCode::from(e.exit_code())
-        }
+/// `--k8s-events` without an API to write to.
+const K8S_EVENTS_NEEDS_API: &str = "--k8s-events needs --k8s-api or --kubeconfig";
+
+fn explain(args: &explain::ExplainArgs) -> Result<(), Error> {
+    let e = explain::run(args)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&e.json()).unwrap_or_default()
+        );
+    } else {
+        print!("{}", e.text());
     }
+    Ok(())
 }
 
-fn replay(args: ReplayArgs) -> ExitCode {
+fn replay(args: ReplayArgs) -> Result<(), Error> {
     let node = args.node_name.unwrap_or_else(daemon::hostname);
-    let Some(rt) = runtime() else {
-        return ExitCode::from(1);
-    };
-    let input = match replay::open_input(&args.input) {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("droptrace: {e}");
-            return ExitCode::from(2);
-        }
-    };
+    let rt = runtime()?;
+    let input = replay::open_input(&args.input).map_err(Error::Input)?;
     let events_api = match (args.output.k8s_events, args.k8s.enabled()) {
         (false, _) => None,
-        (true, false) => {
-            eprintln!("droptrace: --k8s-events needs --k8s-api or --kubeconfig");
-            return ExitCode::from(2);
-        }
-        (true, true) => match rt.block_on(args.k8s.connect()) {
-            Ok(c) => Some(c.config),
-            Err(e) => {
-                eprintln!("droptrace: {e}");
-                return ExitCode::from(2);
-            }
-        },
+        (true, false) => return Err(Error::Input(K8S_EVENTS_NEEDS_API.into())),
+        (true, true) => Some(rt.block_on(args.k8s.connect())?.config),
     };
-    let Some(mut output) = rt.block_on(start_output(&args.output, &node, true, events_api)) else {
-        return ExitCode::from(2);
-    };
+    let mut output = rt.block_on(start_output(&args.output, &node, true, events_api))?;
     let result = rt.block_on(replay::run(input, &mut output, &node));
     let flush = output.flush_timeout();
-    let out_summary = rt.block_on(output.shutdown(flush));
+    let outputs = rt.block_on(output.shutdown(flush));
     match result {
         Ok(summary) => {
-            eprintln!("{}\n{}", summary.line(), out_summary.line());
-            ExitCode::SUCCESS
+            eprintln!("{}\n{}", summary.line(), outputs.line());
+            Ok(())
         }
-        Err(e) => {
-            eprintln!("droptrace: {e:#}\n{}", out_summary.line());
-            ExitCode::from(1)
-        }
+        Err(error) => Err(Error::Failed {
+            error,
+            outputs: Some(outputs),
+        }),
     }
 }
 
-fn runtime() -> Option<tokio::runtime::Runtime> {
-    match tokio::runtime::Builder::new_current_thread()
+fn runtime() -> Result<tokio::runtime::Runtime, Error> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-    {
-        Ok(rt) => Some(rt),
-        Err(e) => {
-            eprintln!("droptrace: cannot start the runtime: {e}");
-            None
-        }
-    }
+        .map_err(Error::Runtime)
 }
 
-/// Starts the outputs; on bad input prints one line (the caller exits 2). `lossless`: wait
-/// for slow outputs instead of discarding (replay). `k8s_events`: the API for --k8s-events.
+/// Starts the outputs. `lossless`: wait for slow outputs instead of discarding (replay).
+/// `k8s_events`: the API for --k8s-events.
 async fn start_output(
     args: &OutputArgs,
     node: &str,
     lossless: bool,
     k8s_events: Option<kube::Config>,
-) -> Option<Output> {
-    let started = match args.resolve(node) {
-        Ok((specs, opts)) => {
-            Output::start(
-                &specs,
-                OutputOptions {
-                    lossless,
-                    k8s_events,
-                    ..opts
-                },
-            )
-            .await
-        }
-        Err(e) => Err(e),
-    };
-    match started {
-        Ok(o) => Some(o),
-        Err(e) => {
-            eprintln!("droptrace: {e}");
-            None
-        }
-    }
+) -> Result<Output, OutputError> {
+    let (specs, opts) = args.resolve(node)?;
+    Output::start(
+        &specs,
+        OutputOptions {
+            lossless,
+            k8s_events,
+            ..opts
+        },
+    )
+    .await
 }
