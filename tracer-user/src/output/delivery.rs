@@ -42,7 +42,7 @@ pub(super) struct SinkCtx {
     pub(super) last_self_report: Mutex<Option<std::time::Instant>>,
 }
 
-pub(super) const SELF_REPORT_EVERY: Duration = Duration::from_secs(1);
+const SELF_REPORT_EVERY: Duration = Duration::from_secs(1);
 
 pub(super) struct Shared {
     pub(super) spool: Option<spool::Spool>,
@@ -57,7 +57,7 @@ impl SinkCtx {
     }
 
     /// Discards of this sink not yet announced to itself.
-    pub(super) fn pending_self(&self) -> bool {
+    fn pending_self(&self) -> bool {
         DISCARDS.iter().any(|w| {
             let i = *w as usize;
             self.stats.discarded[i].load(Ordering::Relaxed)
@@ -65,7 +65,7 @@ impl SinkCtx {
         })
     }
 
-    pub(super) fn self_report_due(&self) -> bool {
+    fn self_report_due(&self) -> bool {
         self.last_self_report
             .lock()
             .map(|t| t.is_none_or(|t| t.elapsed() >= SELF_REPORT_EVERY))
@@ -79,7 +79,7 @@ impl SinkCtx {
     }
 
     /// Appends to the spool tail; what does not fit is a counted discard.
-    pub(super) fn spool_append(&self, sh: &mut Shared, recs: &[Arc<Record>]) {
+    fn spool_append(&self, sh: &mut Shared, recs: &[Arc<Record>]) {
         let Some(sp) = sh.spool.as_mut() else {
             self.stats.discard(Discard::Shutdown, recs.len() as u64);
             return;
@@ -95,7 +95,7 @@ impl SinkCtx {
     }
 
     /// Puts an undelivered batch back in front of the spool (or counts it lost without one).
-    pub(super) fn spool_prepend(&self, sh: &mut Shared, recs: &[Arc<Record>]) {
+    fn spool_prepend(&self, sh: &mut Shared, recs: &[Arc<Record>]) {
         let Some(sp) = sh.spool.as_mut() else {
             self.stats.discard(Discard::Shutdown, recs.len() as u64);
             return;
@@ -122,7 +122,7 @@ pub(super) async fn phase_at_least(rx: &mut watch::Receiver<Phase>, p: Phase) {
     let _ = rx.wait_for(|x| rank(*x) >= rank(p)).await;
 }
 
-pub(super) fn rank(p: Phase) -> u8 {
+fn rank(p: Phase) -> u8 {
     match p {
         Phase::Running => 0,
         Phase::Draining => 1,
@@ -130,7 +130,7 @@ pub(super) fn rank(p: Phase) -> u8 {
     }
 }
 
-pub(super) fn drain(rx: &mut mpsc::Receiver<Arc<Record>>, max: usize, into: &mut Vec<Arc<Record>>) {
+fn drain(rx: &mut mpsc::Receiver<Arc<Record>>, max: usize, into: &mut Vec<Arc<Record>>) {
     while into.len() < max {
         match rx.try_recv() {
             Ok(r) => into.push(r),
@@ -199,7 +199,7 @@ pub(super) async fn intake(
     }
 }
 
-pub(super) enum Source {
+enum Source {
     Direct,
     Spool(spool::Peeked),
     /// This sink's own discard announcement: counts as reported only once delivered.
@@ -355,7 +355,7 @@ pub(super) async fn delivery(
 /// With the direct channel empty: the spool head, else (caught up) this sink's own pending
 /// discard announcements, else nothing.
 /// `urgent` (draining): announce pending discards now, not at the next one-second mark.
-pub(super) fn from_spool_or_self(
+fn from_spool_or_self(
     ctx: &SinkCtx,
     lost: &LostMaker,
     urgent: bool,
@@ -410,9 +410,9 @@ pub(super) fn from_spool_or_self(
 }
 
 /// Most we wait on a receiver's Retry-After before trying again.
-pub(super) const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
-pub(super) fn finish(ctx: &SinkCtx, source: Source) {
+fn finish(ctx: &SinkCtx, source: Source) {
     match source {
         Source::Direct => {}
         Source::Spool(p) => {
@@ -433,7 +433,7 @@ pub(super) fn finish(ctx: &SinkCtx, source: Source) {
 }
 
 /// Sleeps, returning true early if the flush deadline passed meanwhile.
-pub(super) async fn sleep_or_stop(phase: &mut watch::Receiver<Phase>, d: Duration) -> bool {
+async fn sleep_or_stop(phase: &mut watch::Receiver<Phase>, d: Duration) -> bool {
     tokio::select! {
         _ = tokio::time::sleep(d) => *phase.borrow() == Phase::Stop,
         _ = phase_at_least(phase, Phase::Stop) => true,
@@ -442,7 +442,7 @@ pub(super) async fn sleep_or_stop(phase: &mut watch::Receiver<Phase>, d: Duratio
 
 /// Exponential backoff: 100 ms doubling to 30 s.
 #[derive(Debug)]
-pub(super) struct Backoff(Duration);
+struct Backoff(Duration);
 
 impl Default for Backoff {
     fn default() -> Self {
@@ -451,7 +451,7 @@ impl Default for Backoff {
 }
 
 impl Backoff {
-    pub(super) fn next(&mut self) -> Duration {
+    fn next(&mut self) -> Duration {
         let d = self.0;
         self.0 = (self.0 * 2).min(Duration::from_secs(30));
         d

@@ -1,10 +1,9 @@
 //! Loss reports: every discard of an output becomes a `lost` record (`lost.sink` names the
-//! output, `lost.reason` the [`Discard`]) in every other sink's stream, and in the sink's own
-//! once it catches up (docs/siem.md, "Delivery guarantees").
+//! output, `lost.reason` the [`Discard`]) for every other sink's stream, and for the sink's
+//! own once it catches up (docs/siem.md, "Delivery guarantees").
 use std::sync::{Arc, atomic::Ordering};
 
 use super::{
-    delivery::SinkHandle,
     sink::Record,
     stats::{DISCARDS, Discard, SinkStats},
 };
@@ -32,20 +31,6 @@ impl LostMaker {
         );
         let rec = Arc::new(Record::new(self.format, self.otlp, &e, &mut Vec::new()));
         (e, rec)
-    }
-}
-
-/// Tells every other sink about each output's new discards (`sources`: the sinks, and the
-/// Kubernetes Events writer, which has no stream of its own).
-pub(super) fn report_lost(
-    sources: &[(String, Arc<SinkStats>)],
-    sinks: &[SinkHandle],
-    lost: &LostMaker,
-) {
-    for (name, rec) in unreported(sources, lost) {
-        for other in sinks.iter().filter(|o| o.name != name) {
-            other.push(&rec);
-        }
     }
 }
 

@@ -13,7 +13,7 @@ use super::{
     OutputError,
     delivery::{Phase, SinkCtx, SinkHandle, delivery, intake},
     k8s_events,
-    lost::{LostMaker, report_lost, unreported},
+    lost::{LostMaker, unreported},
     metrics::{self, Metrics},
     sink::{DeliverError, Record, Transport},
     stats::{DISCARDS, Discard, OutputSummary, SinkStats, SinkSummary},
@@ -271,11 +271,11 @@ pub(super) struct Encoding {
 }
 
 /// Stall incidents on their way to the Kubernetes Events writer, and its counters.
-pub(super) type K8sFeed = (mpsc::Sender<Arc<Event>>, Arc<SinkStats>);
+type K8sFeed = (mpsc::Sender<Arc<Event>>, Arc<SinkStats>);
 
 /// Encodes each event once and queues the line on every sink; hands stall incidents to the
 /// Kubernetes Events writer.
-pub(super) async fn encode_all(
+async fn encode_all(
     mut events: mpsc::Receiver<Arc<Event>>,
     (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sFeed>),
     encoding: Encoding,
@@ -318,7 +318,7 @@ pub(super) async fn encode_all(
 }
 
 /// Waits for every task, until `deadline`; true when all ended.
-pub(super) async fn futures_join(
+async fn futures_join(
     tasks: &mut [tokio::task::JoinHandle<()>],
     deadline: Option<tokio::time::Instant>,
 ) -> bool {
@@ -340,5 +340,15 @@ pub(super) async fn futures_join(
     true
 }
 
+/// Tells every other sink about each output's new discards (`sources`: the sinks, and the
+/// Kubernetes Events writer, which has no stream of its own).
+fn report_lost(sources: &[(String, Arc<SinkStats>)], sinks: &[SinkHandle], lost: &LostMaker) {
+    for (name, rec) in unreported(sources, lost) {
+        for other in sinks.iter().filter(|o| o.name != name) {
+            other.push(&rec);
+        }
+    }
+}
+
 /// At exit, how long a sink that is up gets to take the last loss announcements.
-pub(super) const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
+const FINAL_REPORT_TIMEOUT: Duration = Duration::from_secs(2);
