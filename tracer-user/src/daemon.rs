@@ -47,13 +47,6 @@ pub struct RunOptions {
     pub pod: Option<String>,
 }
 
-/// The hostname, for `node` when neither --node-name nor NODE_NAME is given.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
 /// The run loop's side of the pipeline: enrichment, `--pod`, `--max-events`, and the
 /// outputs. Everything that decides what an event says is in [`Pipeline`].
 struct Wiring {

@@ -8,6 +8,7 @@ use droptrace::{
     error::Error,
     explain,
     identity::{Identity, IdentityOptions},
+    kernel,
     output::{Output, OutputError, OutputOptions, cli::OutputArgs},
     pipeline::Emit,
     preflight, replay,
@@ -300,7 +301,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
         all_tcp: args.all_tcp,
         duration: args.duration,
         max_events: args.max_events,
-        node: args.node_name.unwrap_or_else(daemon::hostname),
+        node: args.node_name.unwrap_or_else(kernel::hostname),
         ringbuf_bytes: args.ringbuf_bytes,
         emit: if args.raw {
             Emit::all()
@@ -373,7 +374,7 @@ fn explain(args: &explain::ExplainArgs) -> Result<(), Error> {
 }
 
 fn replay(args: ReplayArgs) -> Result<(), Error> {
-    let node = args.node_name.unwrap_or_else(daemon::hostname);
+    let node = args.node_name.unwrap_or_else(kernel::hostname);
     let rt = runtime()?;
     let input = replay::open_input(&args.input).map_err(Error::Input)?;
     let events_api = match (args.output.k8s_events, args.k8s.enabled()) {

@@ -5,3 +5,11 @@ pub mod btf;
 pub mod caps;
 pub mod kallsyms;
 pub mod tracefs;
+
+/// The kernel's hostname: `node` when neither --node-name nor NODE_NAME is given, and the
+/// OTLP resource's `host.name`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}

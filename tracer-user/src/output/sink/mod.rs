@@ -143,7 +143,7 @@ impl Transport {
                 grpc,
                 tls,
             } => {
-                let resource = otlp::Resource::new(&crate::daemon::hostname());
+                let resource = otlp::Resource::new(&crate::kernel::hostname());
                 let mut headers = opts.otlp_headers.clone();
                 if *grpc {
                     if let Some(a) = &opts.http_auth {
