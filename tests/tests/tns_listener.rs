@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use droptrace::oracle::{Direction, Message, Segment, TnsStream};
+use droptrace::decode::oracle::{Direction, Message, Segment, TnsStream};
 use droptrace_tests::oracle_client::{Connect, MACHINE, OSUSER, Outcome, PROGRAM};
 use droptrace_tests::tns_listener::{Behavior, FakeListener, Sent};
 

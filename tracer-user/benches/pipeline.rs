@@ -9,13 +9,13 @@ use std::{hint::black_box, time::Duration};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use droptrace::{
     clock::Clock,
-    collectors::{Symbols, skb_drop},
+    collect::{Symbols, drops},
     encode::{self, Format},
     identity::Identity,
     k8s::{Cluster, Object, model::now},
     kernel::kallsyms::Kallsyms,
+    pipeline::report,
     pipeline::{self, Pipeline},
-    report,
 };
 use tracer_common::{AF_INET, DropEvent, EventHeader, Flow, IPPROTO_TCP, kind};
 
@@ -106,7 +106,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("decode+encode (native)", |b| {
         b.iter(|| {
             for r in &recs {
-                let d = skb_drop::decode(&decode(r), &symbols);
+                let d = drops::decode(&decode(r), &symbols);
                 let e = report::drop_event(&d, &clock, "node-1");
                 encode::encode(Format::Native, &e, &mut buf);
                 black_box(&buf);
@@ -116,7 +116,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("decode+encode (ecs)", |b| {
         b.iter(|| {
             for r in &recs {
-                let d = skb_drop::decode(&decode(r), &symbols);
+                let d = drops::decode(&decode(r), &symbols);
                 let e = report::drop_event(&d, &clock, "node-1");
                 encode::encode(Format::Ecs, &e, &mut buf);
                 black_box(&buf);

@@ -7,9 +7,9 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use droptrace::oracle::descriptor::Descriptor;
-use droptrace::oracle::tns::{self, FLAG_REDIRECTED_CONNECT, build};
-use droptrace::oracle::{Direction, Segment, TnsStream};
+use droptrace::decode::oracle::descriptor::Descriptor;
+use droptrace::decode::oracle::tns::{self, FLAG_REDIRECTED_CONNECT, build};
+use droptrace::decode::oracle::{Direction, Segment, TnsStream};
 
 const REAL_CONNECT: &[u8] =
     include_bytes!("../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");

@@ -3,7 +3,7 @@
 //! input or missing privileges, found before anything is attached. `main` prints
 //! [`Error::report`] (`droptrace: ` and one line) and exits with [`Error::exit_code`].
 use crate::{
-    explain::ExplainError,
+    commands::explain::ExplainError,
     identity::IdentityError,
     k8s::LiveError,
     output::{OutputError, OutputSummary},

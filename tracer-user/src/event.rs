@@ -10,7 +10,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::drop_class::DropClass;
+use crate::decode::drop_class::DropClass;
 
 pub const SCHEMA: &str = "droptrace.v1";
 
@@ -539,7 +539,7 @@ pub struct Oracle {
 
 /// "SYN", "SYN|ACK", ... in a fixed, readable order.
 pub fn tcp_flags(bits: u8) -> String {
-    crate::signal::TcpFlags(bits).names()
+    crate::decode::TcpFlags(bits).names()
 }
 
 #[cfg(test)]

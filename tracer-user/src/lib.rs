@@ -1,29 +1,37 @@
 //! droptrace: finds the packet drop behind a silently stalled connection.
 //!
-//! Data flows one way: kernel records ([`tracer`], [`collectors`]) -> decode ([`signal`]) ->
-//! correlate ([`correlate`], [`aggregate`]) -> enrich ([`k8s`], [`policy`], [`oracle`]) ->
-//! [`event`] -> [`encode`] -> [`output`] (sinks, spool, metrics). Everything kernel-specific is
-//! resolved at load time ([`kernel`]).
-pub mod cgroup;
+//! Data flows one way, and the folders are its stages, in order (docs/architecture.md walks
+//! one event through them):
+//!
+//! 1. [`kernel`]: what the running kernel looks like (tracefs formats, BTF, kallsyms,
+//!    capabilities) and the loader that puts the programs in with this kernel's layouts;
+//! 2. [`collect`]: one collector per kernel signal (drops, TCP lifecycle and retransmits,
+//!    conntrack, Oracle Net): can it run here, its layout, how it attaches, how its records
+//!    decode;
+//! 3. [`decode`]: the decoded signals, typed (flows, TCP states and flags, drop classes,
+//!    conntrack entries, Oracle Net messages);
+//! 4. [`correlate`]: the flow table that joins one connection attempt's signals into one
+//!    `stall` incident, storms, Oracle conversations, and the diagnosis in words;
+//! 5. [`pipeline`]: the I/O-free core that runs stages 3-4 on raw records and clock ticks and
+//!    returns droptrace.v1 [`event`]s, with what the default stream carries;
+//! 6. enrich: pods, services and workloads ([`identity`], [`k8s`]), the NetworkPolicy verdict
+//!    and its fix ([`policy`]);
+//! 7. [`encode`]: native, ECS, OCSF and text;
+//! 8. [`output`]: sinks, spool, metrics.
+//!
+//! [`commands`] wire them to the world (`run`, `check`, `explain`, `replay`); [`error`] maps
+//! every failure to an exit code.
 pub mod clock;
-pub mod collectors;
+pub mod collect;
+pub mod commands;
 pub mod correlate;
-pub mod daemon;
-pub mod drop_class;
+pub mod decode;
 pub mod encode;
 pub mod error;
 pub mod event;
-pub mod explain;
 pub mod identity;
 pub mod k8s;
 pub mod kernel;
-pub mod oracle;
 pub mod output;
 pub mod pipeline;
 pub mod policy;
-pub mod preflight;
-pub mod replay;
-pub mod report;
-pub mod signal;
-pub mod tns_track;
-pub mod tracer;

@@ -4,14 +4,12 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
-    daemon,
+    commands::{check, explain, replay, run},
     error::Error,
-    explain,
     identity::{Identity, IdentityOptions},
     kernel,
     output::{Output, OutputError, OutputOptions, cli::OutputArgs},
     pipeline::Emit,
-    preflight, replay,
 };
 
 #[derive(Parser)]
@@ -262,7 +260,7 @@ fn droptrace() -> Result<(), Error> {
 }
 
 fn check(json: bool) -> Result<(), Error> {
-    let report = runtime()?.block_on(async { preflight::run(true) });
+    let report = runtime()?.block_on(async { check::run(true) });
     if json {
         println!(
             "{}",
@@ -293,10 +291,10 @@ fn check(json: bool) -> Result<(), Error> {
 }
 
 fn run(args: RunArgs) -> Result<(), Error> {
-    if let Some(why) = preflight::missing_privileges() {
+    if let Some(why) = check::missing_privileges() {
         return Err(Error::Privileges(why));
     }
-    let opts = daemon::RunOptions {
+    let opts = run::RunOptions {
         ports: args.ports,
         all_tcp: args.all_tcp,
         duration: args.duration,
@@ -348,7 +346,7 @@ fn run(args: RunArgs) -> Result<(), Error> {
     }
     let output = rt.block_on(start_output(&args.output, &opts.node, false, events_api))?;
     let summary = rt
-        .block_on(daemon::run(opts, output, identity))
+        .block_on(run::run(opts, output, identity))
         .map_err(|error| Error::Failed {
             error,
             outputs: None,

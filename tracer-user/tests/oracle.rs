@@ -3,9 +3,9 @@
 //!
 //! Everything sits in `mod oracle` so `cargo test -p tracer-user oracle` selects it.
 mod oracle {
-    use droptrace::oracle::descriptor::Descriptor;
-    use droptrace::oracle::tns::{self, FLAG_REDIRECTED_CONNECT, build};
-    use droptrace::oracle::{Direction, Message, Segment, TnsStream};
+    use droptrace::decode::oracle::descriptor::Descriptor;
+    use droptrace::decode::oracle::tns::{self, FLAG_REDIRECTED_CONNECT, build};
+    use droptrace::decode::oracle::{Direction, Message, Segment, TnsStream};
     use proptest::prelude::*;
 
     /// python-oracledb 26.1.0's CONNECT (74 bytes) and the DATA packet with its 231-byte

@@ -4,8 +4,8 @@
 //! segmentations are fixed here rather than taken from the input.
 #![no_main]
 
-use droptrace::oracle::descriptor::Descriptor;
-use droptrace::oracle::{Direction, Message, Segment, TnsStream, tns};
+use droptrace::decode::oracle::descriptor::Descriptor;
+use droptrace::decode::oracle::{Direction, Message, Segment, TnsStream, tns};
 use libfuzzer_sys::fuzz_target;
 
 /// (segment size, captured prefix per segment)

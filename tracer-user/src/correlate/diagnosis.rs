@@ -109,7 +109,7 @@ pub(super) fn diagnose(inc: &Incident, server_saw_syn: bool) -> String {
                 (Some(12505), Some(o)) => {
                     format!("SID {} not known", o.sid.as_deref().unwrap_or("(unnamed)"))
                 }
-                (Some(c), _) => crate::oracle::descriptor::tns_error_text(c)
+                (Some(c), _) => crate::decode::oracle::descriptor::tns_error_text(c)
                     .unwrap_or("refused")
                     .to_string(),
                 (None, _) => refuse.map(|r| r.text.clone()).unwrap_or_default(),

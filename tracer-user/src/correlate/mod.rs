@@ -7,16 +7,17 @@ use std::{
 };
 
 mod diagnosis;
+pub mod oracle;
 pub mod storm;
 
 use diagnosis::{diagnose, redirected_leg};
 
 use crate::{
-    drop_class::DropClass,
-    event,
-    signal::{
+    decode::drop_class::DropClass,
+    decode::{
         CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, State, StateSignal,
     },
+    event,
 };
 
 #[derive(Debug, Clone)]
@@ -859,7 +860,7 @@ fn incident(id: u64, a: &Attempt, outcome: Outcome, at_ns: u64, errno: Option<i3
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signal::TcpState;
+    use crate::decode::TcpState;
 
     const MS: u64 = 1_000_000;
 
@@ -911,7 +912,7 @@ mod tests {
     }
 
     fn drop_(ts: u64, flow: FlowKey, flags: u8, reason: &str) -> DropSignal {
-        crate::signal::testing::drop(ts, flow, flags, reason)
+        crate::decode::testing::drop(ts, flow, flags, reason)
     }
 
     fn cfg() -> Config {

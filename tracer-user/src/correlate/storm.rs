@@ -16,7 +16,7 @@ use std::{
 };
 
 use super::{Absorbed, DropTally};
-use crate::signal::DropSignal;
+use crate::decode::DropSignal;
 
 /// The kernel sends one sample of a folded drop's real source every this many folded drops
 /// per CPU (tracer_common::STORM_SAMPLE_EVERY).
@@ -391,7 +391,7 @@ impl Storm {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signal::testing;
+    use crate::decode::testing;
 
     fn drop_(ts: u64, src: &str, dst: &str, count: u64) -> DropSignal {
         let mut d = testing::drop(ts, testing::key(src, dst), 0x02, "NETFILTER_DROP");

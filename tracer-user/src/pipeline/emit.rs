@@ -5,10 +5,10 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    drop_class::DropClass,
+    decode::DropSignal,
+    decode::drop_class::DropClass,
     event::{Event, Kind},
     output::OutputSummary,
-    signal::DropSignal,
 };
 
 /// `--emit`: the records beyond problems that go into the stream.

@@ -9,6 +9,7 @@
 //! unit tests drive it directly.
 mod emit;
 pub mod repeats;
+pub mod report;
 
 use std::net::SocketAddr;
 
@@ -21,16 +22,15 @@ use tracer_common::{
 use self::repeats::{AggEntry, Repeats};
 use crate::{
     clock::Clock,
-    collectors::{Symbols, conntrack, skb_drop, tcp_state, tns},
+    collect::{Symbols, conntrack, drops, tcp, tns},
+    correlate::oracle::{self, TnsTracker},
     correlate::{
         self, Correlator, Join,
         storm::{self, Storms},
     },
-    drop_class::DropClass,
+    decode::drop_class::DropClass,
+    decode::{CtSignal, DropSignal, FlowKey},
     event::{Event, Kind, LostSource},
-    report,
-    signal::{CtSignal, DropSignal, FlowKey},
-    tns_track::{self, TnsTracker},
 };
 
 /// How long a learned Oracle redirect target stays watched in the kernel.
@@ -91,7 +91,7 @@ pub struct Procfs;
 
 impl Host for Procfs {
     fn process_identity(&self, tgid: u32) -> (Option<String>, Option<String>) {
-        crate::cgroup::identity(tgid)
+        crate::decode::process::identity(tgid)
     }
 }
 
@@ -189,12 +189,12 @@ impl Pipeline {
         };
         let ok = match hdr.kind {
             kind::DROP => record::<DropEvent>(bytes).map(|rec| {
-                let d = skb_drop::decode(&rec, &self.symbols);
-                self.repeats.first(skb_drop::agg_key(&rec), &d);
+                let d = drops::decode(&rec, &self.symbols);
+                self.repeats.first(drops::agg_key(&rec), &d);
                 self.drop_signal(d);
             }),
             kind::STORM_SAMPLE => record::<StormSample>(bytes).map(|rec| {
-                let (folded, real) = skb_drop::decode_sample(&rec);
+                let (folded, real) = drops::decode_sample(&rec);
                 let server = if folded.src.ip().is_unspecified() {
                     folded.dst
                 } else {
@@ -208,8 +208,8 @@ impl Pipeline {
                 self.storms.sample(server, source.ip());
             }),
             kind::STATE => record::<StateEvent>(bytes).map(|rec| {
-                let mut s = tcp_state::decode_state(&rec, &self.symbols.tcp_states);
-                if s.new.state == crate::signal::State::SynSent
+                let mut s = tcp::decode_state(&rec, &self.symbols.tcp_states);
+                if s.new.state == crate::decode::State::SynSent
                     && let Some(o) = s.owner.as_mut()
                 {
                     // Read now, while the connecting process is alive.
@@ -220,7 +220,7 @@ impl Pipeline {
                 self.correlator.on_state(&s);
             }),
             kind::RETRANSMIT => record::<RetransmitEvent>(bytes).map(|rec| {
-                let r = tcp_state::decode_retransmit(&rec, &self.symbols.tcp_states);
+                let r = tcp::decode_retransmit(&rec, &self.symbols.tcp_states);
                 let e = report::retransmit_event(&r, &self.clock, &self.cfg.node);
                 self.push(e);
                 self.correlator.on_retransmit(&r);
@@ -286,7 +286,7 @@ impl Pipeline {
         let tracked = self.tns.on_packet(p);
         for outcome in tracked.outcomes {
             match outcome {
-                tns_track::Outcome::Redirect {
+                oracle::Outcome::Redirect {
                     client,
                     port,
                     target,
@@ -305,7 +305,7 @@ impl Pipeline {
                         None => self.actions.push(Action::WatchPort(port)),
                     }
                 }
-                tns_track::Outcome::Refuse { flow, oracle, .. } => {
+                oracle::Outcome::Refuse { flow, oracle, .. } => {
                     self.correlator.on_refuse(flow, oracle, p.ts_ns);
                 }
             }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use tracer_common::DropKey;
 
-use crate::{collectors::Symbols, signal::DropSignal};
+use crate::{collect::Symbols, decode::DropSignal};
 
 /// One key of the kernel's aggregation map, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,8 +78,8 @@ impl Repeats {
                         let r = symbols.reason(e.key.reason, e.key.location);
                         DropSignal {
                             ts_ns: e.last_ns,
-                            flow: crate::signal::flow_key(&e.key.flow),
-                            tcp_flags: crate::signal::TcpFlags(e.tcp_flags),
+                            flow: crate::decode::flow_key(&e.key.flow),
+                            tcp_flags: crate::decode::TcpFlags(e.tcp_flags),
                             reason: r.name,
                             reason_code: r.code,
                             class: r.class,

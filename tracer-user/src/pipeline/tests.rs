@@ -7,9 +7,9 @@ use tracer_common::{
 
 use super::*;
 use crate::{
-    collectors::conntrack::CtNames,
+    collect::conntrack::CtNames,
+    decode::{FlowKey, testing::key},
     kernel::kallsyms::Kallsyms,
-    signal::{FlowKey, testing::key},
 };
 
 const MS: u64 = 1_000_000;
@@ -165,7 +165,7 @@ fn of_kind(events: &[Event], kind: Kind) -> Vec<&Event> {
 
 fn entry(rec: &DropEvent, repeats: u64, last_ns: u64) -> AggEntry {
     AggEntry {
-        key: skb_drop::agg_key(rec),
+        key: drops::agg_key(rec),
         repeats,
         last_ns,
         netns: rec.netns,

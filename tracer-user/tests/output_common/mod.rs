@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use droptrace::{drop_class::DropClass, encode::community_id, event::*};
+use droptrace::{decode::drop_class::DropClass, encode::community_id, event::*};
 
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_droptrace"))

@@ -316,7 +316,7 @@ mod tests {
         e.drop = Some(Drop {
             reason: "NETFILTER_DROP".into(),
             reason_code: Some(1),
-            class: crate::drop_class::DropClass::Network,
+            class: crate::decode::drop_class::DropClass::Network,
             location: "x".into(),
             storm: None,
         });

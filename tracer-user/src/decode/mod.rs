@@ -1,5 +1,9 @@
 //! Decoded kernel records: the "decode" stage's output and the correlator's input. Numbers are
 //! already names here (drop reasons, TCP states, conntrack bits), resolved from this kernel.
+pub mod drop_class;
+pub mod oracle;
+pub mod process;
+
 use std::net::{IpAddr, SocketAddr};
 
 /// A connection's two ends, as one side sees it (src = that side).
@@ -177,7 +181,7 @@ pub struct DropSignal {
     pub reason: String,
     /// This kernel's number for it (None where the kernel has no reasons).
     pub reason_code: Option<u32>,
-    pub class: crate::drop_class::DropClass,
+    pub class: crate::decode::drop_class::DropClass,
     pub location: String,
     pub netns: u32,
     pub ifindex: u32,
@@ -268,7 +272,7 @@ pub(crate) mod testing {
             tcp_flags: TcpFlags(flags),
             reason: reason.into(),
             reason_code: Some(12),
-            class: crate::drop_class::classify(Some(reason), location),
+            class: crate::decode::drop_class::classify(Some(reason), location),
             location: location.into(),
             netns: 200,
             ifindex: 2,

@@ -595,7 +595,7 @@ fn redirect_message(data: &[u8], declared: u16, split: bool) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oracle::tns::{FLAG_REDIRECTED_CONNECT, build};
+    use crate::decode::oracle::tns::{FLAG_REDIRECTED_CONNECT, build};
 
     /// What python-oracledb sends for `127.0.0.1:1521/ORCLPDB1` (232 bytes: goes in a DATA
     /// packet).

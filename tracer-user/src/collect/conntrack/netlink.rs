@@ -12,8 +12,8 @@ use std::{
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
 };
 
-use super::conntrack::CtNames;
-use crate::signal::{CtSignal, CtSnapshot, FlowKey};
+use super::CtNames;
+use crate::decode::{CtSignal, CtSnapshot, FlowKey};
 
 const NETLINK_NETFILTER: i32 = 12;
 /// Group bit of NFNLGRP_CONNTRACK_DESTROY (group 3) for `bind`.

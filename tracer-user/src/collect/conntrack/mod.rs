@@ -1,12 +1,14 @@
 //! Conntrack entries: at drop time (skb->_nfct) and on removal (fentry nf_ct_delete).
+pub mod netlink;
+
 use std::{collections::HashMap, net::SocketAddr};
 
 use tracer_common::{ABSENT, CtEvent, CtInfo, CtLayout, CtTuple};
 
 use super::LayoutError;
 use crate::{
+    decode::{self, CtSignal, CtSnapshot, FlowKey},
     kernel::btf::KernelBtf,
-    signal::{self, CtSignal, CtSnapshot, FlowKey},
 };
 
 pub const PROGRAM: &str = "nf_ct_delete";
@@ -112,8 +114,8 @@ pub fn resolve_layout(btf: &KernelBtf, names: &CtNames) -> Result<CtLayout, Layo
 
 fn key(family: u8, t: &CtTuple) -> FlowKey {
     FlowKey {
-        src: SocketAddr::new(signal::ip(family, &t.saddr), t.sport),
-        dst: SocketAddr::new(signal::ip(family, &t.daddr), t.dport),
+        src: SocketAddr::new(decode::ip(family, &t.saddr), t.sport),
+        dst: SocketAddr::new(decode::ip(family, &t.daddr), t.dport),
     }
 }
 

@@ -1,9 +1,8 @@
 //! One module per kernel signal. Each knows how to check the running kernel can support it,
 //! what layout to hand its program, how to attach, and how to decode its records.
 pub mod conntrack;
-pub mod ct_netlink;
-pub mod skb_drop;
-pub mod tcp_state;
+pub mod drops;
+pub mod tcp;
 pub mod tns;
 
 use crate::kernel::{btf::BtfError, tracefs::TracefsError};
@@ -23,7 +22,7 @@ use std::{cell::RefCell, collections::HashMap, path::Path};
 use tracer_common::{CtLayout, SkbLayout, TcpLayout};
 
 use crate::{
-    drop_class::DropClass,
+    decode::drop_class::DropClass,
     kernel::{btf::KernelBtf, kallsyms::Kallsyms},
 };
 
@@ -33,7 +32,7 @@ pub struct Symbols {
     pub kallsyms: Kallsyms,
     /// Drop reason value -> name (without the SKB_DROP_REASON_ prefix).
     pub drop_reasons: HashMap<u32, String>,
-    pub tcp_states: tcp_state::StateNames,
+    pub tcp_states: tcp::StateNames,
     pub ct: conntrack::CtNames,
     /// `function+0xoffset` by address: drops come from a handful of places, and formatting
     /// each one anew was a measurable part of decoding.
@@ -65,7 +64,7 @@ impl Symbols {
 
     pub fn drop_reason(&self, code: u32) -> String {
         if code == tracer_common::ABSENT {
-            return crate::drop_class::UNAVAILABLE.to_string();
+            return crate::decode::drop_class::UNAVAILABLE.to_string();
         }
         self.drop_reasons
             .get(&code)
@@ -78,7 +77,7 @@ impl Symbols {
         let name = self.drop_reason(code);
         let memo = self.classes.borrow().get(&(code, location)).copied();
         let class = memo.unwrap_or_else(|| {
-            let c = crate::drop_class::classify(Some(&name), &self.location(location));
+            let c = crate::decode::drop_class::classify(Some(&name), &self.location(location));
             let mut m = self.classes.borrow_mut();
             if m.len() < 4096 {
                 m.insert((code, location), c);
@@ -131,17 +130,17 @@ pub struct Resolved {
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError> {
     // /proc/kallsyms takes ~150 ms to read: overlap it with the BTF lookups.
     let kallsyms = std::thread::spawn(Kallsyms::load);
-    let drop_format = skb_drop::read_format(tracefs)?;
-    let skb = skb_drop::resolve_layout(&drop_format, btf)?;
+    let drop_format = drops::read_format(tracefs)?;
+    let skb = drops::resolve_layout(&drop_format, btf)?;
     let mut symbols = Symbols {
         kallsyms: Kallsyms::default(),
         drop_reasons: drop_reason_names(Some(btf), &drop_format.reason_symbols),
         ct: conntrack::CtNames::from_btf(btf),
         ..Symbols::default()
     };
-    let (state_format, retransmit_format) = tcp_state::read_formats(tracefs);
+    let (state_format, retransmit_format) = tcp::read_formats(tracefs);
     let tcp = state_format.and_then(|s| {
-        let (layout, names) = tcp_state::resolve_layout(&s, retransmit_format.as_ref(), btf)?;
+        let (layout, names) = tcp::resolve_layout(&s, retransmit_format.as_ref(), btf)?;
         symbols.tcp_states = names;
         Ok(layout)
     });

@@ -5,11 +5,11 @@ use tracer_common::{ABSENT, DropEvent, DropKey, SkbLayout, StormSample};
 
 use super::{LayoutError, Symbols, conntrack};
 use crate::{
+    decode::{self, DropSignal, FlowKey, TcpFlags},
     kernel::{
         btf::KernelBtf,
         tracefs::{Format, TracefsError},
     },
-    signal::{self, DropSignal, FlowKey, TcpFlags},
 };
 
 pub const CATEGORY: &str = "skb";
@@ -46,7 +46,7 @@ pub fn decode(rec: &DropEvent, symbols: &Symbols) -> DropSignal {
     let r = symbols.reason(rec.reason, rec.location);
     DropSignal {
         ts_ns: rec.hdr.ts_ns,
-        flow: signal::flow_key(&rec.flow),
+        flow: decode::flow_key(&rec.flow),
         tcp_flags: TcpFlags(rec.tcp_flags),
         reason: r.name,
         reason_code: r.code,
@@ -71,7 +71,7 @@ pub fn agg_key(rec: &DropEvent) -> DropKey {
 
 /// The folded aggregate and the real tuple of a sampled storm drop.
 pub fn decode_sample(rec: &StormSample) -> (FlowKey, FlowKey) {
-    (signal::flow_key(&rec.folded), signal::flow_key(&rec.flow))
+    (decode::flow_key(&rec.folded), decode::flow_key(&rec.flow))
 }
 
 #[cfg(test)]
@@ -115,7 +115,8 @@ mod tests {
             count: 1,
             ..Default::default()
         };
-        let e = crate::report::drop_event(&decode(&rec, &symbols), &Clock::new(), "node-a");
+        let e =
+            crate::pipeline::report::drop_event(&decode(&rec, &symbols), &Clock::new(), "node-a");
         let v = serde_json::to_value(&e).unwrap();
         assert_eq!(v["schema"], "droptrace.v1");
         assert_eq!(v["kind"], "drop");
@@ -145,11 +146,12 @@ mod tests {
 
     #[test]
     fn layout_of_a_recorded_older_kernel() {
-        let btf =
-            KernelBtf::from_bytes(include_bytes!("../../tests/fixtures/btf/older_layout.btf"))
-                .unwrap();
+        let btf = KernelBtf::from_bytes(include_bytes!(
+            "../../../tests/fixtures/btf/older_layout.btf"
+        ))
+        .unwrap();
         let format = Format::parse(
-            include_str!("../../tests/fixtures/kfree_skb.format-5.19"),
+            include_str!("../../../tests/fixtures/kfree_skb.format-5.19"),
             "5.19",
         );
         let l = resolve_layout(&format, &btf).unwrap();
@@ -166,17 +168,17 @@ mod tests {
             (l.dev_ifindex, l.dev_nd_net, l.sk_net, l.net_inum),
             (184, 192, 16, 24)
         );
-        let names = crate::collectors::drop_reason_names(Some(&btf), &format.reason_symbols);
+        let names = crate::collect::drop_reason_names(Some(&btf), &format.reason_symbols);
         assert_eq!(names[&7], "NETFILTER_DROP");
     }
 
     #[test]
     fn reason_names_fall_back_to_the_tracepoint_format_without_btf() {
         let format = Format::parse(
-            include_str!("../../tests/fixtures/kfree_skb.format-5.19"),
+            include_str!("../../../tests/fixtures/kfree_skb.format-5.19"),
             "5.19",
         );
-        let names = crate::collectors::drop_reason_names(None, &format.reason_symbols);
+        let names = crate::collect::drop_reason_names(None, &format.reason_symbols);
         assert_eq!(names[&48], "TC_INGRESS");
     }
 
@@ -187,7 +189,7 @@ mod tests {
             // tracefs is mounted by `droptrace check`/`run` (needs root); the recorded format
             // of this kernel generation stands in.
             let f = Format::parse(
-                include_str!("../../tests/fixtures/kfree_skb.format-6.18"),
+                include_str!("../../../tests/fixtures/kfree_skb.format-6.18"),
                 "x",
             );
             let l = resolve_layout(&f, &btf).unwrap();

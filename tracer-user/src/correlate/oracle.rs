@@ -7,10 +7,10 @@ use std::{
 };
 
 use crate::{
-    collectors::tns::TnsSignal,
+    collect::tns::TnsSignal,
+    decode::FlowKey,
+    decode::oracle::{ConnectInfo, Direction, Message, Segment, TnsStream},
     event,
-    oracle::{ConnectInfo, Direction, Message, Segment, TnsStream},
-    signal::FlowKey,
 };
 
 /// A packet's identity at one end: (that end, toward the server, seq, payload length). The
@@ -213,7 +213,7 @@ impl TnsTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::oracle::tns::build;
+    use crate::decode::oracle::tns::build;
 
     fn sig(src: &str, dst: &str, seq: u32, data: &[u8]) -> TnsSignal {
         TnsSignal {
@@ -231,7 +231,7 @@ mod tests {
     #[test]
     fn redirect_in_the_split_form_names_the_second_leg() {
         let mut t = TnsTracker::new([1521]);
-        let connect = include_bytes!("../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
+        let connect = include_bytes!("../../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
         let c = t.on_packet(&sig("10.0.0.1:40000", "10.0.0.2:1521", 1, connect));
         assert_eq!(c.events.len(), 1, "{:?}", c.events);
         assert_eq!(c.events[0].1.packet.as_deref(), Some("CONNECT"));
@@ -267,7 +267,7 @@ mod tests {
     #[test]
     fn redirect_behind_a_service_is_one_conversation_named_by_the_service() {
         let mut t = TnsTracker::new([1521]);
-        let connect = include_bytes!("../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
+        let connect = include_bytes!("../../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
         let client = "10.202.1.1:40000";
         let (svc, pod) = ("10.204.1.10:1521", "10.203.1.2:1521");
         // CONNECT leaves the client first, then arrives at the listener (after DNAT).

@@ -5,8 +5,8 @@ use tracer_common::{ABSENT, RetransmitEvent, StateEvent, TcpLayout, TpTuple};
 
 use super::LayoutError;
 use crate::{
+    decode::{self, Owner, RetransmitSignal, StateSignal, TcpState},
     kernel::{btf::KernelBtf, tracefs::Format},
-    signal::{self, Owner, RetransmitSignal, StateSignal, TcpState},
 };
 
 pub const STATE_CATEGORY: &str = "sock";
@@ -89,7 +89,7 @@ fn owner(has: u32, o: &tracer_common::Owner) -> Option<Owner> {
     (has != 0).then(|| Owner {
         pid: o.pid,
         tgid: o.tgid,
-        comm: signal::comm(&o.comm),
+        comm: decode::comm(&o.comm),
         cgroup_id: o.cgroup_id,
         container_id: None,
         pod_uid: None,
@@ -100,7 +100,7 @@ pub fn decode_state(rec: &StateEvent, names: &StateNames) -> StateSignal {
     StateSignal {
         ts_ns: rec.hdr.ts_ns,
         sk: rec.sk,
-        flow: signal::flow_key(&rec.flow),
+        flow: decode::flow_key(&rec.flow),
         old: state(names, rec.oldstate),
         new: state(names, rec.newstate),
         sk_err: rec.sk_err,
@@ -113,7 +113,7 @@ pub fn decode_retransmit(rec: &RetransmitEvent, names: &StateNames) -> Retransmi
     RetransmitSignal {
         ts_ns: rec.hdr.ts_ns,
         sk: rec.sk,
-        flow: signal::flow_key(&rec.flow),
+        flow: decode::flow_key(&rec.flow),
         state: state(names, rec.state),
         snd_una: rec.snd_una,
         netns: rec.netns,
@@ -128,11 +128,11 @@ mod tests {
     fn formats() -> (Format, Format) {
         (
             Format::parse(
-                include_str!("../../tests/fixtures/inet_sock_set_state.format-6.18"),
+                include_str!("../../../tests/fixtures/inet_sock_set_state.format-6.18"),
                 "s",
             ),
             Format::parse(
-                include_str!("../../tests/fixtures/tcp_retransmit_skb.format-6.18"),
+                include_str!("../../../tests/fixtures/tcp_retransmit_skb.format-6.18"),
                 "r",
             ),
         )

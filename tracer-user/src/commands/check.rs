@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::{
-    collectors::{self, skb_drop},
+    collect::{self, drops},
     kernel::{
         btf::{KernelBtf, VMLINUX},
         caps, tracefs,
@@ -41,7 +41,7 @@ pub struct Report {
     pub tracefs: Option<PathBuf>,
     /// Every layout and name table, when the required checks passed: `run` starts from it.
     #[serde(skip)]
-    pub resolved: Option<collectors::Resolved>,
+    pub resolved: Option<collect::Resolved>,
 }
 
 impl Report {
@@ -177,7 +177,7 @@ pub fn run(probe_hooks: bool) -> Report {
     };
 
     if let Some(root) = &tracefs {
-        match skb_drop::read_format(root) {
+        match drops::read_format(root) {
             Ok(format) => {
                 push(
                     "tracepoint skb:kfree_skb",
@@ -202,7 +202,7 @@ pub fn run(probe_hooks: bool) -> Report {
                     },
                 );
                 if let Ok(b) = &btf {
-                    match collectors::resolve(root, b) {
+                    match collect::resolve(root, b) {
                         Ok(r) => {
                             let r = resolved.insert(r);
                             push(
@@ -246,9 +246,9 @@ pub fn run(probe_hooks: bool) -> Report {
                                 (
                                     "ctnetlink conntrack DESTROY events",
                                     optional(
-                                        &crate::collectors::ct_netlink::CtDestroyEvents::open(
-                                            crate::collectors::conntrack::CtNames::default(),
-                                            crate::collectors::ct_netlink::Filter {
+                                        &crate::collect::conntrack::netlink::CtDestroyEvents::open(
+                                            crate::collect::conntrack::CtNames::default(),
+                                            crate::collect::conntrack::netlink::Filter {
                                                 ports: Vec::new(),
                                                 all_tcp: false,
                                             },
@@ -284,7 +284,7 @@ pub fn run(probe_hooks: bool) -> Report {
 /// Whether this kernel lets us attach the conntrack-removal fentry program (lockdown and
 /// kernels without trampolines refuse it even when BTF has the function).
 fn probe_fentry() -> Result<(), String> {
-    let mut t = crate::tracer::Tracer::load(&crate::tracer::TracerOptions {
+    let mut t = crate::kernel::loader::Tracer::load(&crate::kernel::loader::TracerOptions {
         layout: tracer_common::SkbLayout::UNSET,
         tcp: None,
         ct: None,
@@ -297,8 +297,8 @@ fn probe_fentry() -> Result<(), String> {
     .map_err(|e| e.to_string())?;
     let result = t
         .attach_fentry(
-            crate::collectors::conntrack::PROGRAM,
-            crate::collectors::conntrack::FUNCTION,
+            crate::collect::conntrack::PROGRAM,
+            crate::collect::conntrack::FUNCTION,
         )
         .map_err(|e| format!("this kernel refuses it: {e}"));
     t.detach();

@@ -4,18 +4,18 @@ use std::time::Duration;
 
 use crate::{
     clock::{self, Clock},
-    collectors::{
+    collect::{
         Symbols, conntrack,
-        ct_netlink::{self, CtDestroyEvents},
-        skb_drop, tcp_state, tns,
+        conntrack::netlink::{self, CtDestroyEvents},
+        drops, tcp, tns,
     },
+    commands::check,
     correlate,
     event::{Kind, LostSource},
     identity::Identity,
+    kernel::loader::{Tracer, TracerOptions},
     output::Output,
     pipeline::{self, Action, Emit, Pipeline, Summary},
-    preflight,
-    tracer::{Tracer, TracerOptions},
 };
 use anyhow::Context as _;
 use tokio::signal::unix::{SignalKind, signal};
@@ -126,7 +126,7 @@ fn act(tracer: &mut Tracer, p: &mut Pipeline) {
 /// cannot run are reported and skipped.
 pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
     let t0 = std::time::Instant::now();
-    let report = preflight::run(false);
+    let report = check::run(false);
     tracing::debug!(elapsed = ?t0.elapsed(), "preflight");
     if let Some(fail) = report.first_failure() {
         anyhow::bail!("{}: {}", fail.name, fail.detail);
@@ -143,24 +143,24 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         new_flows_per_sec: opts.new_flows_per_sec,
     })?;
     tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
-    tracer.attach_tracepoint(skb_drop::PROGRAM, skb_drop::CATEGORY, skb_drop::TRACEPOINT)?;
+    tracer.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)?;
     let optional = [
         (
             "TCP lifecycle",
             r.tcp.as_ref().map(|_| ()).map_err(Clone::clone),
             (
-                tcp_state::STATE_PROGRAM,
-                Some(tcp_state::STATE_CATEGORY),
-                tcp_state::STATE_TRACEPOINT,
+                tcp::STATE_PROGRAM,
+                Some(tcp::STATE_CATEGORY),
+                tcp::STATE_TRACEPOINT,
             ),
         ),
         (
             "retransmits",
             r.retransmit.clone(),
             (
-                tcp_state::RETRANSMIT_PROGRAM,
-                Some(tcp_state::RETRANSMIT_CATEGORY),
-                tcp_state::RETRANSMIT_TRACEPOINT,
+                tcp::RETRANSMIT_PROGRAM,
+                Some(tcp::RETRANSMIT_CATEGORY),
+                tcp::RETRANSMIT_TRACEPOINT,
             ),
         ),
         (
@@ -209,11 +209,13 @@ pub async fn run(
     let mut ct_events = if !opts.ct_netlink || tracer.attached().contains(&conntrack::PROGRAM) {
         None
     } else {
-        let filter = ct_netlink::Filter {
+        let filter = netlink::Filter {
             ports: opts.ports.clone(),
             all_tcp: opts.all_tcp,
         };
-        match CtDestroyEvents::open(symbols.ct.clone(), filter).and_then(crate::tracer::readable) {
+        match CtDestroyEvents::open(symbols.ct.clone(), filter)
+            .and_then(crate::kernel::loader::readable)
+        {
             Ok(fd) => {
                 tracing::info!(
                     "conntrack removals from ctnetlink DESTROY events (this network namespace)"

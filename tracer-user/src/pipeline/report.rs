@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use crate::{
     clock::Clock,
     correlate::{Connected, DropTally, Incident, Outcome, storm::StormIncident},
+    decode::{CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal},
     event::{self, Event, Kind},
-    signal::{CtSignal, CtSnapshot, DropSignal, FlowKey, Owner, RetransmitSignal, StateSignal},
 };
 
 pub fn flow(k: &FlowKey) -> event::Flow {

@@ -376,10 +376,10 @@ mod tests {
     #[test]
     fn every_reason_of_a_recorded_kernel_has_a_class() {
         let format = crate::kernel::tracefs::Format::parse(
-            include_str!("../tests/fixtures/kfree_skb.format-6.18"),
+            include_str!("../../tests/fixtures/kfree_skb.format-6.18"),
             "6.18",
         );
-        let names = crate::collectors::drop_reason_names(None, &format.reason_symbols);
+        let names = crate::collect::drop_reason_names(None, &format.reason_symbols);
         assert!(names.len() > 100, "{} reasons", names.len());
         let unnamed: Vec<&String> = names
             .values()
@@ -394,7 +394,7 @@ mod tests {
     /// docs/events.md shows this table; they must not drift apart.
     #[test]
     fn the_documented_table_is_this_table() {
-        let doc = include_str!("../../docs/events.md");
+        let doc = include_str!("../../../docs/events.md");
         for (reason, class) in REASONS {
             let row = format!("| `{reason}` | {class} |");
             assert!(doc.contains(&row), "docs/events.md lacks the row {row}");

@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use tracer_common::TnsEvent;
 
-use crate::signal::{self, FlowKey};
+use crate::decode::{self, FlowKey};
 
 pub const INGRESS_PROGRAM: &str = "tns_ingress";
 pub const EGRESS_PROGRAM: &str = "tns_egress";
@@ -59,7 +59,7 @@ pub fn decode(rec: &TnsEvent) -> TnsSignal {
     let n = (rec.captured as usize).min(rec.data.len());
     TnsSignal {
         ts_ns: rec.hdr.ts_ns,
-        flow: signal::flow_key(&rec.flow),
+        flow: decode::flow_key(&rec.flow),
         seq: rec.seq,
         payload_len: rec.payload_len,
         data: rec.data[..n].to_vec(),
