@@ -211,55 +211,11 @@ pub fn run(probe_hooks: bool) -> Report {
                                 true,
                                 "offsets resolved from BTF".into(),
                             );
-                            let optional = |r: &Result<(), String>, ok: &str| match r {
-                                Ok(()) => (true, ok.to_string()),
-                                Err(e) => (false, e.clone()),
-                            };
-                            for (name, (ok, detail)) in [
-                                (
-                                    "tracepoint sock:inet_sock_set_state",
-                                    optional(
-                                        &r.tcp.as_ref().map(|_| ()).map_err(Clone::clone),
-                                        "connect attempts and their outcome",
-                                    ),
-                                ),
-                                (
-                                    "tracepoint tcp:tcp_retransmit_skb",
-                                    optional(&r.retransmit, "SYN and data retransmits"),
-                                ),
-                                (
-                                    "conntrack layout",
-                                    optional(
-                                        &r.ct.as_ref().map(|_| ()).map_err(Clone::clone),
-                                        "NAT tuples of dropped packets",
-                                    ),
-                                ),
-                                (
-                                    "fentry nf_ct_delete",
-                                    optional(
-                                        &r.ct_delete.clone().and_then(|()| {
-                                            if probe_hooks { probe_fentry() } else { Ok(()) }
-                                        }),
-                                        "unreplied conntrack entries",
-                                    ),
-                                ),
-                                (
-                                    "ctnetlink conntrack DESTROY events",
-                                    optional(
-                                        &crate::collectors::ct_netlink::CtDestroyEvents::open(
-                                            crate::collectors::conntrack::CtNames::default(),
-                                            crate::collectors::ct_netlink::Filter {
-                                                ports: Vec::new(),
-                                                all_tcp: false,
-                                            },
-                                        )
-                                        .map(drop)
-                                        .map_err(|e| e.to_string()),
-                                        "unreplied conntrack entries of this network \
-                                         namespace, where fentry is refused",
-                                    ),
-                                ),
-                            ] {
+                            for (name, result) in optional_checks(r, probe_hooks) {
+                                let (ok, detail) = match result {
+                                    Ok(d) => (true, d),
+                                    Err(e) => (false, e),
+                                };
                                 push(name, ok, false, detail);
                             }
                         }
@@ -281,9 +237,70 @@ pub fn run(probe_hooks: bool) -> Report {
     }
 }
 
-/// Whether this kernel lets us attach the conntrack-removal fentry program (lockdown and
-/// kernels without trampolines refuse it even when BTF has the function).
-fn probe_fentry() -> Result<(), String> {
+/// The optional hooks, each skipped by name with its reason where this kernel refuses it.
+fn optional_checks(
+    r: &collectors::Resolved,
+    probe_hooks: bool,
+) -> Vec<(&'static str, Result<String, String>)> {
+    use collectors::tcp_state::RetransmitFamily;
+    let ct_netlink = crate::collectors::ct_netlink::CtDestroyEvents::open(
+        crate::collectors::conntrack::CtNames::default(),
+        crate::collectors::ct_netlink::Filter {
+            ports: Vec::new(),
+            all_tcp: false,
+        },
+    )
+    .map(|_| {
+        "unreplied conntrack entries of this network namespace, where no kernel hook can \
+         trace removals"
+            .to_string()
+    })
+    .map_err(|e| e.to_string());
+    vec![
+        (
+            "tracepoint sock:inet_sock_set_state",
+            r.lifecycle
+                .clone()
+                .map(|()| "connect attempts and their outcome".to_string()),
+        ),
+        (
+            "tracepoint tcp:tcp_retransmit_skb",
+            r.retransmit.clone().map(|f| match f {
+                RetransmitFamily::Record => "SYN and data retransmits".to_string(),
+                RetransmitFamily::Socket => "SYN and data retransmits (this kernel's record has \
+                                             no family field: read from the socket)"
+                    .to_string(),
+            }),
+        ),
+        (
+            "conntrack layout",
+            r.ct.as_ref()
+                .map(|_| {
+                    format!(
+                        "NAT tuples of dropped packets (struct nf_conn from {} BTF)",
+                        r.ct_btf
+                    )
+                })
+                .map_err(Clone::clone),
+        ),
+        (
+            "conntrack removals",
+            r.ct_delete.clone().and_then(|kind| {
+                if probe_hooks {
+                    probe_removal(kind)
+                } else {
+                    Ok(kind.describe())
+                }
+            }),
+        ),
+        ("ctnetlink conntrack DESTROY events", ct_netlink),
+    ]
+}
+
+/// Which conntrack-removal hook this kernel lets us attach: lockdown and kernels without
+/// trampolines refuse fentry even when BTF has the function; kernels without kprobes refuse
+/// the kprobe.
+fn probe_removal(first: collectors::conntrack::Removal) -> Result<String, String> {
     let mut t = crate::tracer::Tracer::load(&crate::tracer::TracerOptions {
         layout: tracer_common::SkbLayout::UNSET,
         tcp: None,
@@ -296,10 +313,8 @@ fn probe_fentry() -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let result = t
-        .attach_fentry(
-            crate::collectors::conntrack::PROGRAM,
-            crate::collectors::conntrack::FUNCTION,
-        )
+        .attach_ct_removal(first)
+        .map(|kind| kind.describe())
         .map_err(|e| format!("this kernel refuses it: {e}"));
     t.detach();
     result

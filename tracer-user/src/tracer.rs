@@ -6,12 +6,14 @@ use crate::pipeline::repeats::AggEntry;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use tracer_common::{
     CtLayout, DropAgg, DropKey, HostPort, Settings, SkbLayout, TcpLayout, counter,
 };
+
+use crate::collectors::conntrack;
 
 /// The compiled kernel programs (see build.rs; empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -52,6 +54,11 @@ pub enum TracerError {
     Btf(String),
     /// BPF_PROG_LOAD failed before the verifier said anything (aya's message would end in an
     /// empty "Verifier output:").
+    #[error("{first}; {second}")]
+    BothRefused {
+        first: Box<TracerError>,
+        second: Box<TracerError>,
+    },
     #[error("program {prog}: the kernel refused to load it ({io}){hint}")]
     Refused {
         prog: &'static str,
@@ -220,6 +227,22 @@ impl Counters {
     }
 }
 
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK (often 64 KiB or
+/// 8 MiB): the ring buffer alone is larger. Newer kernels use memory cgroups and ignore it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit for the calling process.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        tracing::debug!(
+            "cannot raise RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse large maps",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 pub struct Tracer {
     // Dropping `ebpf` detaches every link and closes every map: nothing is pinned.
     ebpf: Ebpf,
@@ -237,6 +260,7 @@ pub struct Tracer {
 enum Hook {
     TracePoint,
     FEntry,
+    KProbe,
     CgroupSkb,
 }
 
@@ -245,6 +269,7 @@ impl Tracer {
         if OBJECT.is_empty() {
             return Err(TracerError::StubObject);
         }
+        raise_memlock_limit();
         let settings = Settings {
             all_tcp: u32::from(opts.all_tcp),
             // Wake the reader at 1/8 full; below that it drains on its timer.
@@ -380,6 +405,39 @@ impl Tracer {
         Ok(())
     }
 
+    /// kprobe on a kernel function by name (module functions included, once loaded).
+    pub fn attach_kprobe(&mut self, prog: &'static str, function: &str) -> Result<(), TracerError> {
+        let p: &mut KProbe = self.program(prog)?;
+        p.load().map_err(|source| TracerError::load(prog, source))?;
+        p.attach(function, 0)
+            .map_err(|source| TracerError::Program { prog, source })?;
+        self.attached.push((prog, Hook::KProbe));
+        Ok(())
+    }
+
+    /// The conntrack-removal hook: `first` (fentry where vmlinux has the function), else the
+    /// kprobe. Returns the one attached; the error names why each was refused.
+    pub fn attach_ct_removal(
+        &mut self,
+        first: conntrack::Removal,
+    ) -> Result<conntrack::Removal, TracerError> {
+        use conntrack::Removal;
+        let kprobe = |t: &mut Self| {
+            t.attach_kprobe(conntrack::KPROBE_PROGRAM, conntrack::FUNCTION)
+                .map(|()| Removal::KProbe)
+        };
+        match first {
+            Removal::KProbe => kprobe(self),
+            Removal::FEntry => match self.attach_fentry(conntrack::PROGRAM, conntrack::FUNCTION) {
+                Ok(()) => Ok(Removal::FEntry),
+                Err(fentry) => kprobe(self).map_err(|kp| TracerError::BothRefused {
+                    first: Box::new(fentry),
+                    second: Box::new(kp),
+                }),
+            },
+        }
+    }
+
     fn program<'a, P>(&'a mut self, prog: &'static str) -> Result<&'a mut P, TracerError>
     where
         &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
@@ -453,6 +511,7 @@ impl Tracer {
             let result = match hook {
                 Hook::TracePoint => <&mut TracePoint>::try_from(p).and_then(|p| p.unload()),
                 Hook::FEntry => <&mut FEntry>::try_from(p).and_then(|p| p.unload()),
+                Hook::KProbe => <&mut KProbe>::try_from(p).and_then(|p| p.unload()),
                 Hook::CgroupSkb => <&mut CgroupSkb>::try_from(p).and_then(|p| p.unload()),
             };
             if let Err(e) = result {

@@ -24,7 +24,7 @@ use tracer_common::{CtLayout, SkbLayout, TcpLayout};
 
 use crate::{
     drop_class::DropClass,
-    kernel::{btf::KernelBtf, kallsyms::Kallsyms},
+    kernel::{btf::KernelBtf, kallsyms::Kallsyms, tracefs},
 };
 
 /// What decoding needs to turn kernel numbers into names.
@@ -121,10 +121,17 @@ pub fn drop_reason_names(
 /// optional and say why when they cannot run.
 pub struct Resolved {
     pub skb: SkbLayout,
+    /// Socket offsets shared by both TCP programs, with whichever record parts resolved.
     pub tcp: Result<TcpLayout, String>,
-    pub retransmit: Result<(), String>,
+    /// sock:inet_sock_set_state.
+    pub lifecycle: Result<(), String>,
+    /// tcp:tcp_retransmit_skb, and where its address family comes from.
+    pub retransmit: Result<tcp_state::RetransmitFamily, String>,
     pub ct: Result<CtLayout, String>,
-    pub ct_delete: Result<(), String>,
+    /// Where the conntrack types were found (vmlinux, or a module's split BTF).
+    pub ct_btf: &'static str,
+    /// How conntrack removals can be traced on this kernel.
+    pub ct_delete: Result<conntrack::Removal, String>,
     pub symbols: Symbols,
 }
 
@@ -136,36 +143,76 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError>
     let mut symbols = Symbols {
         kallsyms: Kallsyms::default(),
         drop_reasons: drop_reason_names(Some(btf), &drop_format.reason_symbols),
-        ct: conntrack::CtNames::from_btf(btf),
         ..Symbols::default()
     };
     let (state_format, retransmit_format) = tcp_state::read_formats(tracefs);
-    let tcp = state_format.and_then(|s| {
-        let (layout, names) = tcp_state::resolve_layout(&s, retransmit_format.as_ref(), btf)?;
-        symbols.tcp_states = names;
-        Ok(layout)
-    });
-    let retransmit = match (&tcp, &retransmit_format) {
-        (Ok(_), Some(_)) => Ok(()),
-        (Err(e), _) => Err(format!("needs sock:inet_sock_set_state: {e}")),
-        (_, None) => Err("tracepoint tcp:tcp_retransmit_skb does not exist on this kernel".into()),
-    };
-    let ct = conntrack::resolve_layout(btf, &symbols.ct).map_err(|e| e.to_string());
+    let (tcp, lifecycle, retransmit) =
+        resolve_tcp(btf, state_format, retransmit_format, &mut symbols);
+    // Distribution kernels build nf_conntrack as a module: its functions, and any type vmlinux
+    // itself does not use, are in the module's split BTF.
+    let module_btf = btf.module(conntrack::MODULE).ok();
+    let ct_btf = module_btf.as_ref().unwrap_or(btf);
+    symbols.ct = conntrack::CtNames::from_btf(ct_btf);
+    let ct = conntrack::resolve_layout(ct_btf, &symbols.ct).map_err(|e| e.to_string());
     let ct_delete = match &ct {
-        Ok(_) if btf.has_func(conntrack::FUNCTION) => Ok(()),
-        Ok(_) => Err(format!(
-            "function {} not in this kernel's BTF (nf_conntrack not built in?)",
-            conntrack::FUNCTION
-        )),
+        Ok(_) => conntrack::removal(btf, module_btf.as_ref()),
         Err(e) => Err(e.clone()),
     };
     symbols.kallsyms = kallsyms.join().unwrap_or_default();
     Ok(Resolved {
         skb,
-        tcp: tcp.map_err(|e| e.to_string()),
+        tcp,
+        lifecycle,
         retransmit,
         ct,
+        ct_btf: if btf.has_struct("nf_conn") || module_btf.is_none() {
+            "vmlinux"
+        } else {
+            conntrack::MODULE
+        },
         ct_delete,
         symbols,
     })
+}
+
+type TcpParts = (
+    Result<TcpLayout, String>,
+    Result<(), String>,
+    Result<tcp_state::RetransmitFamily, String>,
+);
+
+/// The two TCP hooks, each failing on its own: a retransmit record without `family` (5.10)
+/// must not take the lifecycle hook down with it, nor the other way round.
+fn resolve_tcp(
+    btf: &KernelBtf,
+    state_format: Result<tracefs::Format, LayoutError>,
+    retransmit_format: Result<tracefs::Format, LayoutError>,
+    symbols: &mut Symbols,
+) -> TcpParts {
+    let mut layout = match tcp_state::resolve_socket(btf) {
+        Ok(l) => l,
+        Err(e) => {
+            let e = format!("socket layout: {e}");
+            return (Err(e.clone()), Err(e.clone()), Err(e));
+        }
+    };
+    let lifecycle = state_format
+        .and_then(|s| tcp_state::resolve_lifecycle(&mut layout, &s))
+        .map(|names| symbols.tcp_states = names)
+        .map_err(|e| e.to_string());
+    let retransmit = retransmit_format
+        .and_then(|r| {
+            let family = tcp_state::resolve_retransmit(&mut layout, &r, btf)?;
+            if symbols.tcp_states.is_empty() {
+                symbols.tcp_states = tcp_state::state_names(&r, "state");
+            }
+            Ok(family)
+        })
+        .map_err(|e| e.to_string());
+    let tcp = if lifecycle.is_err() && retransmit.is_err() {
+        Err("neither TCP tracepoint resolved".to_string())
+    } else {
+        Ok(layout)
+    };
+    (tcp, lifecycle, retransmit)
 }
