@@ -91,6 +91,10 @@ enum Cmd {
         /// Guest vCPUs.
         #[arg(long, default_value_t = 2)]
         cpus: u32,
+        /// Write each kernel's BTF (cut to the types droptrace reads) and tracepoint formats
+        /// to tracer-user/tests/fixtures/kernels/RELEASE.
+        #[arg(long)]
+        save_fixtures: bool,
     },
     /// PID 1 inside a VM leg (started by test-kernels through the guest's kernel command line).
     #[command(hide = true)]
@@ -148,6 +152,7 @@ fn main() -> ExitCode {
             refresh,
             memory,
             cpus,
+            save_fixtures,
         } => {
             let mut opts = vm::Options::matrix();
             if !kernels.is_empty() {
@@ -158,6 +163,7 @@ fn main() -> ExitCode {
             opts.refresh = refresh;
             opts.memory_mib = memory;
             opts.cpus = cpus;
+            opts.save_fixtures = save_fixtures;
             setup::run(&setup::Options { test_tools: true })
                 .and_then(|()| build(false))
                 .and_then(|bin| vm::run(&opts, &bin).map(drop))

@@ -43,17 +43,15 @@ impl Removal {
     }
 }
 
-/// Which hook can trace removals: fentry when vmlinux has the function, a kprobe when the
-/// conntrack module is loaded (its BTF, or on kernels without module BTF, /sys/module).
-pub fn removal(vmlinux: &KernelBtf, module: Option<&KernelBtf>) -> Result<Removal, String> {
-    removal_in(
-        vmlinux,
-        module,
-        Path::new("/sys/module").join(MODULE).is_dir(),
-    )
+/// Whether the conntrack module is loaded (or conntrack is built in).
+pub fn module_loaded() -> bool {
+    Path::new("/sys/module").join(MODULE).is_dir()
 }
 
-fn removal_in(
+/// Which hook can trace removals: fentry when vmlinux has the function, a kprobe when the
+/// conntrack module is loaded (its BTF has the function, or on kernels without module BTF,
+/// the module is there).
+pub fn removal(
     vmlinux: &KernelBtf,
     module: Option<&KernelBtf>,
     module_loaded: bool,

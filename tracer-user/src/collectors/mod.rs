@@ -2,6 +2,8 @@
 //! what layout to hand its program, how to attach, and how to decode its records.
 pub mod conntrack;
 pub mod ct_netlink;
+#[cfg(test)]
+mod recorded;
 pub mod skb_drop;
 pub mod tcp_state;
 pub mod tns;
@@ -135,41 +137,69 @@ pub struct Resolved {
     pub symbols: Symbols,
 }
 
+/// What layouts are resolved from: the running kernel's, or a recorded kernel's (fixtures).
+pub struct KernelFacts<'a> {
+    pub drop_format: tracefs::Format,
+    pub state_format: Result<tracefs::Format, LayoutError>,
+    pub retransmit_format: Result<tracefs::Format, LayoutError>,
+    pub btf: &'a KernelBtf,
+    /// The conntrack module's split BTF, where it is a loaded module on a kernel with
+    /// module BTF (5.11+).
+    pub conntrack_btf: Option<KernelBtf>,
+    /// Whether the conntrack module is loaded (kernels without module BTF say so only here).
+    pub conntrack_loaded: bool,
+}
+
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError> {
     // /proc/kallsyms takes ~150 ms to read: overlap it with the BTF lookups.
     let kallsyms = std::thread::spawn(Kallsyms::load);
-    let drop_format = skb_drop::read_format(tracefs)?;
-    let skb = skb_drop::resolve_layout(&drop_format, btf)?;
+    let (state_format, retransmit_format) = tcp_state::read_formats(tracefs);
+    let mut r = resolve_facts(KernelFacts {
+        drop_format: skb_drop::read_format(tracefs)?,
+        state_format,
+        retransmit_format,
+        btf,
+        // Distribution kernels build nf_conntrack as a module: its functions, and any type
+        // vmlinux itself does not use, are in the module's split BTF.
+        conntrack_btf: btf.module(conntrack::MODULE).ok(),
+        conntrack_loaded: conntrack::module_loaded(),
+    })?;
+    r.symbols.kallsyms = kallsyms.join().unwrap_or_default();
+    Ok(r)
+}
+
+pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
+    let btf = k.btf;
+    let skb = skb_drop::resolve_layout(&k.drop_format, btf)?;
     let mut symbols = Symbols {
-        kallsyms: Kallsyms::default(),
-        drop_reasons: drop_reason_names(Some(btf), &drop_format.reason_symbols),
+        drop_reasons: drop_reason_names(Some(btf), &k.drop_format.reason_symbols),
         ..Symbols::default()
     };
-    let (state_format, retransmit_format) = tcp_state::read_formats(tracefs);
     let (tcp, lifecycle, retransmit) =
-        resolve_tcp(btf, state_format, retransmit_format, &mut symbols);
-    // Distribution kernels build nf_conntrack as a module: its functions, and any type vmlinux
-    // itself does not use, are in the module's split BTF.
-    let module_btf = btf.module(conntrack::MODULE).ok();
-    let ct_btf = module_btf.as_ref().unwrap_or(btf);
-    symbols.ct = conntrack::CtNames::from_btf(ct_btf);
-    let ct = conntrack::resolve_layout(ct_btf, &symbols.ct).map_err(|e| e.to_string());
+        resolve_tcp(btf, k.state_format, k.retransmit_format, &mut symbols);
+    let module_btf = k.conntrack_btf;
+    // struct nf_conn from vmlinux where vmlinux itself uses it (5.10 and the Debian kernels
+    // checked), else from the module's split BTF.
+    let mut ct_btf = "vmlinux";
+    symbols.ct = conntrack::CtNames::from_btf(btf);
+    let mut ct = conntrack::resolve_layout(btf, &symbols.ct);
+    if let (Err(_), Some(m)) = (&ct, &module_btf) {
+        ct_btf = conntrack::MODULE;
+        symbols.ct = conntrack::CtNames::from_btf(m);
+        ct = conntrack::resolve_layout(m, &symbols.ct);
+    }
+    let ct = ct.map_err(|e| e.to_string());
     let ct_delete = match &ct {
-        Ok(_) => conntrack::removal(btf, module_btf.as_ref()),
+        Ok(_) => conntrack::removal(btf, module_btf.as_ref(), k.conntrack_loaded),
         Err(e) => Err(e.clone()),
     };
-    symbols.kallsyms = kallsyms.join().unwrap_or_default();
     Ok(Resolved {
         skb,
         tcp,
         lifecycle,
         retransmit,
         ct,
-        ct_btf: if btf.has_struct("nf_conn") || module_btf.is_none() {
-            "vmlinux"
-        } else {
-            conntrack::MODULE
-        },
+        ct_btf,
         ct_delete,
         symbols,
     })

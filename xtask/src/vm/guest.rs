@@ -127,6 +127,9 @@ fn run(out: &Path, log: &mut Results) -> anyhow::Result<()> {
     );
     log.line(json!({"step": "check", "exit": check.status.code(), "report": report}));
 
+    if let Err(e) = collect_kernel_facts(&out.join("kernel")) {
+        log.line(json!({"step": "facts", "error": format!("{e:#}")}));
+    }
     log.line(hooks(&plan));
 
     fs::create_dir_all(out.join("logs"))?;
@@ -139,6 +142,27 @@ fn run(out: &Path, log: &mut Results) -> anyhow::Result<()> {
             r["status"].as_str().unwrap_or("?")
         );
         log.line(r);
+    }
+    Ok(())
+}
+
+/// What droptrace resolves its layouts from on this kernel: BTF of vmlinux and of the
+/// conntrack module, and the record formats of its tracepoints (for fixtures, see
+/// `--save-fixtures`).
+fn collect_kernel_facts(dir: &Path) -> anyhow::Result<()> {
+    fs::create_dir_all(dir)?;
+    fs::copy("/sys/kernel/btf/vmlinux", dir.join("vmlinux.btf"))?;
+    let module = Path::new("/sys/kernel/btf/nf_conntrack");
+    if module.exists() {
+        fs::copy(module, dir.join("nf_conntrack.btf"))?;
+    }
+    for (category, name) in super::FORMATS {
+        let src = Path::new("/sys/kernel/tracing/events")
+            .join(category)
+            .join(name)
+            .join("format");
+        fs::copy(&src, dir.join(format!("{name}.format")))
+            .with_context(|| src.display().to_string())?;
     }
     Ok(())
 }

@@ -137,17 +137,19 @@ impl Apt {
             &[
                 "search",
                 "--names-only",
-                "^linux-(image|binary|modules)-[0-9][^ ]*-amd64$",
+                "^linux-(image|binary|modules|base)-[0-9][^ ]*-amd64$",
             ],
         )?;
         let mut images = BTreeSet::new();
         let mut binaries = BTreeSet::new();
         let mut modules = BTreeSet::new();
+        let mut bases = BTreeSet::new();
         for name in names.lines().filter_map(|l| l.split_whitespace().next()) {
             for (prefix, set) in [
                 ("linux-image-", &mut images),
                 ("linux-binary-", &mut binaries),
                 ("linux-modules-", &mut modules),
+                ("linux-base-", &mut bases),
             ] {
                 if let Some(release) = name.strip_prefix(prefix)
                     && !release.ends_with("-cloud-amd64")
@@ -159,16 +161,21 @@ impl Apt {
         }
         let mut packages: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for release in &images {
-            // From 6.19 linux-image-X only depends on linux-binary-X (the kernel) and
-            // linux-modules-X; some of those releases have no modules package at all.
+            // From 6.19 linux-image-X only depends on linux-binary-X (the kernel),
+            // linux-modules-X and linux-base-X; some of those releases have no modules package.
             let pkgs = if binaries.contains(release) {
                 if !modules.contains(release) {
                     continue;
                 }
-                vec![
+                let mut p = vec![
                     format!("linux-binary-{release}"),
                     format!("linux-modules-{release}"),
-                ]
+                ];
+                // modules.builtin: what modprobe must not look for (virtio_pci is built in).
+                if bases.contains(release) {
+                    p.push(format!("linux-base-{release}"));
+                }
+                p
             } else {
                 vec![format!("linux-image-{release}")]
             };
@@ -334,6 +341,12 @@ pub fn prepare(apt: &Apt, cache: &Path, c: &Candidate) -> anyhow::Result<Kernel>
     if usr.is_dir() && !kernel.modules.exists() {
         fs::create_dir_all(root.join("lib/modules"))?;
         fs::rename(&usr, &kernel.modules)?;
+    }
+    // From 6.19 the kernel image sits next to its modules.
+    let in_modules = kernel.modules.join("vmlinuz");
+    if !kernel.vmlinuz.is_file() && in_modules.is_file() {
+        fs::create_dir_all(root.join("boot"))?;
+        fs::rename(&in_modules, &kernel.vmlinuz)?;
     }
     if !kernel.vmlinuz.is_file() || !kernel.modules.is_dir() {
         bail!(

@@ -5,6 +5,7 @@
 //! check`, attaches every hook once, runs the planned tests, and powers off. One line per
 //! kernel and test is printed; target/vm/results.json keeps the run; a full matrix run
 //! rewrites the README's compatibility table.
+mod btf_min;
 pub mod guest;
 mod initramfs;
 pub mod kernels;
@@ -48,6 +49,29 @@ pub const PROGRAMS: &[&str] = &[
 /// fentry where the function is in vmlinux's BTF, kprobe where conntrack is a module.
 pub const REMOVAL_PROGRAMS: &[&str] = &["nf_ct_delete", "nf_ct_delete_kprobe"];
 const TEST_TIMEOUT_SECS: u64 = 300;
+/// Tracepoints whose record formats droptrace reads (copied out of each guest).
+pub const FORMATS: &[(&str, &str)] = &[
+    ("skb", "kfree_skb"),
+    ("sock", "inet_sock_set_state"),
+    ("tcp", "tcp_retransmit_skb"),
+];
+/// The BTF types droptrace resolves (tracer-user/src/collectors): kept in the fixtures.
+const BTF_ROOTS: &[&str] = &[
+    "sk_buff",
+    "net_device",
+    "sock",
+    "tcp_sock",
+    "net",
+    "nf_conn",
+    "nf_conntrack_tuple_hash",
+    "nf_conntrack_tuple",
+    "skb_drop_reason",
+    "ip_conntrack_status",
+    "ip_conntrack_info",
+    "nf_ct_delete",
+];
+/// Where `--save-fixtures` writes each kernel's facts for the host-only unit tests.
+const FIXTURES: &str = "tracer-user/tests/fixtures/kernels";
 
 pub struct Options {
     pub kernels: Vec<String>,
@@ -58,6 +82,8 @@ pub struct Options {
     pub refresh: bool,
     pub memory_mib: u32,
     pub cpus: u32,
+    /// Write each kernel's (minimized) BTF and tracepoint formats to FIXTURES.
+    pub save_fixtures: bool,
 }
 
 impl Options {
@@ -69,6 +95,7 @@ impl Options {
             refresh: false,
             memory_mib: 2048,
             cpus: 2,
+            save_fixtures: false,
         }
     }
 
@@ -242,7 +269,9 @@ impl KernelRun {
     fn evaluate(&mut self, planned: &[PlannedTest], done: bool) {
         let mut f = Vec::new();
         if let Some(e) = &self.error {
-            f.push(e.clone());
+            // Nothing ran: the rest would only repeat it.
+            self.failures = vec![e.clone()];
+            return;
         }
         if !done && self.error.is_none() {
             f.push("the guest stopped before finishing its plan".into());
@@ -358,6 +387,9 @@ fn leg(
         };
         run.attempts = qemu::run(&spec, limit)?;
         let done = read_results(&out.join("results.jsonl"), &mut run);
+        if opts.save_fixtures {
+            save_fixtures(&out.join("kernel"), &k.release)?;
+        }
         if !done {
             run.error = Some(format!(
                 "the guest stopped early; console:\n{}",
@@ -376,6 +408,26 @@ fn leg(
     run.secs = (t0.elapsed().as_secs_f64() * 10.0).round() / 10.0;
     run.evaluate(tests, done);
     run
+}
+
+/// The kernel's facts from the guest, BTF cut down to what droptrace resolves, into
+/// FIXTURES/RELEASE.
+fn save_fixtures(facts: &Path, release: &str) -> anyhow::Result<()> {
+    let dir = workspace_root().join(FIXTURES).join(release);
+    fs::create_dir_all(&dir)?;
+    let vmlinux = fs::read(facts.join("vmlinux.btf")).context("the guest copied no BTF")?;
+    let module = fs::read(facts.join("nf_conntrack.btf")).ok();
+    let (base, split) = btf_min::minimize(&vmlinux, module.as_deref(), BTF_ROOTS)?;
+    fs::write(dir.join("vmlinux.btf"), base)?;
+    if let Some(split) = split {
+        fs::write(dir.join("nf_conntrack.btf"), split)?;
+    }
+    for (_, name) in FORMATS {
+        let f = format!("{name}.format");
+        fs::write(dir.join(&f), fs::read(facts.join(&f))?)?;
+    }
+    step(&format!("fixtures of {release}: {}", dir.display()));
+    Ok(())
 }
 
 /// One line per kernel and test.
