@@ -36,6 +36,27 @@ fn as_nobody_with(caps: &[String]) -> Vec<String> {
     ]
 }
 
+/// A sysctl set for the test, restored on drop.
+struct Sysctl {
+    path: String,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(name: &str, value: &str) -> Self {
+        let path = format!("/proc/sys/{name}");
+        let old = std::fs::read_to_string(&path).expect("read sysctl");
+        std::fs::write(&path, value).expect("write sysctl");
+        Self { path, old }
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.path, self.old.trim());
+    }
+}
+
 #[test]
 fn documented_capabilities_suffice_to_trace_the_sqlplus_stall() {
     require_root();
@@ -46,7 +67,34 @@ fn documented_capabilities_suffice_to_trace_the_sqlplus_stall() {
     topo.iptables_drop_ingress(1521);
     let wrapper = as_nobody_with(&caps);
     let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let tracer = Droptrace::start_with(&wrapper, &[]);
+    let _sysctl;
+    let tracer = match Droptrace::try_start_with(&wrapper, &[]) {
+        Ok(t) => t,
+        Err(refused) => {
+            // Debian's and Ubuntu's kernels refuse perf events without CAP_SYS_ADMIN at
+            // kernel.perf_event_paranoid=3 (Debian's default): droptrace names the sysctl in
+            // one line and exits 2; the documented fix lets it run.
+            assert_eq!(refused.code, Some(2), "{}", refused.stderr);
+            assert!(
+                refused.stderr.contains("kernel.perf_event_paranoid is 3")
+                    && refused.stderr.contains("kernel.perf_event_paranoid=2"),
+                "{}",
+                refused.stderr
+            );
+            assert_eq!(
+                refused.stderr.trim().lines().count(),
+                1,
+                "{}",
+                refused.stderr
+            );
+            println!(
+                "refused at perf_event_paranoid=3: {}",
+                refused.stderr.trim()
+            );
+            _sysctl = Sysctl::set("kernel/perf_event_paranoid", "2");
+            Droptrace::start_with(&wrapper, &[])
+        }
+    };
 
     let (_, s) = droptrace_tests::scenario::sqlplus_stall(&topo, &tracer);
     let fin = tracer.stop();

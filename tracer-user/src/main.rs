@@ -9,6 +9,7 @@ use droptrace::{
     pipeline::Emit,
     preflight, replay,
     sinks::{Output, OutputOptions, cli::OutputArgs},
+    tracer,
 };
 
 #[derive(Parser)]
@@ -373,7 +374,12 @@ fn run(args: RunArgs) -> ExitCode {
         }
         Err(e) => {
             eprintln!("droptrace: {e:#}");
-            ExitCode::from(1)
+            // Refused for want of a privilege the kernel asks for: like a missing capability.
+            let privilege = matches!(
+                e.downcast_ref::<tracer::TracerError>(),
+                Some(tracer::TracerError::PerfParanoid { .. })
+            );
+            ExitCode::from(if privilege { 2 } else { 1 })
         }
     }
 }

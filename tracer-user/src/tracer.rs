@@ -15,6 +15,9 @@ use tracer_common::{
 
 use crate::collectors::conntrack;
 
+/// The perf event source kprobes attach through; absent where the kernel has none.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
+
 /// The compiled kernel programs (see build.rs; empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
 
@@ -54,6 +57,14 @@ pub enum TracerError {
     Btf(String),
     /// BPF_PROG_LOAD failed before the verifier said anything (aya's message would end in an
     /// empty "Verifier output:").
+    #[error(
+        "program {prog}: perf events refused: kernel.perf_event_paranoid is {level}, at which \
+         this kernel (Debian's and Ubuntu's patch) allows them only with CAP_SYS_ADMIN; grant \
+         CAP_SYS_ADMIN or set the sysctl kernel.perf_event_paranoid=2"
+    )]
+    PerfParanoid { prog: &'static str, level: i32 },
+    #[error("program {prog}: this kernel has no kprobes ({KPROBE_PMU} is missing)")]
+    NoKprobes { prog: &'static str },
     #[error("{first}; {second}")]
     BothRefused {
         first: Box<TracerError>,
@@ -67,7 +78,30 @@ pub enum TracerError {
     },
 }
 
+/// kernel.perf_event_paranoid: above 2, Debian's and Ubuntu's kernels refuse perf events
+/// (tracepoints, kprobes) to anyone without CAP_SYS_ADMIN, CAP_PERFMON or not.
+const PERF_PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
+fn perf_paranoid() -> Option<i32> {
+    std::fs::read_to_string(PERF_PARANOID)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 impl TracerError {
+    /// An attach failure; a perf event refused under kernel.perf_event_paranoid > 2 says so.
+    fn attach(prog: &'static str, source: aya::programs::ProgramError) -> Self {
+        if let aya::programs::ProgramError::SyscallError(e) = &source
+            && e.io_error.raw_os_error() == Some(libc::EACCES)
+            && let Some(level) = perf_paranoid().filter(|l| *l > 2)
+        {
+            return Self::PerfParanoid { prog, level };
+        }
+        Self::Program { prog, source }
+    }
+
     fn load(prog: &'static str, source: aya::programs::ProgramError) -> Self {
         match source {
             aya::programs::ProgramError::LoadError {
@@ -356,7 +390,7 @@ impl Tracer {
         let p: &mut TracePoint = self.program(prog)?;
         p.load().map_err(|source| TracerError::load(prog, source))?;
         p.attach(category, name)
-            .map_err(|source| TracerError::Program { prog, source })?;
+            .map_err(|source| TracerError::attach(prog, source))?;
         self.attached.push((prog, Hook::TracePoint));
         Ok(())
     }
@@ -407,10 +441,13 @@ impl Tracer {
 
     /// kprobe on a kernel function by name (module functions included, once loaded).
     pub fn attach_kprobe(&mut self, prog: &'static str, function: &str) -> Result<(), TracerError> {
+        if !std::path::Path::new(KPROBE_PMU).exists() {
+            return Err(TracerError::NoKprobes { prog });
+        }
         let p: &mut KProbe = self.program(prog)?;
         p.load().map_err(|source| TracerError::load(prog, source))?;
         p.attach(function, 0)
-            .map_err(|source| TracerError::Program { prog, source })?;
+            .map_err(|source| TracerError::attach(prog, source))?;
         self.attached.push((prog, Hook::KProbe));
         Ok(())
     }

@@ -99,8 +99,10 @@ fn mount_node() -> anyhow::Result<()> {
     fs::create_dir_all("/run/lock")?;
     sh(&["ip", "link", "set", "lo", "up"])?;
     sh(&["hostname", "droptrace-vm"])?;
-    // A Kubernetes node has conntrack loaded (kube-proxy, the CNI): so does this one.
-    sh(&["modprobe", "nf_conntrack"])
+    // A Kubernetes node has conntrack loaded (kube-proxy, the CNI): so does this one. And
+    // /dev/net/tun, which systemd creates as a static node at boot (the TUN black-hole test).
+    sh(&["modprobe", "nf_conntrack"])?;
+    sh(&["modprobe", "tun"])
 }
 
 fn run(out: &Path, log: &mut Results) -> anyhow::Result<()> {
