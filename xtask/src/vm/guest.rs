@@ -327,10 +327,11 @@ fn run_test(plan: &Plan, t: &super::PlannedTest, out: &Path) -> Value {
         Some(0) => "missing",
         Some(_) => "fail",
     };
+    // The test prints "stall: {json}" (libtest's "test NAME ... " may precede it on the line).
     let stall = text
         .lines()
-        .find_map(|l| l.strip_prefix("stall: "))
-        .map(str::to_string);
+        .find_map(|l| l.split_once("stall: {"))
+        .map(|(_, rest)| format!("{{{rest}"));
     let failure = (status != "pass").then(|| {
         text.lines()
             .filter(|l| l.contains("panicked at") || l.contains("assertion"))
