@@ -66,34 +66,32 @@ fn documented_capabilities_suffice_to_trace_the_sqlplus_stall() {
     println!("capabilities: {caps:?}");
     let topo = AppDb::new(Family::V4);
     topo.iptables_drop_ingress(1521);
-    let wrapper = as_nobody_with(&caps);
-    let wrapper: Vec<&str> = wrapper.iter().map(String::as_str).collect();
-    let _sysctl;
-    let tracer = match Droptrace::try_start_with(&wrapper, &[]) {
-        Ok(t) => t,
-        Err(refused) => {
-            // Debian's and Ubuntu's kernels refuse perf events without CAP_SYS_ADMIN at
-            // kernel.perf_event_paranoid=3 (Debian's default): droptrace names the sysctl in
-            // one line and exits 2; the documented fix lets it run.
-            assert_eq!(refused.code, Some(2), "{}", refused.stderr);
-            assert!(
-                refused.stderr.contains("kernel.perf_event_paranoid is 3")
-                    && refused.stderr.contains("kernel.perf_event_paranoid=2"),
-                "{}",
-                refused.stderr
-            );
-            assert_eq!(
-                refused.stderr.trim().lines().count(),
-                1,
-                "{}",
-                refused.stderr
-            );
-            println!(
-                "refused at perf_event_paranoid=3: {}",
-                refused.stderr.trim()
-            );
-            _sysctl = Sysctl::set("kernel/perf_event_paranoid", "2");
-            Droptrace::start_with(&wrapper, &[])
+    let mut wrapper = as_nobody_with(&caps);
+    // What some kernels ask for beyond the capabilities, each refused in one line (exit 2)
+    // naming its fix, and each fix then applied:
+    // - before 5.11, BPF maps are charged to RLIMIT_MEMLOCK: an unlimited limit (what
+    //   LimitMEMLOCK=infinity gives a container runtime);
+    // - Debian's and Ubuntu's kernels refuse perf events without CAP_SYS_ADMIN at
+    //   kernel.perf_event_paranoid=3 (Debian's default): the sysctl at 2.
+    let mut sysctl = None;
+    let tracer = loop {
+        let args: Vec<&str> = wrapper.iter().map(String::as_str).collect();
+        let refused = match Droptrace::try_start_with(&args, &[]) {
+            Ok(t) => break t,
+            Err(refused) => refused,
+        };
+        let err = refused.stderr.trim().to_string();
+        println!("refused: {err}");
+        assert_eq!(refused.code, Some(2), "{err}");
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        if err.contains("RLIMIT_MEMLOCK") && wrapper[0] != "prlimit" {
+            assert!(err.contains("LimitMEMLOCK=infinity"), "{err}");
+            wrapper.splice(0..0, ["prlimit".into(), "--memlock=unlimited".into()]);
+        } else if err.contains("kernel.perf_event_paranoid is 3") && sysctl.is_none() {
+            assert!(err.contains("kernel.perf_event_paranoid=2"), "{err}");
+            sysctl = Some(Sysctl::set("kernel/perf_event_paranoid", "2"));
+        } else {
+            panic!("refused, and not for a reason with a documented fix: {err}");
         }
     };
 

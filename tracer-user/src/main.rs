@@ -209,7 +209,14 @@ fn check_log_level(level: &str) -> Result<(), String> {
 
 fn init_logging(level: &str) -> Result<(), String> {
     check_log_level(level)?;
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // aya's own warning when it cannot raise RLIMIT_MEMLOCK repeats what droptrace then says
+    // in its one-line error (TracerError::Memlock).
+    let directives = if level.contains("aya") {
+        level.to_string()
+    } else {
+        format!("{level},aya::sys::bpf=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .map_err(|e| format!("--log-level {level}: {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -377,7 +384,9 @@ fn run(args: RunArgs) -> ExitCode {
             // Refused for want of a privilege the kernel asks for: like a missing capability.
             let privilege = matches!(
                 e.downcast_ref::<tracer::TracerError>(),
-                Some(tracer::TracerError::PerfParanoid { .. })
+                Some(
+                    tracer::TracerError::PerfParanoid { .. } | tracer::TracerError::Memlock { .. }
+                )
             );
             ExitCode::from(if privilege { 2 } else { 1 })
         }

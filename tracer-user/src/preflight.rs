@@ -198,7 +198,7 @@ pub fn run(probe_hooks: bool) -> Report {
                     match (has_reason, names) {
                         (true, Some(n)) => format!("{n} names from BTF enum skb_drop_reason"),
                         (true, None) => "names from the tracepoint format".to_string(),
-                        (false, _) => "kernel < 5.17: every drop reports NOT_SPECIFIED".to_string(),
+                        (false, _) => "kernel < 5.17 (no reason field): every drop reports UNAVAILABLE, classed by its code location".to_string(),
                     },
                 );
                 if let Ok(b) = &btf {

@@ -63,6 +63,13 @@ pub enum TracerError {
          CAP_SYS_ADMIN or set the sysctl kernel.perf_event_paranoid=2"
     )]
     PerfParanoid { prog: &'static str, level: i32 },
+    #[error(
+        "creating BPF maps refused: this kernel charges them to RLIMIT_MEMLOCK (kernels \
+         before 5.11), which is {kib} KiB here and cannot be raised without CAP_SYS_RESOURCE; \
+         run droptrace with an unlimited memlock limit (LimitMEMLOCK=infinity, ulimit -l \
+         unlimited) or grant CAP_SYS_RESOURCE"
+    )]
+    Memlock { kib: u64 },
     #[error("program {prog}: this kernel has no kprobes ({KPROBE_PMU} is missing)")]
     NoKprobes { prog: &'static str },
     #[error("{first}; {second}")]
@@ -261,19 +268,27 @@ impl Counters {
     }
 }
 
-/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK (often 64 KiB or
-/// 8 MiB): the ring buffer alone is larger. Newer kernels use memory cgroups and ignore it.
-fn raise_memlock_limit() {
-    let unlimited = libc::rlimit {
-        rlim_cur: libc::RLIM_INFINITY,
-        rlim_max: libc::RLIM_INFINITY,
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK (often 64 KiB): the
+/// ring buffer alone is larger. Raises it to unlimited; where that is refused (no
+/// CAP_SYS_RESOURCE, a lower hard limit), returns the limit in bytes. Newer kernels charge
+/// memory cgroups and ignore the limit.
+fn raise_memlock_limit() -> Option<u64> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
     };
-    // SAFETY: a valid rlimit for the calling process.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
-        tracing::debug!(
-            "cannot raise RLIMIT_MEMLOCK ({}); kernels before 5.11 may refuse large maps",
-            std::io::Error::last_os_error()
-        );
+    // SAFETY: valid rlimit structs for the calling process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) != 0
+            || cur.rlim_cur == libc::RLIM_INFINITY
+        {
+            return None;
+        }
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        (libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0).then_some(cur.rlim_cur)
     }
 }
 
@@ -303,7 +318,7 @@ impl Tracer {
         if OBJECT.is_empty() {
             return Err(TracerError::StubObject);
         }
-        raise_memlock_limit();
+        let memlock = raise_memlock_limit();
         let settings = Settings {
             all_tcp: u32::from(opts.all_tcp),
             // Wake the reader at 1/8 full; below that it drains on its timer.
@@ -321,7 +336,17 @@ impl Tracer {
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .map_max_entries("DROP_AGG", opts.agg_entries.max(1))
             .load(OBJECT)
-            .map_err(TracerError::Load)?;
+            .map_err(|e| match (memlock, &e) {
+                // Refused for want of locked memory: a kernel before 5.11 at a limit we
+                // could not raise.
+                (
+                    Some(limit),
+                    aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. }),
+                ) if io_error.raw_os_error() == Some(libc::EPERM) => {
+                    TracerError::Memlock { kib: limit / 1024 }
+                }
+                _ => TracerError::Load(e),
+            })?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(readable(l)?),

@@ -79,6 +79,7 @@ impl Apt {
                  Dir::State::status \"{d}/status\";\n\
                  Dir::Cache \"{d}/cache\";\n\
                  Acquire::Languages \"none\";\n\
+                 Acquire::GzipIndexes \"true\";\n\
                  Acquire::Check-Valid-Until \"false\";\n\
                  APT::Sandbox::User \"root\";\n"
             ),
