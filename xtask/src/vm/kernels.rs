@@ -78,8 +78,11 @@ impl Apt {
                  Dir::State::Lists \"{d}/lists\";\n\
                  Dir::State::status \"{d}/status\";\n\
                  Dir::Cache \"{d}/cache\";\n\
+                 Dir::Cache::pkgcache \"\";\n\
+                 Dir::Cache::srcpkgcache \"\";\n\
                  Acquire::Languages \"none\";\n\
                  Acquire::GzipIndexes \"true\";\n\
+                 Acquire::CompressionTypes::Order:: \"gz\";\n\
                  Acquire::Check-Valid-Until \"false\";\n\
                  APT::Sandbox::User \"root\";\n"
             ),

@@ -446,6 +446,10 @@ fn print(run: &KernelRun) {
         "{k:<24} {verdict} leg ({:.0} s, boot attempts {})",
         run.secs, run.attempts
     );
+    if let Some(e) = &run.error {
+        println!("{k:<24} FAIL {e}");
+        return;
+    }
     let check = if run.check["report"]["ok"] == true {
         "ok"
     } else {
