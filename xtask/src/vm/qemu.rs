@@ -3,6 +3,7 @@
 //! VM is killed when its handle drops, so a failing or interrupted run leaves nothing behind.
 use std::{
     fs,
+    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     thread,
@@ -87,6 +88,16 @@ impl Vm {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(fs::File::create(s.out.join("qemu.stderr"))?);
+        // SAFETY: prctl is async-signal-safe; it only sets this child's death signal. Whatever
+        // ends xtask (a signal, a CI timeout's SIGKILL) ends the VM with it.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let child = cmd
             .spawn()
             .with_context(|| format!("cannot start {QEMU} (`cargo xtask setup` installs it)"))?;
