@@ -54,16 +54,15 @@ impl Droptrace {
 
     /// Like `start`, behind a wrapper command (e.g. `setpriv ... --`).
     pub fn start_with(wrapper: &[&str], args: &[&str]) -> Self {
-        Self::try_start_with(wrapper, args).unwrap_or_else(|f| {
-            panic!(
-                "droptrace exited ({:?}) before attaching:\n{}",
-                f.code, f.stderr
-            )
-        })
+        Self::spawn(Self::command(wrapper, args))
     }
 
     /// Like `start_with`; a droptrace that exits before attaching is returned as finished.
     pub fn try_start_with(wrapper: &[&str], args: &[&str]) -> Result<Self, Finished> {
+        Self::try_spawn(Self::command(wrapper, args))
+    }
+
+    fn command(wrapper: &[&str], args: &[&str]) -> Command {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -73,12 +72,22 @@ impl Droptrace {
             None => Command::new(binary()),
         };
         cmd.arg("run").args(args).env("DROPTRACE_LOG", "info");
-        Self::spawn(cmd)
+        cmd
     }
 
     /// `cmd` is a complete droptrace invocation (e.g. `podman run ... IMAGE run ARGS`): starts
     /// it and waits until it reports its programs attached.
-    pub fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(cmd: Command) -> Self {
+        Self::try_spawn(cmd).unwrap_or_else(|f| {
+            panic!(
+                "droptrace exited ({:?}) before attaching:\n{}",
+                f.code, f.stderr
+            )
+        })
+    }
+
+    /// Like `spawn`; a droptrace that exits before attaching is returned as finished.
+    pub fn try_spawn(mut cmd: Command) -> Result<Self, Finished> {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
