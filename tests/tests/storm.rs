@@ -72,7 +72,10 @@ fn storm_of_50000_syns_counts_exactly() {
     let tracer = Droptrace::start(&["--flush", "500ms"]);
 
     // One flow (fixed source port), 50,000 SYNs as fast as hping3 sends them.
+    let t0 = std::time::Instant::now();
     hping3(&topo, &["-s", "40000", "-k", "-c", "50000", "-i", "u10"]);
+    // Flush periods the flood lasted (a minute or more in an emulated VM).
+    let flushes = 2 * t0.elapsed().as_secs() + 2;
     let fin = tracer.stop();
     assert_eq!(fin.code, Some(0), "droptrace exit: {}", fin.stderr);
 
@@ -82,11 +85,15 @@ fn storm_of_50000_syns_counts_exactly() {
     assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
     // One first record, then at most one flush record per flush period (plus the final one).
     assert!(
-        drops.len() <= 2 + 60 * 2,
-        "{} records for one flow",
+        drops.len() as u64 <= 2 + flushes,
+        "{} records for one flow in {flushes} flush periods",
         drops.len()
     );
-    assert!(drops.len() < 200, "aggregated: {} records", drops.len());
+    assert!(
+        (drops.len() as u64) < firewall / 100,
+        "aggregated: {} records",
+        drops.len()
+    );
     let lost: Vec<_> = fin
         .events
         .iter()

@@ -75,6 +75,10 @@ pub fn missing_privileges() -> Option<String> {
 /// perf_event_open() only with CAP_SYS_ADMIN. Probed with the smallest call there is (a
 /// one-entry array map, closed at once) so the answer is one line at start, not a map error.
 fn bpf_refused() -> Option<String> {
+    // Before 5.11 even this map is charged to RLIMIT_MEMLOCK, against everything the user
+    // (root: every other droptrace, every BPF agent) has locked: raise it first, and where
+    // that is refused, say so rather than blame a security module.
+    let memlock = crate::tracer::raise_memlock_limit();
     #[repr(C)]
     #[derive(Default)]
     struct MapCreate {
@@ -112,6 +116,9 @@ fn bpf_refused() -> Option<String> {
     if err.raw_os_error() != Some(libc::EPERM) {
         // Not a privilege problem; loading says what it is.
         return None;
+    }
+    if let Some(limit) = memlock {
+        return Some(crate::tracer::TracerError::Memlock { kib: limit / 1024 }.to_string());
     }
     let filtered = std::fs::read_to_string("/proc/self/status")
         .ok()

@@ -272,7 +272,7 @@ impl Counters {
 /// ring buffer alone is larger. Raises it to unlimited; where that is refused (no
 /// CAP_SYS_RESOURCE, a lower hard limit), returns the limit in bytes. Newer kernels charge
 /// memory cgroups and ignore the limit.
-fn raise_memlock_limit() -> Option<u64> {
+pub fn raise_memlock_limit() -> Option<u64> {
     let mut cur = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
