@@ -20,6 +20,54 @@ pub fn cgroup2_root() -> PathBuf {
         .expect("no cgroup v2 hierarchy mounted: the coexistence tests need one")
 }
 
+const BPF_PROG_QUERY: libc::c_long = 16;
+const BPF_CGROUP_INET_INGRESS: u32 = 0;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// BPF_PROG_QUERY on `cgroup`'s ingress hook: (attach flags, program ids).
+fn ingress_programs(cgroup: &std::path::Path) -> (u32, Vec<u32>) {
+    #[repr(C)]
+    struct Query {
+        target_fd: u32,
+        attach_type: u32,
+        query_flags: u32,
+        attach_flags: u32,
+        prog_ids: u64,
+        prog_cnt: u32,
+        _pad: u32,
+    }
+    let dir = std::fs::File::open(cgroup).expect("open the cgroup");
+    let mut ids = vec![0u32; 64];
+    let mut q = Query {
+        target_fd: std::os::fd::AsRawFd::as_raw_fd(&dir) as u32,
+        attach_type: BPF_CGROUP_INET_INGRESS,
+        query_flags: 0,
+        attach_flags: 0,
+        prog_ids: ids.as_mut_ptr() as u64,
+        prog_cnt: ids.len() as u32,
+        _pad: 0,
+    };
+    // SAFETY: the kernel reads `q` and writes at most prog_cnt ids into `ids`, both alive
+    // across the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut q as *mut Query,
+            std::mem::size_of::<Query>() as libc::c_uint,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "BPF_PROG_QUERY {}: {}",
+        cgroup.display(),
+        std::io::Error::last_os_error()
+    );
+    ids.truncate(q.prog_cnt as usize);
+    (q.attach_flags, ids)
+}
+
 /// A pinned (not yet attached) counting program.
 pub struct OtherCgroupProgram {
     pub cgroup: PathBuf,
@@ -93,31 +141,30 @@ impl OtherCgroupProgram {
         Ok(())
     }
 
-    /// Whether `bpftool cgroup show ROOT` lists this program on ingress in multi mode.
+    /// Whether this program is on the root's ingress hook in multi mode. Asked of the kernel
+    /// directly: Debian 12's bpftool queries with fields 5.10 does not know and lists nothing.
     pub fn attached_multi(&self) -> bool {
-        let list = json(&[
-            "bpftool",
-            "-j",
-            "cgroup",
-            "show",
-            self.cgroup.to_str().expect("utf-8"),
-        ]);
-        list.as_array().into_iter().flatten().any(|p| {
-            p["id"].as_u64() == Some(self.id)
-                && p["attach_type"].as_str() == Some("cgroup_inet_ingress")
-                && p["attach_flags"].as_str() == Some("multi")
-        })
+        let (flags, ids) = ingress_programs(&self.cgroup);
+        flags == BPF_F_ALLOW_MULTI && ids.contains(&(self.id as u32))
     }
 
-    /// Names of every program on the root (to show what else is there when a test fails).
+    /// Whether this program alone holds the root's ingress hook, exclusively (no flags).
+    pub fn attached_exclusive(&self) -> bool {
+        ingress_programs(&self.cgroup) == (0, vec![self.id as u32])
+    }
+
+    /// Every program on the root (to show what else is there when a test fails).
     pub fn root_programs(&self) -> String {
-        let out = sh(&[
-            "bpftool",
-            "cgroup",
-            "show",
-            self.cgroup.to_str().expect("utf-8"),
-        ]);
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let out = Command::new("bpftool")
+            .args(["cgroup", "show"])
+            .arg(&self.cgroup)
+            .output();
+        let (flags, ids) = ingress_programs(&self.cgroup);
+        format!(
+            "ingress: ids {ids:?}, attach flags {flags}; bpftool cgroup show: {}",
+            out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        )
     }
 
     /// Packets the program has counted so far.

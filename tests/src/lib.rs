@@ -4,6 +4,7 @@
 //! process. Everything a fixture creates is removed on drop, also when a test fails.
 pub mod cgroup_prog;
 pub mod deploy;
+pub mod kernel;
 pub mod netns;
 pub mod netpol_render;
 pub mod oracle_client;

@@ -30,10 +30,14 @@ struct Shared {
     bad_lines: Vec<String>,
 }
 
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// A running `droptrace run`; killed on drop if not stopped.
 pub struct Droptrace {
     child: Option<Child>,
     shared: Arc<(Mutex<Shared>, Condvar)>,
+    /// The stdout and stderr readers: they end at EOF, after droptrace exits.
+    readers: Vec<thread::JoinHandle<()>>,
 }
 
 pub struct Finished {
@@ -50,6 +54,15 @@ impl Droptrace {
 
     /// Like `start`, behind a wrapper command (e.g. `setpriv ... --`).
     pub fn start_with(wrapper: &[&str], args: &[&str]) -> Self {
+        Self::spawn(Self::command(wrapper, args))
+    }
+
+    /// Like `start_with`; a droptrace that exits before attaching is returned as finished.
+    pub fn try_start_with(wrapper: &[&str], args: &[&str]) -> Result<Self, Finished> {
+        Self::try_spawn(Self::command(wrapper, args))
+    }
+
+    fn command(wrapper: &[&str], args: &[&str]) -> Command {
         let mut cmd = match wrapper.split_first() {
             Some((first, rest)) => {
                 let mut c = Command::new(first);
@@ -59,12 +72,22 @@ impl Droptrace {
             None => Command::new(binary()),
         };
         cmd.arg("run").args(args).env("DROPTRACE_LOG", "info");
-        Self::spawn(cmd)
+        cmd
     }
 
     /// `cmd` is a complete droptrace invocation (e.g. `podman run ... IMAGE run ARGS`): starts
     /// it and waits until it reports its programs attached.
-    pub fn spawn(mut cmd: Command) -> Self {
+    pub fn spawn(cmd: Command) -> Self {
+        Self::try_spawn(cmd).unwrap_or_else(|f| {
+            panic!(
+                "droptrace exited ({:?}) before attaching:\n{}",
+                f.code, f.stderr
+            )
+        })
+    }
+
+    /// Like `spawn`; a droptrace that exits before attaching is returned as finished.
+    pub fn try_spawn(mut cmd: Command) -> Result<Self, Finished> {
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -74,7 +97,7 @@ impl Droptrace {
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
         let s = shared.clone();
-        thread::spawn(move || {
+        let stdout_reader = thread::spawn(move || {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 let (lock, cv) = &*s;
@@ -87,7 +110,7 @@ impl Droptrace {
             }
         });
         let s = shared.clone();
-        thread::spawn(move || {
+        let stderr_reader = thread::spawn(move || {
             for line in BufReader::new(err).lines() {
                 let Ok(line) = line else { break };
                 let (lock, cv) = &*s;
@@ -102,35 +125,37 @@ impl Droptrace {
         let mut d = Self {
             child: Some(child),
             shared,
+            readers: vec![stdout_reader, stderr_reader],
         };
-        d.wait_attached();
-        d
+        if d.wait_attached() {
+            Ok(d)
+        } else {
+            Err(d.stop())
+        }
     }
 
-    fn wait_attached(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
+    /// Whether it attached; false when it exited first. Loading takes seconds in an emulated
+    /// VM: the limit is generous.
+    fn wait_attached(&mut self) -> bool {
+        let deadline = Instant::now() + ATTACH_TIMEOUT;
         let (lock, cv) = &*self.shared;
         let mut g = lock.lock().unwrap();
         while !g.attached {
             if let Some(child) = self.child.as_mut()
-                && let Ok(Some(st)) = child.try_wait()
+                && let Ok(Some(_)) = child.try_wait()
             {
-                drop(g);
-                thread::sleep(Duration::from_millis(100));
-                let g = lock.lock().unwrap();
-                panic!(
-                    "droptrace exited ({st}) before attaching:\n{}",
-                    g.stderr.join("\n")
-                );
+                return false;
             }
             let now = Instant::now();
             assert!(
                 now < deadline,
-                "droptrace did not attach in 30 s:\n{}",
+                "droptrace did not attach in {} s:\n{}",
+                ATTACH_TIMEOUT.as_secs(),
                 g.stderr.join("\n")
             );
             g = cv.wait_timeout(g, Duration::from_millis(200)).unwrap().0;
         }
+        true
     }
 
     /// Waits until an event matching `pred` arrives (or `timeout`), returning it.
@@ -162,8 +187,10 @@ impl Droptrace {
     /// `signal` (SIGINT, SIGTERM), then as `stop`.
     pub fn stop_with(mut self, signal: i32) -> Finished {
         let mut child = self.child.take().expect("running");
-        unsafe { libc::kill(child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(20);
+        if child.try_wait().ok().flatten().is_none() {
+            unsafe { libc::kill(child.id() as i32, signal) };
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
         let status = loop {
             if let Some(st) = child.try_wait().expect("wait") {
                 break Some(st);
@@ -174,8 +201,17 @@ impl Droptrace {
             }
             thread::sleep(Duration::from_millis(50));
         };
-        // Let the reader threads reach EOF.
-        thread::sleep(Duration::from_millis(200));
+        // Every line it wrote is read before the events are taken: parsing thousands of
+        // records takes a while in a slow (emulated) machine.
+        let readers_deadline = Instant::now() + Duration::from_secs(60);
+        for r in std::mem::take(&mut self.readers) {
+            while !r.is_finished() && Instant::now() < readers_deadline {
+                thread::sleep(Duration::from_millis(20));
+            }
+            if r.is_finished() {
+                let _ = r.join();
+            }
+        }
         let g = self.shared.0.lock().unwrap();
         assert!(
             g.bad_lines.is_empty(),

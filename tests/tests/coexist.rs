@@ -115,6 +115,6 @@ fn exclusive_cgroup_program_is_named_not_replaced() {
     );
     // The drop is still traced (the stall just lacks the listener's REDIRECT).
     assert_eq!(str_at(&s, "attempt.outcome"), "timeout", "{s}");
-    let list = other.root_programs();
-    assert!(list.contains("count_packets"), "{list}");
+    // The other agent's program is still the one exclusive program there.
+    assert!(other.attached_exclusive(), "{}", other.root_programs());
 }

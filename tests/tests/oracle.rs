@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use droptrace_tests::{
+    kernel,
     netns::{AppDb, Family, Routed, sh},
     oracle_client,
     scenario::RedirectedLeg,
@@ -71,18 +72,13 @@ fn sqlplus_stall_on_redirected_port() {
     assert_eq!(at(&s, "oracle.redirect.port"), second.port());
     assert_eq!(str_at(&s, "oracle.program"), "sqlplus");
     let drops = at(&s, "drops").as_array().unwrap();
-    assert!(
-        drops
-            .iter()
-            .any(|d| str_at(d, "reason") == "NETFILTER_DROP"),
-        "{s}"
-    );
+    assert!(drops.iter().any(kernel::is_netfilter_drop), "{s}");
     assert!(str_at(&s, "process.comm").starts_with("python"), "{s}");
     let diag = str_at(&s, "diagnosis");
     assert!(
         diag.starts_with(&format!(
             "listener {listener_addr} redirected sqlplus to {second}; that leg's SYN to {second} dropped"
-        )) && diag.contains("NETFILTER_DROP"),
+        )) && diag.contains(&format!("by netfilter ({} at ", kernel::reason("NETFILTER_DROP"))),
         "{diag}"
     );
     // The redirect port was learned: its drops are in the stream though only 1521 is watched.

@@ -3,6 +3,7 @@
 use std::process::Command;
 
 use droptrace_tests::{
+    kernel,
     netns::{AppDb, Family},
     tracer::{Droptrace, at, str_at},
 };
@@ -71,7 +72,10 @@ fn storm_of_50000_syns_counts_exactly() {
     let tracer = Droptrace::start(&["--flush", "500ms"]);
 
     // One flow (fixed source port), 50,000 SYNs as fast as hping3 sends them.
+    let t0 = std::time::Instant::now();
     hping3(&topo, &["-s", "40000", "-k", "-c", "50000", "-i", "u10"]);
+    // Flush periods the flood lasted (a minute or more in an emulated VM).
+    let flushes = 2 * t0.elapsed().as_secs() + 2;
     let fin = tracer.stop();
     assert_eq!(fin.code, Some(0), "droptrace exit: {}", fin.stderr);
 
@@ -81,11 +85,15 @@ fn storm_of_50000_syns_counts_exactly() {
     assert_eq!(sum(&drops), firewall, "sum of count = iptables counter");
     // One first record, then at most one flush record per flush period (plus the final one).
     assert!(
-        drops.len() <= 2 + 60 * 2,
-        "{} records for one flow",
+        drops.len() as u64 <= 2 + flushes,
+        "{} records for one flow in {flushes} flush periods",
         drops.len()
     );
-    assert!(drops.len() < 200, "aggregated: {} records", drops.len());
+    assert!(
+        (drops.len() as u64) < firewall / 100,
+        "aggregated: {} records",
+        drops.len()
+    );
     let lost: Vec<_> = fin
         .events
         .iter()
@@ -214,7 +222,7 @@ fn random_source_flood_is_one_storm() {
     // (IP_INVALID_SOURCE, IP_LOCALNET): the firewall's own count is its reason's sum.
     let netfilter: Vec<Value> = drops
         .iter()
-        .filter(|v| str_at(v, "drop.reason") == "NETFILTER_DROP")
+        .filter(|v| kernel::is_netfilter_drop(at(v, "drop")))
         .cloned()
         .collect();
     assert_eq!(
@@ -259,7 +267,7 @@ fn random_source_flood_is_one_storm() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|t| str_at(t, "reason") == "NETFILTER_DROP")
+        .filter(|t| kernel::is_netfilter_drop(t))
         .map(|t| at(t, "count").as_u64().unwrap())
         .sum();
     assert_eq!(netfilter_tally, firewall, "{ended}");
@@ -284,7 +292,10 @@ fn syn_flood_with_rotating_ports_is_folded_per_destination() {
     topo.iptables_drop_ingress(1521);
     let tracer = Droptrace::start(&["--new-flows-per-sec", "200"]);
     // 30,000 SYNs, a new source port each: a flood no per-flow table absorbs.
+    let t0 = std::time::Instant::now();
     hping3(&topo, &["-s", "1025", "-c", "30000", "-i", "u20"]);
+    // Seconds the flood lasted (longer in an emulated VM), counting both partial windows.
+    let windows = t0.elapsed().as_secs() + 2;
     let fin = tracer.stop();
     assert_eq!(fin.code, Some(0), "droptrace exit: {}", fin.stderr);
 
@@ -309,7 +320,10 @@ fn syn_flood_with_rotating_ports_is_folded_per_destination() {
     // The budget bounds per-flow records: 200 per second per CPU for the flood's duration.
     let cpus = std::thread::available_parallelism().unwrap().get() as u64;
     let per_flow = drops.iter().filter(|v| at(v, "flow.src_port") != 0).count() as u64;
-    assert!(per_flow <= 200 * cpus * 20, "{per_flow} per-flow records");
+    assert!(
+        per_flow <= 200 * cpus * windows,
+        "{per_flow} per-flow records in {windows} one-second windows"
+    );
     println!(
         "30000 SYNs on rotating ports -> {} records ({per_flow} per-flow, {folded} drops folded), sum {}",
         drops.len(),

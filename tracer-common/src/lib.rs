@@ -319,7 +319,9 @@ pub struct TcpLayout {
     pub sk_net: u32,
     pub net_inum: u32,
     pub valid: u32,
-    pub _pad: u32,
+    /// struct sock: __sk_common.skc_family, read where a record has no `family` field
+    /// (tcp:tcp_retransmit_skb before 5.13).
+    pub sk_family: u32,
 }
 
 impl TcpLayout {
@@ -339,7 +341,7 @@ impl TcpLayout {
         sk_net: ABSENT,
         net_inum: ABSENT,
         valid: 0,
-        _pad: 0,
+        sk_family: ABSENT,
     };
 }
 

@@ -1,7 +1,10 @@
 //! Conntrack: the entry attached to a dropped skb (NAT tuples, state), and removals of entries
 //! that never saw a reply (fentry on nf_ct_delete, found through BTF), for flows whose SYN left this node and
 //! vanished further along.
-use aya_ebpf::{macros::fentry, programs::FEntryContext};
+use aya_ebpf::{
+    macros::{fentry, kprobe},
+    programs::{FEntryContext, ProbeContext},
+};
 use tracer_common::{
     ABSENT, AF_INET, AF_INET6, CtEvent, CtInfo, CtTuple, IPPROTO_TCP, counter, kind,
 };
@@ -112,17 +115,29 @@ pub fn original_port_watched(skb: u64) -> bool {
 
 #[fentry(function = "nf_ct_delete")]
 pub fn nf_ct_delete(ctx: FEntryContext) -> u32 {
-    if try_nf_ct_delete(&ctx).is_err() {
+    if try_nf_ct_delete(ctx.arg(0)).is_err() {
         maps::count(counter::TCP_UNREADABLE);
     }
     0
 }
 
-fn try_nf_ct_delete(ctx: &FEntryContext) -> Result<(), i64> {
-    if ro(&L.valid) == 0 {
+/// The same, where conntrack is a module (fentry there needs the module's BTF object).
+#[kprobe]
+pub fn nf_ct_delete_kprobe(ctx: ProbeContext) -> u32 {
+    let Some(ct) = ctx.arg::<u64>(0) else {
+        maps::count(counter::TCP_UNREADABLE);
+        return 0;
+    };
+    if try_nf_ct_delete(ct).is_err() {
+        maps::count(counter::TCP_UNREADABLE);
+    }
+    0
+}
+
+fn try_nf_ct_delete(ct: u64) -> Result<(), i64> {
+    if ro(&L.valid) == 0 || ct == 0 {
         return Ok(());
     }
-    let ct: u64 = ctx.arg(0);
     let orig = original_tuple(ct);
     let protonum: u8 = unsafe { read(at(orig, ro(&L.dst_protonum)))? };
     let status: u64 = unsafe { read(at(ct, ro(&L.ct_status)))? };

@@ -25,6 +25,17 @@ pub fn field<T>(ctx: &TracePointContext, off: u32) -> Result<T, i64> {
 #[inline(always)]
 pub fn tuple(ctx: &TracePointContext, t: &'static TpTuple, flow: &mut Flow) -> Result<(), i64> {
     let family: u16 = field(ctx, ro(&t.family))?;
+    tuple_of_family(ctx, t, family, flow)
+}
+
+/// Like [`tuple`], with the address family from elsewhere (records without a `family` field).
+#[inline(always)]
+pub fn tuple_of_family(
+    ctx: &TracePointContext,
+    t: &'static TpTuple,
+    family: u16,
+    flow: &mut Flow,
+) -> Result<(), i64> {
     flow.sport = field(ctx, ro(&t.sport))?;
     flow.dport = field(ctx, ro(&t.dport))?;
     flow.proto = IPPROTO_TCP;

@@ -1,10 +1,10 @@
 //! tcp:tcp_retransmit_skb: SYN retransmits of a stalled connect and data retransmits of an
 //! established flow that stopped making progress.
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use tracer_common::{Flow, Owner, RetransmitEvent, counter, kind};
+use tracer_common::{ABSENT, Flow, Owner, RetransmitEvent, counter, kind};
 
 use crate::{
-    kmem::{at, field, net_inum, read, tuple},
+    kmem::{at, field, net_inum, read, tuple_of_family},
     maps::{self, TCP_LAYOUT as L, ro},
     tcp_state::header,
 };
@@ -21,12 +21,19 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
     if ro(&L.valid) == 0 {
         return Ok(());
     }
+    let sk: u64 = field(ctx, ro(&L.rt_skaddr))?;
+    // Before 5.13 the record has no `family`: the socket's own says which addresses to read.
+    let family_off = ro(&L.rt.family);
+    let family: u16 = if family_off == ABSENT {
+        unsafe { read(at(sk, ro(&L.sk_family)))? }
+    } else {
+        field(ctx, family_off)?
+    };
     let mut flow = Flow::default();
-    tuple(ctx, &L.rt, &mut flow)?;
+    tuple_of_family(ctx, &L.rt, family, &mut flow)?;
     if !maps::flow_watched(&flow) {
         return Ok(());
     }
-    let sk: u64 = field(ctx, ro(&L.rt_skaddr))?;
     let state: i32 = field(ctx, ro(&L.rt_state))?;
 
     let Some(mut entry) = maps::EVENTS.reserve::<RetransmitEvent>(0) else {

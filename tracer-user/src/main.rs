@@ -209,7 +209,14 @@ fn check_log_level(level: &str) -> Result<(), String> {
 
 fn init_logging(level: &str) -> Result<(), String> {
     check_log_level(level)?;
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    // aya's own warning when it cannot raise RLIMIT_MEMLOCK repeats what droptrace then says
+    // in its one-line error (TracerError::Memlock).
+    let directives = if level.contains("aya") {
+        level.to_string()
+    } else {
+        format!("{level},aya::sys::bpf=error")
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .map_err(|e| format!("--log-level {level}: {e}"))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -347,9 +354,19 @@ fn run(args: RunArgs) -> Result<(), Error> {
     let output = rt.block_on(start_output(&args.output, &opts.node, false, events_api))?;
     let summary = rt
         .block_on(run::run(opts, output, identity))
-        .map_err(|error| Error::Failed {
-            error,
-            outputs: None,
+        .map_err(|error| {
+            // Refused for want of a privilege the kernel asks for (perf_event_paranoid, a
+            // memlock limit before 5.11): like a missing capability, bad input.
+            match error.downcast_ref::<kernel::loader::TracerError>() {
+                Some(
+                    e @ (kernel::loader::TracerError::PerfParanoid { .. }
+                    | kernel::loader::TracerError::Memlock { .. }),
+                ) => Error::Privileges(e.to_string()),
+                _ => Error::Failed {
+                    error,
+                    outputs: None,
+                },
+            }
         })?;
     eprintln!("{}", summary.line());
     Ok(())

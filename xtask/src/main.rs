@@ -6,6 +6,7 @@ mod helm;
 mod image;
 mod setup;
 mod soak;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -68,6 +69,36 @@ enum Cmd {
         #[arg(long, default_value_t = 30)]
         minutes: u64,
     },
+    /// The privileged e2e tests inside VMs on Debian's kernels (qemu TCG, no NIC): the full
+    /// matrix by default (5.10, 6.1, 6.12, newest; every test; rewrites the README table).
+    TestKernels {
+        /// A kernel series (5.10, 6.12), an exact release (6.12.118+deb13-amd64) or `newest`;
+        /// repeatable [default: 5.10 6.1 6.12 newest].
+        #[arg(long = "kernel", value_name = "VERSION")]
+        kernels: Vec<String>,
+        /// Only the core subset CI runs (sqlplus stall, Service path, listener redirect).
+        #[arg(long)]
+        core: bool,
+        /// Only tests whose `target::name` contains this; repeatable.
+        #[arg(long = "test", value_name = "FILTER")]
+        filters: Vec<String>,
+        /// Fetch the kernel package lists again even if today's are cached.
+        #[arg(long)]
+        refresh: bool,
+        /// Guest memory (MiB).
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
+        /// Guest vCPUs.
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// Write each kernel's BTF (cut to the types droptrace reads) and tracepoint formats
+        /// to tracer-user/tests/fixtures/kernels/RELEASE.
+        #[arg(long)]
+        save_fixtures: bool,
+    },
+    /// PID 1 inside a VM leg (started by test-kernels through the guest's kernel command line).
+    #[command(hide = true)]
+    VmGuest { out: std::path::PathBuf },
     /// Build the container image without a registry (FROM scratch: the release binary and
     /// the libraries it loads) with podman, buildah or docker.
     Image {
@@ -114,6 +145,30 @@ fn main() -> ExitCode {
             .and_then(|()| bench::ensure_tools())
             .and_then(|()| build(true))
             .and_then(|bin| soak::run(minutes, &bin)),
+        Cmd::TestKernels {
+            kernels,
+            core,
+            filters,
+            refresh,
+            memory,
+            cpus,
+            save_fixtures,
+        } => {
+            let mut opts = vm::Options::matrix();
+            if !kernels.is_empty() {
+                opts.kernels = kernels;
+            }
+            opts.core = core;
+            opts.filters = filters;
+            opts.refresh = refresh;
+            opts.memory_mib = memory;
+            opts.cpus = cpus;
+            opts.save_fixtures = save_fixtures;
+            setup::run(&setup::Options { test_tools: true })
+                .and_then(|()| build(false))
+                .and_then(|bin| vm::run(&opts, &bin).map(drop))
+        }
+        Cmd::VmGuest { out } => vm::guest::main(&out),
         Cmd::Bench {
             storm_secs,
             iperf_secs,
@@ -254,14 +309,43 @@ fn test(args: &[String]) -> anyhow::Result<()> {
              and load eBPF programs); run `sudo -E cargo xtask test`"
         );
     }
-    let _node = e2e_lock()?;
+    let node = e2e_lock()?;
     status(
         cargo()
             .env("DROPTRACE_BIN", &bin)
             .env("DROPTRACE_PYTHON", setup::venv_python())
             .args(["test", "--package", "droptrace-tests"])
             .args(args),
-    )
+    )?;
+    // The VMs' drops stay in the VMs: other suites may use the node again.
+    drop(node);
+    kernel_legs(&bin, args)
+}
+
+/// The core subset inside VMs on Debian 11's and 12's kernels (`vm::CI_KERNELS`). In CI a leg
+/// that cannot run fails; elsewhere it is skipped with the reason.
+fn kernel_legs(bin: &Path, args: &[String]) -> anyhow::Result<()> {
+    if !args.is_empty() {
+        step(
+            "VM kernel legs: skipped (a test filter was given; `cargo xtask test-kernels --core`)",
+        );
+        return Ok(());
+    }
+    if let Some(why) = vm::unavailable() {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            bail!("VM kernel legs cannot run in CI: {why}");
+        }
+        step(&format!("VM kernel legs: SKIPPED, {why}"));
+        return Ok(());
+    }
+    let mut opts = vm::Options::matrix();
+    opts.kernels = vm::CI_KERNELS.iter().map(|s| s.to_string()).collect();
+    opts.core = true;
+    step(&format!(
+        "VM kernel legs: core subset on {}",
+        vm::CI_KERNELS.join(", ")
+    ));
+    vm::run(&opts, bin).map(drop)
 }
 
 /// The privileged tests own the node while they run: every droptrace they start sees every

@@ -43,6 +43,7 @@ pub fn run(opts: &Options) -> anyhow::Result<()> {
     bpf_linker()?;
     if opts.test_tools {
         debian_packages(TEST_PACKAGES)?;
+        vm_tools()?;
         python_venv()?;
         crate::helm::ensure()?;
     }
@@ -190,7 +191,9 @@ fn bpf_linker() -> anyhow::Result<()> {
     }
 }
 
-pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+/// The packages of `wanted` not installed yet; says so when none is missing, and fails with
+/// what to run when some are but this is not root.
+fn missing_packages<'a>(what: &str, wanted: &[(&str, &'a str)]) -> anyhow::Result<Vec<&'a str>> {
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(probe, _)| !present(probe))
@@ -198,15 +201,20 @@ pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
         .collect();
     if missing.is_empty() {
         let names: Vec<_> = wanted.iter().map(|(_, p)| *p).collect();
-        step(&format!("test tools: present ({})", names.join(", ")));
-        return Ok(());
-    }
-    if !is_root() {
+        step(&format!("{what}: present ({})", names.join(", ")));
+    } else if !is_root() {
         bail!(
-            "test tools missing: {}; by hand: sudo apt-get install -y {}",
-            missing.join(", "),
-            missing.join(" ")
+            "{what} missing: {}; run `sudo cargo xtask setup`",
+            missing.join(", ")
         );
+    }
+    Ok(missing)
+}
+
+pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing = missing_packages("test tools", wanted)?;
+    if missing.is_empty() {
+        return Ok(());
     }
     step(&format!(
         "test tools: apt-get install -y {}",
@@ -239,6 +247,103 @@ fn present(probe: &str) -> bool {
             .is_ok_and(|s| s.success()),
         None => on_path(probe),
     }
+}
+
+/// What the VM legs (`cargo xtask test-kernels`, CI's kernel legs) need on the host.
+const VM_PACKAGES: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    // The guest's initramfs shell; insmod of the boot modules.
+    ("busybox", "busybox-static"),
+    // modprobe --show-depends and depmod for the kernels' module trees.
+    ("depmod", "kmod"),
+    // Debian kernels compress their modules (xz up to 6.1, zstd later).
+    ("xz", "xz-utils"),
+    ("zstd", "zstd"),
+];
+
+/// qemu 10 comes from bookworm-backports on bookworm: bookworm's own 7.2 conflicts with the
+/// qemu-utils 10 this machine kind has. Installed through an APT configuration of the
+/// project's own (bookworm + bookworm-backports), never by editing the system's sources.
+fn vm_tools() -> anyhow::Result<()> {
+    let missing = missing_packages("VM tools", VM_PACKAGES)?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let codename = std::fs::read_to_string("/etc/os-release")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VERSION_CODENAME=").map(str::to_string))
+        .unwrap_or_default();
+    if codename != "bookworm" {
+        return debian_packages(VM_PACKAGES);
+    }
+    let dir = workspace_root().join("target/apt-bookworm-backports");
+    for d in [
+        "lists/partial",
+        "cache/archives/partial",
+        "etc/sources.list.d",
+    ] {
+        std::fs::create_dir_all(dir.join(d))?;
+    }
+    let key = "/usr/share/keyrings/debian-archive-keyring.gpg";
+    std::fs::write(
+        dir.join("etc/sources.list"),
+        ["bookworm", "bookworm-updates", "bookworm-backports"]
+            .iter()
+            .map(|s| format!("deb [signed-by={key}] http://deb.debian.org/debian {s} main\n"))
+            .chain(std::iter::once(format!(
+                "deb [signed-by={key}] http://deb.debian.org/debian-security bookworm-security main\n"
+            )))
+            .collect::<String>(),
+    )?;
+    let d = dir.display();
+    let conf = dir.join("apt.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Dir::Etc::SourceList \"{d}/etc/sources.list\";\n\
+             Dir::Etc::SourceParts \"{d}/etc/sources.list.d\";\n\
+             Dir::State::Lists \"{d}/lists\";\n\
+             Dir::Cache \"{d}/cache\";\n\
+             Acquire::Languages \"none\";\n"
+        ),
+    )?;
+    let apt = |args: &[&str]| {
+        let mut c = Command::new("apt-get");
+        c.env("APT_CONFIG", &conf)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(args);
+        c
+    };
+    step("VM tools: apt-get update (bookworm + bookworm-backports, the project's own APT_CONFIG)");
+    status(apt(&["update"]).stdout(Stdio::null()))?;
+    step(&format!(
+        "VM tools: apt-get install -t bookworm-backports {}",
+        missing.join(" ")
+    ));
+    let mut args = vec![
+        "install",
+        "-y",
+        "--no-install-recommends",
+        "-t",
+        "bookworm-backports",
+    ];
+    args.extend(&missing);
+    status(&mut apt(&args)).with_context(|| {
+        format!(
+            "by hand: add bookworm-backports and apt-get install -t bookworm-backports {}",
+            missing.join(" ")
+        )
+    })
+}
+
+/// A system binary, also where PATH has no sbin directories.
+pub fn sbin(cmd: &str) -> PathBuf {
+    ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+        .iter()
+        .map(|d| PathBuf::from(d).join(cmd))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| PathBuf::from(cmd))
 }
 
 pub fn on_path(cmd: &str) -> bool {

@@ -2,6 +2,8 @@
 //! what layout to hand its program, how to attach, and how to decode its records.
 pub mod conntrack;
 pub mod drops;
+#[cfg(test)]
+mod recorded;
 pub mod tcp;
 pub mod tns;
 
@@ -23,7 +25,7 @@ use tracer_common::{CtLayout, SkbLayout, TcpLayout};
 
 use crate::{
     decode::drop_class::DropClass,
-    kernel::{btf::KernelBtf, kallsyms::Kallsyms},
+    kernel::{btf::KernelBtf, kallsyms::Kallsyms, tracefs},
 };
 
 /// What decoding needs to turn kernel numbers into names.
@@ -120,51 +122,126 @@ pub fn drop_reason_names(
 /// optional and say why when they cannot run.
 pub struct Resolved {
     pub skb: SkbLayout,
+    /// Socket offsets shared by both TCP programs, with whichever record parts resolved.
     pub tcp: Result<TcpLayout, String>,
-    pub retransmit: Result<(), String>,
+    /// sock:inet_sock_set_state.
+    pub lifecycle: Result<(), String>,
+    /// tcp:tcp_retransmit_skb, and where its address family comes from.
+    pub retransmit: Result<tcp::RetransmitFamily, String>,
     pub ct: Result<CtLayout, String>,
-    pub ct_delete: Result<(), String>,
+    /// Where the conntrack types were found (vmlinux, or a module's split BTF).
+    pub ct_btf: &'static str,
+    /// How conntrack removals can be traced on this kernel.
+    pub ct_delete: Result<conntrack::Removal, String>,
     pub symbols: Symbols,
+}
+
+/// What layouts are resolved from: the running kernel's, or a recorded kernel's (fixtures).
+pub struct KernelFacts<'a> {
+    pub drop_format: tracefs::Format,
+    pub state_format: Result<tracefs::Format, LayoutError>,
+    pub retransmit_format: Result<tracefs::Format, LayoutError>,
+    pub btf: &'a KernelBtf,
+    /// The conntrack module's split BTF, where it is a loaded module on a kernel with
+    /// module BTF (5.11+).
+    pub conntrack_btf: Option<KernelBtf>,
+    /// Whether the conntrack module is loaded (kernels without module BTF say so only here).
+    pub conntrack_loaded: bool,
 }
 
 pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError> {
     // /proc/kallsyms takes ~150 ms to read: overlap it with the BTF lookups.
     let kallsyms = std::thread::spawn(Kallsyms::load);
-    let drop_format = drops::read_format(tracefs)?;
-    let skb = drops::resolve_layout(&drop_format, btf)?;
+    let (state_format, retransmit_format) = tcp::read_formats(tracefs);
+    let mut r = resolve_facts(KernelFacts {
+        drop_format: drops::read_format(tracefs)?,
+        state_format,
+        retransmit_format,
+        btf,
+        // Distribution kernels build nf_conntrack as a module: its functions, and any type
+        // vmlinux itself does not use, are in the module's split BTF.
+        conntrack_btf: btf.module(conntrack::MODULE).ok(),
+        conntrack_loaded: conntrack::module_loaded(),
+    })?;
+    r.symbols.kallsyms = kallsyms.join().unwrap_or_default();
+    Ok(r)
+}
+
+pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
+    let btf = k.btf;
+    let skb = drops::resolve_layout(&k.drop_format, btf)?;
     let mut symbols = Symbols {
-        kallsyms: Kallsyms::default(),
-        drop_reasons: drop_reason_names(Some(btf), &drop_format.reason_symbols),
-        ct: conntrack::CtNames::from_btf(btf),
+        drop_reasons: drop_reason_names(Some(btf), &k.drop_format.reason_symbols),
         ..Symbols::default()
     };
-    let (state_format, retransmit_format) = tcp::read_formats(tracefs);
-    let tcp = state_format.and_then(|s| {
-        let (layout, names) = tcp::resolve_layout(&s, retransmit_format.as_ref(), btf)?;
-        symbols.tcp_states = names;
-        Ok(layout)
-    });
-    let retransmit = match (&tcp, &retransmit_format) {
-        (Ok(_), Some(_)) => Ok(()),
-        (Err(e), _) => Err(format!("needs sock:inet_sock_set_state: {e}")),
-        (_, None) => Err("tracepoint tcp:tcp_retransmit_skb does not exist on this kernel".into()),
-    };
-    let ct = conntrack::resolve_layout(btf, &symbols.ct).map_err(|e| e.to_string());
+    let (tcp, lifecycle, retransmit) =
+        resolve_tcp(btf, k.state_format, k.retransmit_format, &mut symbols);
+    let module_btf = k.conntrack_btf;
+    // struct nf_conn from vmlinux where vmlinux itself uses it (5.10 and the Debian kernels
+    // checked), else from the module's split BTF.
+    let mut ct_btf = "vmlinux";
+    symbols.ct = conntrack::CtNames::from_btf(btf);
+    let mut ct = conntrack::resolve_layout(btf, &symbols.ct);
+    if let (Err(_), Some(m)) = (&ct, &module_btf) {
+        ct_btf = conntrack::MODULE;
+        symbols.ct = conntrack::CtNames::from_btf(m);
+        ct = conntrack::resolve_layout(m, &symbols.ct);
+    }
+    let ct = ct.map_err(|e| e.to_string());
     let ct_delete = match &ct {
-        Ok(_) if btf.has_func(conntrack::FUNCTION) => Ok(()),
-        Ok(_) => Err(format!(
-            "function {} not in this kernel's BTF (nf_conntrack not built in?)",
-            conntrack::FUNCTION
-        )),
+        Ok(_) => conntrack::removal(btf, module_btf.as_ref(), k.conntrack_loaded),
         Err(e) => Err(e.clone()),
     };
-    symbols.kallsyms = kallsyms.join().unwrap_or_default();
     Ok(Resolved {
         skb,
-        tcp: tcp.map_err(|e| e.to_string()),
+        tcp,
+        lifecycle,
         retransmit,
         ct,
+        ct_btf,
         ct_delete,
         symbols,
     })
+}
+
+type TcpParts = (
+    Result<TcpLayout, String>,
+    Result<(), String>,
+    Result<tcp::RetransmitFamily, String>,
+);
+
+/// The two TCP hooks, each failing on its own: a retransmit record without `family` (5.10)
+/// must not take the lifecycle hook down with it, nor the other way round.
+fn resolve_tcp(
+    btf: &KernelBtf,
+    state_format: Result<tracefs::Format, LayoutError>,
+    retransmit_format: Result<tracefs::Format, LayoutError>,
+    symbols: &mut Symbols,
+) -> TcpParts {
+    let mut layout = match tcp::resolve_socket(btf) {
+        Ok(l) => l,
+        Err(e) => {
+            let e = format!("socket layout: {e}");
+            return (Err(e.clone()), Err(e.clone()), Err(e));
+        }
+    };
+    let lifecycle = state_format
+        .and_then(|s| tcp::resolve_lifecycle(&mut layout, &s))
+        .map(|names| symbols.tcp_states = names)
+        .map_err(|e| e.to_string());
+    let retransmit = retransmit_format
+        .and_then(|r| {
+            let family = tcp::resolve_retransmit(&mut layout, &r, btf)?;
+            if symbols.tcp_states.is_empty() {
+                symbols.tcp_states = tcp::state_names(&r, "state");
+            }
+            Ok(family)
+        })
+        .map_err(|e| e.to_string());
+    let tcp = if lifecycle.is_err() && retransmit.is_err() {
+        Err("neither TCP tracepoint resolved".to_string())
+    } else {
+        Ok(layout)
+    };
+    (tcp, lifecycle, retransmit)
 }

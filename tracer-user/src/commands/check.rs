@@ -75,6 +75,10 @@ pub fn missing_privileges() -> Option<String> {
 /// perf_event_open() only with CAP_SYS_ADMIN. Probed with the smallest call there is (a
 /// one-entry array map, closed at once) so the answer is one line at start, not a map error.
 fn bpf_refused() -> Option<String> {
+    // Before 5.11 even this map is charged to RLIMIT_MEMLOCK, against everything the user
+    // (root: every other droptrace, every BPF agent) has locked: raise it first, and where
+    // that is refused, say so rather than blame a security module.
+    let memlock = crate::kernel::loader::raise_memlock_limit();
     #[repr(C)]
     #[derive(Default)]
     struct MapCreate {
@@ -112,6 +116,9 @@ fn bpf_refused() -> Option<String> {
     if err.raw_os_error() != Some(libc::EPERM) {
         // Not a privilege problem; loading says what it is.
         return None;
+    }
+    if let Some(limit) = memlock {
+        return Some(crate::kernel::loader::TracerError::Memlock { kib: limit / 1024 }.to_string());
     }
     let filtered = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -198,7 +205,7 @@ pub fn run(probe_hooks: bool) -> Report {
                     match (has_reason, names) {
                         (true, Some(n)) => format!("{n} names from BTF enum skb_drop_reason"),
                         (true, None) => "names from the tracepoint format".to_string(),
-                        (false, _) => "kernel < 5.17: every drop reports NOT_SPECIFIED".to_string(),
+                        (false, _) => "kernel < 5.17 (no reason field): every drop reports UNAVAILABLE, classed by its code location".to_string(),
                     },
                 );
                 if let Ok(b) = &btf {
@@ -211,55 +218,11 @@ pub fn run(probe_hooks: bool) -> Report {
                                 true,
                                 "offsets resolved from BTF".into(),
                             );
-                            let optional = |r: &Result<(), String>, ok: &str| match r {
-                                Ok(()) => (true, ok.to_string()),
-                                Err(e) => (false, e.clone()),
-                            };
-                            for (name, (ok, detail)) in [
-                                (
-                                    "tracepoint sock:inet_sock_set_state",
-                                    optional(
-                                        &r.tcp.as_ref().map(|_| ()).map_err(Clone::clone),
-                                        "connect attempts and their outcome",
-                                    ),
-                                ),
-                                (
-                                    "tracepoint tcp:tcp_retransmit_skb",
-                                    optional(&r.retransmit, "SYN and data retransmits"),
-                                ),
-                                (
-                                    "conntrack layout",
-                                    optional(
-                                        &r.ct.as_ref().map(|_| ()).map_err(Clone::clone),
-                                        "NAT tuples of dropped packets",
-                                    ),
-                                ),
-                                (
-                                    "fentry nf_ct_delete",
-                                    optional(
-                                        &r.ct_delete.clone().and_then(|()| {
-                                            if probe_hooks { probe_fentry() } else { Ok(()) }
-                                        }),
-                                        "unreplied conntrack entries",
-                                    ),
-                                ),
-                                (
-                                    "ctnetlink conntrack DESTROY events",
-                                    optional(
-                                        &crate::collect::conntrack::netlink::CtDestroyEvents::open(
-                                            crate::collect::conntrack::CtNames::default(),
-                                            crate::collect::conntrack::netlink::Filter {
-                                                ports: Vec::new(),
-                                                all_tcp: false,
-                                            },
-                                        )
-                                        .map(drop)
-                                        .map_err(|e| e.to_string()),
-                                        "unreplied conntrack entries of this network \
-                                         namespace, where fentry is refused",
-                                    ),
-                                ),
-                            ] {
+                            for (name, result) in optional_checks(r, probe_hooks) {
+                                let (ok, detail) = match result {
+                                    Ok(d) => (true, d),
+                                    Err(e) => (false, e),
+                                };
                                 push(name, ok, false, detail);
                             }
                         }
@@ -281,9 +244,70 @@ pub fn run(probe_hooks: bool) -> Report {
     }
 }
 
-/// Whether this kernel lets us attach the conntrack-removal fentry program (lockdown and
-/// kernels without trampolines refuse it even when BTF has the function).
-fn probe_fentry() -> Result<(), String> {
+/// The optional hooks, each skipped by name with its reason where this kernel refuses it.
+fn optional_checks(
+    r: &collect::Resolved,
+    probe_hooks: bool,
+) -> Vec<(&'static str, Result<String, String>)> {
+    use collect::tcp::RetransmitFamily;
+    let ct_netlink = crate::collect::conntrack::netlink::CtDestroyEvents::open(
+        crate::collect::conntrack::CtNames::default(),
+        crate::collect::conntrack::netlink::Filter {
+            ports: Vec::new(),
+            all_tcp: false,
+        },
+    )
+    .map(|_| {
+        "unreplied conntrack entries of this network namespace, where no kernel hook can \
+         trace removals"
+            .to_string()
+    })
+    .map_err(|e| e.to_string());
+    vec![
+        (
+            "tracepoint sock:inet_sock_set_state",
+            r.lifecycle
+                .clone()
+                .map(|()| "connect attempts and their outcome".to_string()),
+        ),
+        (
+            "tracepoint tcp:tcp_retransmit_skb",
+            r.retransmit.clone().map(|f| match f {
+                RetransmitFamily::Record => "SYN and data retransmits".to_string(),
+                RetransmitFamily::Socket => "SYN and data retransmits (this kernel's record has \
+                                             no family field: read from the socket)"
+                    .to_string(),
+            }),
+        ),
+        (
+            "conntrack layout",
+            r.ct.as_ref()
+                .map(|_| {
+                    format!(
+                        "NAT tuples of dropped packets (struct nf_conn from {} BTF)",
+                        r.ct_btf
+                    )
+                })
+                .map_err(Clone::clone),
+        ),
+        (
+            "conntrack removals",
+            r.ct_delete.clone().and_then(|kind| {
+                if probe_hooks {
+                    probe_removal(kind)
+                } else {
+                    Ok(kind.describe())
+                }
+            }),
+        ),
+        ("ctnetlink conntrack DESTROY events", ct_netlink),
+    ]
+}
+
+/// Which conntrack-removal hook this kernel lets us attach: lockdown and kernels without
+/// trampolines refuse fentry even when BTF has the function; kernels without kprobes refuse
+/// the kprobe.
+fn probe_removal(first: collect::conntrack::Removal) -> Result<String, String> {
     let mut t = crate::kernel::loader::Tracer::load(&crate::kernel::loader::TracerOptions {
         layout: tracer_common::SkbLayout::UNSET,
         tcp: None,
@@ -296,10 +320,8 @@ fn probe_fentry() -> Result<(), String> {
     })
     .map_err(|e| e.to_string())?;
     let result = t
-        .attach_fentry(
-            crate::collect::conntrack::PROGRAM,
-            crate::collect::conntrack::FUNCTION,
-        )
+        .attach_ct_removal(first)
+        .map(|kind| kind.describe())
         .map_err(|e| format!("this kernel refuses it: {e}"));
     t.detach();
     result

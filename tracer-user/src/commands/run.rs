@@ -144,31 +144,6 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
     })?;
     tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
     tracer.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)?;
-    let optional = [
-        (
-            "TCP lifecycle",
-            r.tcp.as_ref().map(|_| ()).map_err(Clone::clone),
-            (
-                tcp::STATE_PROGRAM,
-                Some(tcp::STATE_CATEGORY),
-                tcp::STATE_TRACEPOINT,
-            ),
-        ),
-        (
-            "retransmits",
-            r.retransmit.clone(),
-            (
-                tcp::RETRANSMIT_PROGRAM,
-                Some(tcp::RETRANSMIT_CATEGORY),
-                tcp::RETRANSMIT_TRACEPOINT,
-            ),
-        ),
-        (
-            "conntrack removals",
-            r.ct_delete.clone(),
-            (conntrack::PROGRAM, None, conntrack::FUNCTION),
-        ),
-    ];
     match tns::cgroup2_root() {
         Some(root) => {
             for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {
@@ -179,17 +154,40 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         }
         None => tracing::warn!("Oracle TNS not followed: no cgroup v2 root mounted"),
     }
-    for (what, available, (prog, category, name)) in optional {
+    let tracepoints = [
+        (
+            "TCP lifecycle",
+            r.lifecycle.clone(),
+            tcp::STATE_PROGRAM,
+            tcp::STATE_CATEGORY,
+            tcp::STATE_TRACEPOINT,
+        ),
+        (
+            "retransmits",
+            r.retransmit.clone().map(drop),
+            tcp::RETRANSMIT_PROGRAM,
+            tcp::RETRANSMIT_CATEGORY,
+            tcp::RETRANSMIT_TRACEPOINT,
+        ),
+    ];
+    for (what, available, prog, category, name) in tracepoints {
         let attached = available.and_then(|()| {
-            match category {
-                Some(c) => tracer.attach_tracepoint(prog, c, name),
-                None => tracer.attach_fentry(prog, name),
-            }
-            .map_err(|e| e.to_string())
+            tracer
+                .attach_tracepoint(prog, category, name)
+                .map_err(|e| e.to_string())
         });
         if let Err(why) = attached {
             tracing::warn!("{what} not traced: {why}");
         }
+    }
+    let removal = r.ct_delete.clone().and_then(|first| {
+        tracer
+            .attach_ct_removal(first)
+            .map_err(|e| format!("this kernel refuses it: {e}"))
+    });
+    match removal {
+        Ok(kind) => tracing::info!("conntrack removals: {}", kind.describe()),
+        Err(why) => tracing::warn!("conntrack removals not traced: {why}"),
     }
     if let Err(why) = &r.ct {
         tracing::warn!("conntrack entries of drops not read: {why}");
@@ -206,7 +204,11 @@ pub async fn run(
 ) -> anyhow::Result<Summary> {
     let (mut tracer, symbols) = start(&opts)?;
     // Where the kernel refuses the nf_ct_delete program, its own DESTROY events stand in.
-    let mut ct_events = if !opts.ct_netlink || tracer.attached().contains(&conntrack::PROGRAM) {
+    let traced = tracer.attached();
+    let mut ct_events = if !opts.ct_netlink
+        || traced.contains(&conntrack::PROGRAM)
+        || traced.contains(&conntrack::KPROBE_PROGRAM)
+    {
         None
     } else {
         let filter = netlink::Filter {

@@ -25,8 +25,13 @@ pub(super) fn redirected_leg(inc: &Incident) -> Option<String> {
     ))
 }
 
-/// What dropped it, in words: "netfilter (NETFILTER_DROP at nf_hook_slow)".
+/// Functions that free what a netfilter rule dropped.
+const NETFILTER_FUNCTIONS: [&str; 3] = ["nf_hook_slow", "nft_do_chain", "ipt_do_table"];
+
+/// What dropped it, in words: "netfilter (NETFILTER_DROP at nf_hook_slow)". Where the kernel
+/// gives no reason (before 5.17: UNAVAILABLE), the dropping function still names netfilter.
 fn mechanism(t: &DropTally) -> String {
+    let func = t.location.split('+').next().unwrap_or(&t.location);
     let by = match t.reason.as_str() {
         "NETFILTER_DROP" => "netfilter",
         "TC_INGRESS" | "TC_EGRESS" => "a tc filter",
@@ -34,9 +39,13 @@ fn mechanism(t: &DropTally) -> String {
         "XDP" => "an XDP program",
         r if r.starts_with("QDISC") => "a qdisc",
         r if r.starts_with("NEIGH") => "neighbour resolution",
+        crate::decode::drop_class::UNAVAILABLE | "NOT_SPECIFIED"
+            if NETFILTER_FUNCTIONS.contains(&func) =>
+        {
+            "netfilter"
+        }
         _ => "the kernel",
     };
-    let func = t.location.split('+').next().unwrap_or(&t.location);
     format!("{by} ({} at {func})", t.reason)
 }
 
@@ -221,4 +230,41 @@ pub(super) fn storm(s: &super::storm::StormIncident) -> String {
         s.peak_per_sec,
         parts.join("; ")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::decode::drop_class::DropClass;
+
+    fn tally(reason: &str, location: &str) -> DropTally {
+        DropTally {
+            reason: reason.into(),
+            class: DropClass::Network,
+            location: location.into(),
+            netns: 1,
+            count: 1,
+            packet: "SYN",
+            flow: crate::decode::FlowKey {
+                src: "10.0.0.1:40000".parse().unwrap(),
+                dst: "10.0.0.2:1521".parse().unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_reasonless_kernel_still_names_netfilter_by_its_function() {
+        assert_eq!(
+            mechanism(&tally("UNAVAILABLE", "nf_hook_slow+0x93")),
+            "netfilter (UNAVAILABLE at nf_hook_slow)"
+        );
+        assert_eq!(
+            mechanism(&tally("NETFILTER_DROP", "nf_hook_slow+0x9c")),
+            "netfilter (NETFILTER_DROP at nf_hook_slow)"
+        );
+        assert_eq!(
+            mechanism(&tally("UNAVAILABLE", "tcp_v4_rcv+0x1a")),
+            "the kernel (UNAVAILABLE at tcp_v4_rcv)"
+        );
+    }
 }

@@ -5,6 +5,8 @@ use std::path::Path;
 use btf_rs::{Btf, Type};
 
 pub const VMLINUX: &str = "/sys/kernel/btf/vmlinux";
+/// Where a loaded module's split BTF (on top of vmlinux's) appears.
+pub const MODULES_DIR: &str = "/sys/kernel/btf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum BtfError {
@@ -57,6 +59,30 @@ impl KernelBtf {
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
         Ok(Self {
             btf: Btf::from_bytes(bytes)?,
+        })
+    }
+
+    /// A loaded module's types (/sys/kernel/btf/MODULE, split BTF on top of this one): lookups
+    /// in the result see both the module's and this BTF's types. Distribution kernels build
+    /// e.g. nf_conntrack as a module, whose functions (and, where vmlinux does not use them,
+    /// types) are only there.
+    pub fn module(&self, name: &str) -> Result<Self, BtfError> {
+        self.split_file(Path::new(MODULES_DIR).join(name))
+    }
+
+    pub fn split_file(&self, path: impl AsRef<Path>) -> Result<Self, BtfError> {
+        let path = path.as_ref();
+        Btf::from_split_file(path, &self.btf)
+            .map(|btf| Self { btf })
+            .map_err(|source| BtfError::Open {
+                path: path.display().to_string(),
+                source,
+            })
+    }
+
+    pub fn split_bytes(&self, bytes: &[u8]) -> Result<Self, BtfError> {
+        Ok(Self {
+            btf: Btf::from_split_bytes(bytes, &self.btf)?,
         })
     }
 

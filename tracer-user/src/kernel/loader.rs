@@ -1,4 +1,4 @@
-//! Loads the kernel object with this kernel's layout, attaches the collectors, and hands out
+//! Loads the kernel object with this kernel's layout, attaches the collect, and hands out
 //! ring buffer records and loss counters.
 use std::{collections::HashSet, os::fd::AsRawFd as _};
 
@@ -6,12 +6,17 @@ use crate::pipeline::repeats::AggEntry;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, TracePoint},
+    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use tracer_common::{
     CtLayout, DropAgg, DropKey, HostPort, Settings, SkbLayout, TcpLayout, counter,
 };
+
+use crate::collect::conntrack;
+
+/// The perf event source kprobes attach through; absent where the kernel has none.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe";
 
 /// The compiled kernel programs (see build.rs; empty when built as a stub).
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracer-ebpf"));
@@ -52,6 +57,26 @@ pub enum TracerError {
     Btf(String),
     /// BPF_PROG_LOAD failed before the verifier said anything (aya's message would end in an
     /// empty "Verifier output:").
+    #[error(
+        "program {prog}: perf events refused: kernel.perf_event_paranoid is {level}, at which \
+         this kernel (Debian's and Ubuntu's patch) allows them only with CAP_SYS_ADMIN; grant \
+         CAP_SYS_ADMIN or set the sysctl kernel.perf_event_paranoid=2"
+    )]
+    PerfParanoid { prog: &'static str, level: i32 },
+    #[error(
+        "creating BPF maps refused: this kernel charges them to RLIMIT_MEMLOCK (kernels \
+         before 5.11), which is {kib} KiB here and cannot be raised without CAP_SYS_RESOURCE; \
+         run droptrace with an unlimited memlock limit (LimitMEMLOCK=infinity, ulimit -l \
+         unlimited) or grant CAP_SYS_RESOURCE"
+    )]
+    Memlock { kib: u64 },
+    #[error("program {prog}: this kernel has no kprobes ({KPROBE_PMU} is missing)")]
+    NoKprobes { prog: &'static str },
+    #[error("{first}; {second}")]
+    BothRefused {
+        first: Box<TracerError>,
+        second: Box<TracerError>,
+    },
     #[error("program {prog}: the kernel refused to load it ({io}){hint}")]
     Refused {
         prog: &'static str,
@@ -60,7 +85,30 @@ pub enum TracerError {
     },
 }
 
+/// kernel.perf_event_paranoid: above 2, Debian's and Ubuntu's kernels refuse perf events
+/// (tracepoints, kprobes) to anyone without CAP_SYS_ADMIN, CAP_PERFMON or not.
+const PERF_PARANOID: &str = "/proc/sys/kernel/perf_event_paranoid";
+
+fn perf_paranoid() -> Option<i32> {
+    std::fs::read_to_string(PERF_PARANOID)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 impl TracerError {
+    /// An attach failure; a perf event refused under kernel.perf_event_paranoid > 2 says so.
+    fn attach(prog: &'static str, source: aya::programs::ProgramError) -> Self {
+        if let aya::programs::ProgramError::SyscallError(e) = &source
+            && e.io_error.raw_os_error() == Some(libc::EACCES)
+            && let Some(level) = perf_paranoid().filter(|l| *l > 2)
+        {
+            return Self::PerfParanoid { prog, level };
+        }
+        Self::Program { prog, source }
+    }
+
     fn load(prog: &'static str, source: aya::programs::ProgramError) -> Self {
         match source {
             aya::programs::ProgramError::LoadError {
@@ -220,6 +268,30 @@ impl Counters {
     }
 }
 
+/// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK (often 64 KiB): the
+/// ring buffer alone is larger. Raises it to unlimited; where that is refused (no
+/// CAP_SYS_RESOURCE, a lower hard limit), returns the limit in bytes. Newer kernels charge
+/// memory cgroups and ignore the limit.
+pub fn raise_memlock_limit() -> Option<u64> {
+    let mut cur = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: valid rlimit structs for the calling process.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut cur) != 0
+            || cur.rlim_cur == libc::RLIM_INFINITY
+        {
+            return None;
+        }
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        (libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) != 0).then_some(cur.rlim_cur)
+    }
+}
+
 pub struct Tracer {
     // Dropping `ebpf` detaches every link and closes every map: nothing is pinned.
     ebpf: Ebpf,
@@ -237,6 +309,7 @@ pub struct Tracer {
 enum Hook {
     TracePoint,
     FEntry,
+    KProbe,
     CgroupSkb,
 }
 
@@ -245,6 +318,7 @@ impl Tracer {
         if OBJECT.is_empty() {
             return Err(TracerError::StubObject);
         }
+        let memlock = raise_memlock_limit();
         let settings = Settings {
             all_tcp: u32::from(opts.all_tcp),
             // Wake the reader at 1/8 full; below that it drains on its timer.
@@ -262,7 +336,17 @@ impl Tracer {
             .map_max_entries("EVENTS", opts.ringbuf_bytes)
             .map_max_entries("DROP_AGG", opts.agg_entries.max(1))
             .load(OBJECT)
-            .map_err(TracerError::Load)?;
+            .map_err(|e| match (memlock, &e) {
+                // Refused for want of locked memory: a kernel before 5.11 at a limit we
+                // could not raise.
+                (
+                    Some(limit),
+                    aya::EbpfError::MapError(aya::maps::MapError::CreateError { io_error, .. }),
+                ) if io_error.raw_os_error() == Some(libc::EPERM) => {
+                    TracerError::Memlock { kib: limit / 1024 }
+                }
+                _ => TracerError::Load(e),
+            })?;
 
         let logger = match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(l) => Some(readable(l)?),
@@ -331,7 +415,7 @@ impl Tracer {
         let p: &mut TracePoint = self.program(prog)?;
         p.load().map_err(|source| TracerError::load(prog, source))?;
         p.attach(category, name)
-            .map_err(|source| TracerError::Program { prog, source })?;
+            .map_err(|source| TracerError::attach(prog, source))?;
         self.attached.push((prog, Hook::TracePoint));
         Ok(())
     }
@@ -378,6 +462,42 @@ impl Tracer {
             .map_err(|source| TracerError::Program { prog, source })?;
         self.attached.push((prog, Hook::FEntry));
         Ok(())
+    }
+
+    /// kprobe on a kernel function by name (module functions included, once loaded).
+    pub fn attach_kprobe(&mut self, prog: &'static str, function: &str) -> Result<(), TracerError> {
+        if !std::path::Path::new(KPROBE_PMU).exists() {
+            return Err(TracerError::NoKprobes { prog });
+        }
+        let p: &mut KProbe = self.program(prog)?;
+        p.load().map_err(|source| TracerError::load(prog, source))?;
+        p.attach(function, 0)
+            .map_err(|source| TracerError::attach(prog, source))?;
+        self.attached.push((prog, Hook::KProbe));
+        Ok(())
+    }
+
+    /// The conntrack-removal hook: `first` (fentry where vmlinux has the function), else the
+    /// kprobe. Returns the one attached; the error names why each was refused.
+    pub fn attach_ct_removal(
+        &mut self,
+        first: conntrack::Removal,
+    ) -> Result<conntrack::Removal, TracerError> {
+        use conntrack::Removal;
+        let kprobe = |t: &mut Self| {
+            t.attach_kprobe(conntrack::KPROBE_PROGRAM, conntrack::FUNCTION)
+                .map(|()| Removal::KProbe)
+        };
+        match first {
+            Removal::KProbe => kprobe(self),
+            Removal::FEntry => match self.attach_fentry(conntrack::PROGRAM, conntrack::FUNCTION) {
+                Ok(()) => Ok(Removal::FEntry),
+                Err(fentry) => kprobe(self).map_err(|kp| TracerError::BothRefused {
+                    first: Box::new(fentry),
+                    second: Box::new(kp),
+                }),
+            },
+        }
     }
 
     fn program<'a, P>(&'a mut self, prog: &'static str) -> Result<&'a mut P, TracerError>
@@ -453,6 +573,7 @@ impl Tracer {
             let result = match hook {
                 Hook::TracePoint => <&mut TracePoint>::try_from(p).and_then(|p| p.unload()),
                 Hook::FEntry => <&mut FEntry>::try_from(p).and_then(|p| p.unload()),
+                Hook::KProbe => <&mut KProbe>::try_from(p).and_then(|p| p.unload()),
                 Hook::CgroupSkb => <&mut CgroupSkb>::try_from(p).and_then(|p| p.unload()),
             };
             if let Err(e) = result {

@@ -1,7 +1,7 @@
 //! Conntrack entries: at drop time (skb->_nfct) and on removal (fentry nf_ct_delete).
 pub mod netlink;
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{collections::HashMap, net::SocketAddr, path::Path};
 
 use tracer_common::{ABSENT, CtEvent, CtInfo, CtLayout, CtTuple};
 
@@ -12,8 +12,62 @@ use crate::{
 };
 
 pub const PROGRAM: &str = "nf_ct_delete";
-/// Kernel function whose entry is traced; must exist as a BTF FUNC.
+/// The same program as a kprobe, where the function lives in a module.
+pub const KPROBE_PROGRAM: &str = "nf_ct_delete_kprobe";
+/// Kernel function whose entry is traced.
 pub const FUNCTION: &str = "nf_ct_delete";
+/// The module conntrack is in where it is not built in (Debian, most distributions).
+pub const MODULE: &str = "nf_conntrack";
+
+/// How conntrack removals are traced on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// fentry: the function is in vmlinux's BTF (conntrack built in).
+    FEntry,
+    /// kprobe: conntrack is a loaded module. aya attaches fentry to vmlinux functions only
+    /// (a module function needs its BTF object fd at load time), and 5.10 has no module BTF.
+    KProbe,
+}
+
+impl Removal {
+    pub fn program(self) -> &'static str {
+        match self {
+            Self::FEntry => PROGRAM,
+            Self::KProbe => KPROBE_PROGRAM,
+        }
+    }
+
+    pub fn describe(self) -> String {
+        match self {
+            Self::FEntry => format!("fentry {FUNCTION}"),
+            Self::KProbe => format!("kprobe {FUNCTION} ({MODULE} is a module)"),
+        }
+    }
+}
+
+/// Whether the conntrack module is loaded (or conntrack is built in).
+pub fn module_loaded() -> bool {
+    Path::new("/sys/module").join(MODULE).is_dir()
+}
+
+/// Which hook can trace removals: fentry when vmlinux has the function, a kprobe when the
+/// conntrack module is loaded (its BTF has the function, or on kernels without module BTF,
+/// the module is there).
+pub fn removal(
+    vmlinux: &KernelBtf,
+    module: Option<&KernelBtf>,
+    module_loaded: bool,
+) -> Result<Removal, String> {
+    if vmlinux.has_func(FUNCTION) {
+        Ok(Removal::FEntry)
+    } else if module.is_some_and(|m| m.has_func(FUNCTION)) || module_loaded {
+        Ok(Removal::KProbe)
+    } else {
+        Err(format!(
+            "function {FUNCTION} is neither in vmlinux nor in a loaded {MODULE} module"
+        ))
+    }
+}
 
 /// Names for ctinfo values and status bits, from BTF enums of this kernel.
 #[derive(Debug, Default, Clone)]
