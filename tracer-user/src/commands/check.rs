@@ -50,12 +50,6 @@ impl Report {
     }
 }
 
-pub fn kernel_release() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_string())
-        .unwrap_or_else(|_| "unknown".to_string())
-}
-
 /// One line naming what is missing, or None when every capability is there and bpf() works.
 pub fn missing_privileges() -> Option<String> {
     let missing = caps::missing(caps::effective(), &REQUIRED_CAPS);
@@ -236,7 +230,7 @@ pub fn run(probe_hooks: bool) -> Report {
 
     let ok = checks.iter().all(|c| c.ok || !c.required);
     Report {
-        kernel: kernel_release(),
+        kernel: crate::kernel::release(),
         ok,
         checks,
         tracefs,

@@ -270,9 +270,15 @@ impl Counters {
 
 /// Kernels before 5.11 charge BPF maps and programs to RLIMIT_MEMLOCK (often 64 KiB): the
 /// ring buffer alone is larger. Raises it to unlimited; where that is refused (no
-/// CAP_SYS_RESOURCE, a lower hard limit), returns the limit in bytes. Newer kernels charge
-/// memory cgroups and ignore the limit.
+/// CAP_SYS_RESOURCE, a lower hard limit) on such a kernel, returns the limit in bytes. Newer
+/// kernels charge memory cgroups and ignore the limit: None there, whatever the limit (a
+/// refusal there has another cause, such as a seccomp filter in a container).
 pub fn raise_memlock_limit() -> Option<u64> {
+    let limit = raise_memlock_rlimit()?;
+    super::charges_memlock(&super::release()).then_some(limit)
+}
+
+fn raise_memlock_rlimit() -> Option<u64> {
     let mut cur = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
