@@ -1,5 +1,6 @@
 //! One module per kernel signal. Each knows how to check the running kernel can support it,
 //! what layout to hand its program, how to attach, and how to decode its records.
+pub mod collector;
 pub mod conntrack;
 pub mod drops;
 #[cfg(test)]

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use serde::Serialize;
 
 use crate::{
-    collect::{self, drops},
+    collect::{
+        self,
+        collector::{self, Collector as _},
+        drops,
+    },
     kernel::{
         btf::{KernelBtf, VMLINUX},
         caps, tracefs,
@@ -238,12 +242,12 @@ pub fn run(probe_hooks: bool) -> Report {
     }
 }
 
-/// The optional hooks, each skipped by name with its reason where this kernel refuses it.
+/// The optional collectors, each skipped by name with its reason where this kernel refuses
+/// it, with the conntrack layout drops read and the ctnetlink fallback for removals.
 fn optional_checks(
     r: &collect::Resolved,
     probe_hooks: bool,
 ) -> Vec<(&'static str, Result<String, String>)> {
-    use collect::tcp::RetransmitFamily;
     let ct_netlink = crate::collect::conntrack::netlink::CtDestroyEvents::open(
         crate::collect::conntrack::CtNames::default(),
         crate::collect::conntrack::netlink::Filter {
@@ -257,51 +261,46 @@ fn optional_checks(
             .to_string()
     })
     .map_err(|e| e.to_string());
-    vec![
-        (
-            "tracepoint sock:inet_sock_set_state",
-            r.lifecycle
-                .clone()
-                .map(|()| "connect attempts and their outcome".to_string()),
-        ),
-        (
-            "tracepoint tcp:tcp_retransmit_skb",
-            r.retransmit.clone().map(|f| match f {
-                RetransmitFamily::Record => "SYN and data retransmits".to_string(),
-                RetransmitFamily::Socket => "SYN and data retransmits (this kernel's record has \
-                                             no family field: read from the socket)"
-                    .to_string(),
-            }),
-        ),
-        (
-            "conntrack layout",
-            r.ct.as_ref()
-                .map(|_| {
-                    format!(
-                        "NAT tuples of dropped packets (struct nf_conn from {} BTF)",
-                        r.ct_btf
-                    )
-                })
-                .map_err(Clone::clone),
-        ),
-        (
-            "conntrack removals",
-            r.ct_delete.clone().and_then(|kind| {
-                if probe_hooks {
-                    probe_removal(kind)
+    let ct_layout =
+        r.ct.as_ref()
+            .map(|_| {
+                format!(
+                    "NAT tuples of dropped packets (struct nf_conn from {} BTF)",
+                    r.ct_btf
+                )
+            })
+            .map_err(Clone::clone);
+    let mut checks: Vec<_> = collector::ALL
+        .iter()
+        .filter(|c| !c.required())
+        .map(|c| {
+            let result = c.can_run(r).and_then(|what| {
+                if probe_hooks && c.probe_needed() {
+                    probe(*c, r)
                 } else {
-                    Ok(kind.describe())
+                    Ok(what)
                 }
-            }),
-        ),
-        ("ctnetlink conntrack DESTROY events", ct_netlink),
-    ]
+            });
+            (c.name(), result)
+        })
+        .collect();
+    // Drops read the conntrack entry where its layout resolved (listed before removals);
+    // removals without a kernel hook come from ctnetlink.
+    let removals = checks
+        .iter()
+        .position(|(n, _)| *n == collector::ConntrackRemovals.name());
+    checks.insert(
+        removals.unwrap_or(checks.len()),
+        ("conntrack layout", ct_layout),
+    );
+    checks.push(("ctnetlink conntrack DESTROY events", ct_netlink));
+    checks
 }
 
-/// Which conntrack-removal hook this kernel lets us attach: lockdown and kernels without
-/// trampolines refuse fentry even when BTF has the function; kernels without kprobes refuse
-/// the kprobe.
-fn probe_removal(first: collect::conntrack::Removal) -> Result<String, String> {
+/// Whether this kernel lets the collector attach, tried on a throwaway load: lockdown and
+/// kernels without trampolines refuse fentry even when BTF has the function; kernels without
+/// kprobes refuse the kprobe.
+fn probe(c: &dyn collector::Collector, r: &collect::Resolved) -> Result<String, String> {
     let mut t = crate::kernel::loader::Tracer::load(&crate::kernel::loader::TracerOptions {
         layout: tracer_common::SkbLayout::UNSET,
         tcp: None,
@@ -313,10 +312,7 @@ fn probe_removal(first: collect::conntrack::Removal) -> Result<String, String> {
         new_flows_per_sec: 0,
     })
     .map_err(|e| e.to_string())?;
-    let result = t
-        .attach_ct_removal(first)
-        .map(|kind| kind.describe())
-        .map_err(|e| format!("this kernel refuses it: {e}"));
+    let result = c.attach(r, &mut t).map_err(|e| e.to_string());
     t.detach();
     result
 }

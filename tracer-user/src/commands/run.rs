@@ -5,9 +5,8 @@ use std::time::Duration;
 use crate::{
     clock::{self, Clock},
     collect::{
-        Symbols, conntrack,
+        Symbols, collector, conntrack,
         conntrack::netlink::{self, CtDestroyEvents},
-        drops, tcp, tns,
     },
     commands::check,
     correlate,
@@ -143,51 +142,22 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         new_flows_per_sec: opts.new_flows_per_sec,
     })?;
     tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
-    tracer.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)?;
-    match tns::cgroup2_root() {
-        Some(root) => {
-            for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {
-                if let Err(e) = tracer.attach_cgroup_skb(prog, &root, ingress) {
-                    tracing::warn!("Oracle TNS not followed: {e}");
+    for c in collector::ALL {
+        let attached = if c.required() {
+            c.attach(&r, &mut tracer)?
+        } else {
+            match c
+                .can_run(&r)
+                .and_then(|_| c.attach(&r, &mut tracer).map_err(|e| e.to_string()))
+            {
+                Ok(a) => a,
+                Err(why) => {
+                    tracing::warn!("{}: {why}", c.skipped());
+                    continue;
                 }
             }
-        }
-        None => tracing::warn!("Oracle TNS not followed: no cgroup v2 root mounted"),
-    }
-    let tracepoints = [
-        (
-            "TCP lifecycle",
-            r.lifecycle.clone(),
-            tcp::STATE_PROGRAM,
-            tcp::STATE_CATEGORY,
-            tcp::STATE_TRACEPOINT,
-        ),
-        (
-            "retransmits",
-            r.retransmit.clone().map(drop),
-            tcp::RETRANSMIT_PROGRAM,
-            tcp::RETRANSMIT_CATEGORY,
-            tcp::RETRANSMIT_TRACEPOINT,
-        ),
-    ];
-    for (what, available, prog, category, name) in tracepoints {
-        let attached = available.and_then(|()| {
-            tracer
-                .attach_tracepoint(prog, category, name)
-                .map_err(|e| e.to_string())
-        });
-        if let Err(why) = attached {
-            tracing::warn!("{what} not traced: {why}");
-        }
-    }
-    let removal = r.ct_delete.clone().and_then(|first| {
-        tracer
-            .attach_ct_removal(first)
-            .map_err(|e| format!("this kernel refuses it: {e}"))
-    });
-    match removal {
-        Ok(kind) => tracing::info!("conntrack removals: {}", kind.describe()),
-        Err(why) => tracing::warn!("conntrack removals not traced: {why}"),
+        };
+        tracing::debug!("{}: {attached}", c.name());
     }
     if let Err(why) = &r.ct {
         tracing::warn!("conntrack entries of drops not read: {why}");

@@ -77,6 +77,9 @@ pub enum TracerError {
         first: Box<TracerError>,
         second: Box<TracerError>,
     },
+    /// A hook this kernel cannot give (from its layouts, or a refusal already worded).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("program {prog}: the kernel refused to load it ({io}){hint}")]
     Refused {
         prog: &'static str,

@@ -1,0 +1,204 @@
+//! One trait for every kernel signal, after retis's collectors: whether the running kernel can
+//! give it (from the layouts [`super::resolve`] found), and how its programs attach. Each
+//! signal's folder also holds its `decode` (kernel record -> typed signal); decoding is called
+//! from the pipeline by record kind, so it is a function of the folder, not a trait method.
+//!
+//! `droptrace check` asks every collector [`Collector::can_run`] (and, with hook probing,
+//! attaches each on a throwaway load); `droptrace run` attaches them all, in [`ALL`]'s order,
+//! and skips an optional one that the kernel refuses, by name.
+use super::{Resolved, conntrack, drops, tcp, tns};
+use crate::kernel::loader::{Tracer, TracerError};
+
+/// A kernel signal's hooks. Implementations are unit structs listed in [`ALL`].
+pub trait Collector: Sync {
+    /// What `check` prints and what a skipped hook's warning names.
+    fn name(&self) -> &'static str;
+    /// The run's warning, before the reason, when this optional collector cannot run.
+    fn skipped(&self) -> &'static str;
+    /// Whether `can_run` cannot tell from BTF alone and `check --probe` must attach it on a
+    /// throwaway load (lockdown refuses fentry, kernels without kprobes refuse kprobes).
+    fn probe_needed(&self) -> bool {
+        false
+    }
+    /// Whether droptrace cannot run without it.
+    fn required(&self) -> bool {
+        false
+    }
+    /// Whether this kernel can give the signal: what it gives, or why not.
+    fn can_run(&self, r: &Resolved) -> Result<String, String>;
+    /// Loads and attaches the collector's programs (only after `can_run` said yes): what was
+    /// attached, or why the kernel refused (typed: a refusal for want of a privilege is an
+    /// exit status of its own).
+    fn attach(&self, r: &Resolved, tracer: &mut Tracer) -> Result<String, TracerError>;
+}
+
+/// Every collector, the required one first.
+pub static ALL: [&dyn Collector; 5] = [
+    &Drops,
+    &OracleNet,
+    &TcpLifecycle,
+    &Retransmits,
+    &ConntrackRemovals,
+];
+
+/// `skb:kfree_skb`: every freed packet with its drop reason (required).
+pub struct Drops;
+
+impl Collector for Drops {
+    fn name(&self) -> &'static str {
+        "tracepoint skb:kfree_skb"
+    }
+    fn skipped(&self) -> &'static str {
+        "drops"
+    }
+    fn required(&self) -> bool {
+        true
+    }
+    fn can_run(&self, _: &Resolved) -> Result<String, String> {
+        // Resolving the sk_buff layout already required its record format.
+        Ok("present".to_string())
+    }
+    fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        t.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)
+            .map(|()| format!("tracepoint {}:{}", drops::CATEGORY, drops::TRACEPOINT))
+    }
+}
+
+/// cgroup_skb ingress and egress on the cgroup v2 root: Oracle Net handshakes.
+pub struct OracleNet;
+
+impl Collector for OracleNet {
+    fn name(&self) -> &'static str {
+        "cgroup v2 root (Oracle Net)"
+    }
+    fn skipped(&self) -> &'static str {
+        "Oracle TNS not followed"
+    }
+    fn can_run(&self, _: &Resolved) -> Result<String, String> {
+        tns::cgroup2_root()
+            .map(|root| format!("TNS handshakes on watched ports ({})", root.display()))
+            .ok_or_else(|| "no cgroup v2 root mounted".to_string())
+    }
+    fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        let root = tns::cgroup2_root()
+            .ok_or_else(|| TracerError::Unavailable("no cgroup v2 root mounted".to_string()))?;
+        for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {
+            t.attach_cgroup_skb(prog, &root, ingress)?;
+        }
+        Ok(format!(
+            "cgroup_skb ingress and egress on {}",
+            root.display()
+        ))
+    }
+}
+
+/// `sock:inet_sock_set_state`: connect attempts and their outcome.
+pub struct TcpLifecycle;
+
+impl Collector for TcpLifecycle {
+    fn name(&self) -> &'static str {
+        "tracepoint sock:inet_sock_set_state"
+    }
+    fn skipped(&self) -> &'static str {
+        "TCP lifecycle not traced"
+    }
+    fn can_run(&self, r: &Resolved) -> Result<String, String> {
+        r.lifecycle
+            .clone()
+            .map(|()| "connect attempts and their outcome".to_string())
+    }
+    fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        t.attach_tracepoint(
+            tcp::STATE_PROGRAM,
+            tcp::STATE_CATEGORY,
+            tcp::STATE_TRACEPOINT,
+        )
+        .map(|()| {
+            format!(
+                "tracepoint {}:{}",
+                tcp::STATE_CATEGORY,
+                tcp::STATE_TRACEPOINT
+            )
+        })
+    }
+}
+
+/// `tcp:tcp_retransmit_skb`: SYN and data retransmits.
+pub struct Retransmits;
+
+impl Collector for Retransmits {
+    fn name(&self) -> &'static str {
+        "tracepoint tcp:tcp_retransmit_skb"
+    }
+    fn skipped(&self) -> &'static str {
+        "retransmits not traced"
+    }
+    fn can_run(&self, r: &Resolved) -> Result<String, String> {
+        r.retransmit.clone().map(|f| match f {
+            tcp::RetransmitFamily::Record => "SYN and data retransmits".to_string(),
+            tcp::RetransmitFamily::Socket => "SYN and data retransmits (this kernel's record has \
+                                              no family field: read from the socket)"
+                .to_string(),
+        })
+    }
+    fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        t.attach_tracepoint(
+            tcp::RETRANSMIT_PROGRAM,
+            tcp::RETRANSMIT_CATEGORY,
+            tcp::RETRANSMIT_TRACEPOINT,
+        )
+        .map(|()| {
+            format!(
+                "tracepoint {}:{}",
+                tcp::RETRANSMIT_CATEGORY,
+                tcp::RETRANSMIT_TRACEPOINT
+            )
+        })
+    }
+}
+
+/// `nf_ct_delete` by fentry or kprobe: unreplied conntrack entries that expire. Where the
+/// kernel refuses both, the run loop reads ctnetlink DESTROY events instead
+/// ([`conntrack::netlink`]).
+pub struct ConntrackRemovals;
+
+impl Collector for ConntrackRemovals {
+    fn name(&self) -> &'static str {
+        "conntrack removals"
+    }
+    fn skipped(&self) -> &'static str {
+        "conntrack removals not traced"
+    }
+    fn can_run(&self, r: &Resolved) -> Result<String, String> {
+        r.ct_delete.clone().map(conntrack::Removal::describe)
+    }
+    fn probe_needed(&self) -> bool {
+        true
+    }
+    fn attach(&self, r: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        let first = r.ct_delete.clone().map_err(TracerError::Unavailable)?;
+        t.attach_ct_removal(first)
+            .map(conntrack::Removal::describe)
+            .map_err(|e| TracerError::Unavailable(format!("this kernel refuses it: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_drop_collector_is_the_one_required_and_comes_first() {
+        assert!(ALL[0].required());
+        assert_eq!(ALL[0].name(), "tracepoint skb:kfree_skb");
+        assert_eq!(ALL.iter().filter(|c| c.required()).count(), 1);
+    }
+
+    #[test]
+    fn collector_names_are_unique() {
+        let mut names: Vec<_> = ALL.iter().map(|c| c.name()).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), ALL.len());
+    }
+}
