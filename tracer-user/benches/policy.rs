@@ -5,11 +5,9 @@ use std::{hint::black_box, time::Duration};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use droptrace::{
+    enrich::k8s::{Cluster, EnrichOptions, FlowQuery, Object, enrich, evaluate_flow},
+    enrich::model::{Protocol, now},
     event::{Event, Family, Flow, Kind, Tcp},
-    k8s::{
-        Cluster, EnrichOptions, FlowQuery, Object, enrich, evaluate_flow,
-        model::{Protocol, now},
-    },
 };
 
 #[path = "synthetic.rs"]

@@ -4,8 +4,8 @@
 //! [`Error::report`] (`droptrace: ` and one line) and exits with [`Error::exit_code`].
 use crate::{
     commands::explain::ExplainError,
-    identity::IdentityError,
-    k8s::LiveError,
+    enrich::identity::IdentityError,
+    enrich::k8s::LiveError,
     output::{OutputError, OutputSummary},
 };
 

@@ -5,8 +5,8 @@ use std::{path::PathBuf, process::ExitCode, time::Duration};
 use clap::{Args, Parser, Subcommand};
 use droptrace::{
     commands::{check, explain, replay, run},
+    enrich::identity::{Identity, IdentityOptions},
     error::Error,
-    identity::{Identity, IdentityOptions},
     kernel,
     output::{Output, OutputError, OutputOptions, cli::OutputArgs},
     pipeline::Emit,
@@ -54,7 +54,7 @@ struct ReplayArgs {
     output: OutputArgs,
     /// The API that --k8s-events writes to.
     #[command(flatten)]
-    k8s: droptrace::k8s::ApiArgs,
+    k8s: droptrace::enrich::k8s::ApiArgs,
 }
 
 #[derive(Args)]
@@ -114,7 +114,7 @@ struct RunArgs {
     #[command(flatten)]
     output: OutputArgs,
     #[command(flatten)]
-    k8s: droptrace::k8s::ApiArgs,
+    k8s: droptrace::enrich::k8s::ApiArgs,
     /// Cluster identity from a file: `kubectl get pods,services,endpointslices,namespaces,
     /// networkpolicies -A -o json`, or YAML manifests.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["k8s_api", "kubeconfig"])]
@@ -357,10 +357,10 @@ fn run(args: RunArgs) -> Result<(), Error> {
         .map_err(|error| {
             // Refused for want of a privilege the kernel asks for (perf_event_paranoid, a
             // memlock limit before 5.11): like a missing capability, bad input.
-            match error.downcast_ref::<kernel::loader::TracerError>() {
+            match error.downcast_ref::<droptrace::collect::loader::TracerError>() {
                 Some(
-                    e @ (kernel::loader::TracerError::PerfParanoid { .. }
-                    | kernel::loader::TracerError::Memlock { .. }),
+                    e @ (droptrace::collect::loader::TracerError::PerfParanoid { .. }
+                    | droptrace::collect::loader::TracerError::Memlock { .. }),
                 ) => Error::Privileges(e.to_string()),
                 _ => Error::Failed {
                     error,

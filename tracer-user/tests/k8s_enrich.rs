@@ -5,14 +5,14 @@ mod netpol_world;
 use std::{net::IpAddr, path::Path, time::Duration};
 
 use droptrace::{
-    event::{Conntrack, Event, Family, Flow, Kind, Tcp, Tuple},
-    k8s::{
+    enrich::k8s::{
         Cluster, DEFAULT_IP_HISTORY, EnrichOptions, Object, ObjectKind, ObjectRef, enrich,
         evaluate_flow,
-        model::{Labels, ObjectKey, Protocol, now},
         snapshot::{Mode, Snapshot},
     },
-    policy::fix::stable_selector,
+    enrich::model::{Labels, ObjectKey, Protocol, now},
+    enrich::policy::fix::stable_selector,
+    event::{Conntrack, Event, Family, Flow, Kind, Tcp, Tuple},
 };
 use k8s_openapi::jiff::Timestamp;
 use netpol_world::{allowed, apply_json, pod_ip, query, world};

@@ -9,11 +9,11 @@ use std::{
     time::Duration,
 };
 
-use droptrace::k8s::{
+use droptrace::enrich::k8s::{
     Cluster, KubeSource, LiveError, LiveOptions,
     live::{self, Connection},
-    model::{self, ObjectKey},
 };
+use droptrace::enrich::model::{self, ObjectKey};
 use fake_api::{FakeApi, NAMESPACES, NODES, PODS, SERVICES, path_of, status};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use serde_json::{Value, json};

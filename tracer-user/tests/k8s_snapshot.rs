@@ -7,12 +7,12 @@ use std::{
 };
 
 use droptrace::{
-    event::Workload,
-    k8s::{
+    enrich::k8s::{
         DEFAULT_IP_HISTORY, SnapshotWatcher,
-        model::{ObjectKey, now},
         snapshot::{Mode, Snapshot},
     },
+    enrich::model::{ObjectKey, now},
+    event::Workload,
 };
 
 fn fixture(name: &str) -> PathBuf {
@@ -93,7 +93,7 @@ fn kubectl_list_loads_every_kind() {
         ["oracle"]
     );
     // targetPort "listener" resolves on the pod.
-    let backends = c.backends(svc, 1521, droptrace::k8s::model::Protocol::Tcp);
+    let backends = c.backends(svc, 1521, droptrace::enrich::model::Protocol::Tcp);
     assert_eq!(backends.len(), 1);
     assert_eq!(
         (backends[0].0.name.as_str(), backends[0].1),
@@ -136,7 +136,10 @@ fn yaml_manifests_multi_document() {
     // No policyTypes in raw YAML: Ingress, and Egress because egress rules exist.
     assert!(p.ingress.is_some() && p.egress.is_some());
     let web = c.pod_at(ip("10.244.3.9"), None).unwrap();
-    assert_eq!(web.ports[0].protocol, droptrace::k8s::model::Protocol::Tcp);
+    assert_eq!(
+        web.ports[0].protocol,
+        droptrace::enrich::model::Protocol::Tcp
+    );
     assert_eq!(web.labels["app.kubernetes.io/version"], "1.4");
 }
 
@@ -445,7 +448,7 @@ endpoints:
     )
     .unwrap()
     .into_cluster(now(), DEFAULT_IP_HISTORY);
-    let e = droptrace::k8s::enrich::endpoint(&c, ip("10.244.9.9"), None);
+    let e = droptrace::enrich::k8s::enrich::endpoint(&c, ip("10.244.9.9"), None);
     assert_eq!(e.namespace.as_deref(), Some("db"));
     assert_eq!(e.pod.as_deref(), Some("oracle-1"));
     assert_eq!(e.service.as_deref(), Some("oracle"));

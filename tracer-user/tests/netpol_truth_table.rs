@@ -5,7 +5,7 @@
 //! diagonal is always allowed.
 mod netpol_world;
 
-use droptrace::k8s::model::Protocol::{Sctp, Tcp, Udp};
+use droptrace::enrich::model::Protocol::{Sctp, Tcp, Udp};
 use netpol_world::{apply_json, assert_table, pod_ip, pod_json, world};
 use serde_json::json;
 
@@ -876,8 +876,8 @@ spec:
 
 #[test]
 fn policy_stops_applying_when_deleted() {
-    use droptrace::k8s::{
-        ObjectKind, ObjectRef,
+    use droptrace::enrich::{
+        k8s::{ObjectKind, ObjectRef},
         model::{ObjectKey, now},
     };
     let mut c = world(
@@ -913,12 +913,12 @@ spec:
 ";
 
 fn fix_check_of(
-    c: &droptrace::k8s::Cluster,
+    c: &droptrace::enrich::k8s::Cluster,
     from: &str,
     to: &str,
     port: u16,
 ) -> (String, droptrace::event::FixCheck) {
-    let r = droptrace::k8s::evaluate_flow(
+    let r = droptrace::enrich::k8s::evaluate_flow(
         c,
         &netpol_world::query(pod_ip(from), pod_ip(to), Tcp, port),
         &[],
@@ -1009,7 +1009,7 @@ spec:
     // Brute force agrees: every pod pair on every port the pods serve, with the whole policy
     // set copied and the fix added.
     let mut after = c.policies().clone();
-    for p in droptrace::policy::fix_check::parse_fix(&fix).unwrap() {
+    for p in droptrace::enrich::k8s::fix_check::parse_fix(&fix).unwrap() {
         after.insert(p);
     }
     let mut brute = Vec::new();
@@ -1032,7 +1032,7 @@ spec:
 /// and a fix that misses the flow says so.
 #[test]
 fn fix_check_of_a_port_range_and_of_a_fix_that_misses() {
-    use droptrace::policy::fix_check;
+    use droptrace::enrich::k8s::fix_check;
     let c = world(A_NO_EGRESS);
     let (src, dst) = (c.side(pod_ip("x/a"), None), c.side(pod_ip("y/b"), None));
     let range = "

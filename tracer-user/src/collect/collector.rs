@@ -7,7 +7,7 @@
 //! attaches each on a throwaway load); `droptrace run` attaches them all, in [`ALL`]'s order,
 //! and skips an optional one that the kernel refuses, by name.
 use super::{Resolved, conntrack, drops, tcp, tns};
-use crate::kernel::loader::{Tracer, TracerError};
+use crate::collect::loader::{Tracer, TracerError};
 
 /// A kernel signal's hooks. Implementations are unit structs listed in [`ALL`].
 pub trait Collector: Sync {

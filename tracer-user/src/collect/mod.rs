@@ -3,6 +3,7 @@
 pub mod collector;
 pub mod conntrack;
 pub mod drops;
+pub mod loader;
 #[cfg(test)]
 mod recorded;
 pub mod tcp;

@@ -76,7 +76,7 @@ fn bpf_refused() -> Option<String> {
     // Before 5.11 even this map is charged to RLIMIT_MEMLOCK, against everything the user
     // (root: every other droptrace, every BPF agent) has locked: raise it first, and where
     // that is refused, say so rather than blame a security module.
-    let memlock = crate::kernel::loader::raise_memlock_limit();
+    let memlock = crate::collect::loader::raise_memlock_limit();
     #[repr(C)]
     #[derive(Default)]
     struct MapCreate {
@@ -116,7 +116,9 @@ fn bpf_refused() -> Option<String> {
         return None;
     }
     if let Some(limit) = memlock {
-        return Some(crate::kernel::loader::TracerError::Memlock { kib: limit / 1024 }.to_string());
+        return Some(
+            crate::collect::loader::TracerError::Memlock { kib: limit / 1024 }.to_string(),
+        );
     }
     let filtered = std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -301,7 +303,7 @@ fn optional_checks(
 /// kernels without trampolines refuse fentry even when BTF has the function; kernels without
 /// kprobes refuse the kprobe.
 fn probe(c: &dyn collector::Collector, r: &collect::Resolved) -> Result<String, String> {
-    let mut t = crate::kernel::loader::Tracer::load(&crate::kernel::loader::TracerOptions {
+    let mut t = crate::collect::loader::Tracer::load(&crate::collect::loader::TracerOptions {
         layout: tracer_common::SkbLayout::UNSET,
         tcp: None,
         ct: None,

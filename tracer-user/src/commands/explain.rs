@@ -4,14 +4,14 @@ use std::{fmt::Write as _, net::IpAddr, path::PathBuf, str::FromStr};
 
 use serde_json::json;
 
+use crate::enrich::model::{self, ObjectKey, Protocol};
 use crate::{
-    k8s::{
+    enrich::k8s::{
         ApiArgs, Cluster, DEFAULT_IP_HISTORY, FlowQuery, FlowReport, LiveError, LiveOptions,
         SnapshotError, evaluate_flow, live,
-        model::{self, ObjectKey, Protocol},
         snapshot::{Mode, Snapshot},
     },
-    policy::DirectionVerdict,
+    enrich::policy::DirectionVerdict,
 };
 
 #[derive(clap::Args, Debug, Clone)]

@@ -4,15 +4,15 @@ use std::time::Duration;
 
 use crate::{
     clock::{self, Clock},
+    collect::loader::{Tracer, TracerOptions},
     collect::{
         Symbols, collector, conntrack,
         conntrack::netlink::{self, CtDestroyEvents},
     },
     commands::check,
     correlate,
+    enrich::identity::Identity,
     event::{Kind, LostSource},
-    identity::Identity,
-    kernel::loader::{Tracer, TracerOptions},
     output::Output,
     pipeline::{self, Action, Emit, Pipeline, Summary},
 };
@@ -186,7 +186,7 @@ pub async fn run(
             all_tcp: opts.all_tcp,
         };
         match CtDestroyEvents::open(symbols.ct.clone(), filter)
-            .and_then(crate::kernel::loader::readable)
+            .and_then(crate::collect::loader::readable)
         {
             Ok(fd) => {
                 tracing::info!(

@@ -1,5 +1,6 @@
 //! Decoded kernel records: the "decode" stage's output and the correlator's input. Numbers are
 //! already names here (drop reasons, TCP states, conntrack bits), resolved from this kernel.
+pub mod cgroup;
 pub mod drop_class;
 pub mod oracle;
 pub mod process;

@@ -18,7 +18,7 @@ pub fn identity(tgid: u32) -> (Option<String>, Option<String>) {
     let mut lines: Vec<&str> = text.lines().collect();
     lines.sort_by_key(|l| !l.starts_with("0::"));
     let paths = || lines.iter().filter_map(|l| l.splitn(3, ':').nth(2));
-    let pod = paths().find_map(crate::k8s::cgroup::parse_cgroup_path);
+    let pod = paths().find_map(super::cgroup::parse_cgroup_path);
     let container = pod
         .as_ref()
         .and_then(|p| p.container_id.clone())

@@ -4,7 +4,6 @@
 pub mod btf;
 pub mod caps;
 pub mod kallsyms;
-pub mod loader;
 pub mod tracefs;
 
 /// The kernel's hostname: `node` when neither --node-name nor NODE_NAME is given, and the

@@ -10,19 +10,8 @@ use std::collections::HashMap;
 
 use tracer_common::DropKey;
 
+pub use crate::collect::drops::AggEntry;
 use crate::{collect::Symbols, decode::DropSignal};
-
-/// One key of the kernel's aggregation map, summed over CPUs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AggEntry {
-    pub key: DropKey,
-    /// Drops of this key that had no record of their own, since the key was created.
-    pub repeats: u64,
-    pub last_ns: u64,
-    pub netns: u32,
-    pub ifindex: u32,
-    pub tcp_flags: u8,
-}
 
 struct First {
     signal: DropSignal,

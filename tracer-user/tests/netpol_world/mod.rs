@@ -6,11 +6,11 @@
 
 use std::net::IpAddr;
 
-use droptrace::k8s::{
+use droptrace::enrich::k8s::{
     Cluster, DEFAULT_IP_HISTORY, FlowQuery, Object, evaluate_flow,
-    model::{Protocol, now},
     snapshot::{Mode, Snapshot},
 };
+use droptrace::enrich::model::{Protocol, now};
 use serde_json::{Value, json};
 
 pub const PODS: [&str; 9] = [

@@ -16,6 +16,18 @@ pub const CATEGORY: &str = "skb";
 pub const TRACEPOINT: &str = "kfree_skb";
 pub const PROGRAM: &str = "kfree_skb";
 
+/// One key of the kernel's aggregation map, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AggEntry {
+    pub key: DropKey,
+    /// Drops of this key that had no record of their own, since the key was created.
+    pub repeats: u64,
+    pub last_ns: u64,
+    pub netns: u32,
+    pub ifindex: u32,
+    pub tcp_flags: u8,
+}
+
 /// Resolves every offset the program reads, from the record format and BTF.
 pub fn resolve_layout(format: &Format, btf: &KernelBtf) -> Result<SkbLayout, LayoutError> {
     let m = |ty: &str, path: &str| btf.member_offset(ty, path);

@@ -2,7 +2,7 @@
 //! ring buffer records and loss counters.
 use std::{collections::HashSet, os::fd::AsRawFd as _};
 
-use crate::pipeline::repeats::AggEntry;
+use super::drops::AggEntry;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -278,7 +278,7 @@ impl Counters {
 /// refusal there has another cause, such as a seccomp filter in a container).
 pub fn raise_memlock_limit() -> Option<u64> {
     let limit = raise_memlock_rlimit()?;
-    super::charges_memlock(&super::release()).then_some(limit)
+    crate::kernel::charges_memlock(&crate::kernel::release()).then_some(limit)
 }
 
 fn raise_memlock_rlimit() -> Option<u64> {

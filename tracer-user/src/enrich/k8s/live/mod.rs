@@ -14,8 +14,8 @@
 //!
 //! In the run loop:
 //! ```no_run
-//! # async fn run(args: droptrace::k8s::ApiArgs) -> Result<(), droptrace::k8s::LiveError> {
-//! use droptrace::k8s::{KubeSource, LiveOptions};
+//! # async fn run(args: droptrace::enrich::k8s::ApiArgs) -> Result<(), droptrace::enrich::k8s::LiveError> {
+//! use droptrace::enrich::k8s::{KubeSource, LiveOptions};
 //! let conn = args.connect().await?; // a bad kubeconfig: exit 2
 //! let (mut kube, mut cluster) = KubeSource::start(&conn, &LiveOptions::default()).await?;
 //! let mut every_second = tokio::time::interval(std::time::Duration::from_secs(1));
@@ -48,12 +48,12 @@ use k8s_openapi::{
 };
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::event::{Lost, LostSource};
-use crate::k8s::{
+use crate::enrich::k8s::{
     cluster::{Cluster, DEFAULT_IP_HISTORY, Object, ObjectKind, ObjectRef},
-    model::{ObjectKey, Pod},
     snapshot::Skipped,
 };
+use crate::enrich::model::{ObjectKey, Pod};
+use crate::event::{Lost, LostSource};
 
 mod connect;
 mod watch;

@@ -12,16 +12,16 @@ use std::{collections::BTreeSet, net::IpAddr};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde::Deserialize;
 
-use super::{
-    evaluate::{Direction, PolicySet, Side, Verdict, peers_match},
-    rules::{CompiledPolicy, PeerMatch, PortSpec, Rule},
-};
+use super::Cluster;
 use crate::{
-    event::{Admitted, FixCheck},
-    k8s::{
-        Cluster,
+    enrich::{
         model::{Labels, Pod, Protocol},
+        policy::{
+            evaluate::{Direction, PolicySet, Side, Verdict, peers_match},
+            rules::{CompiledPolicy, PeerMatch, PortSpec, Rule},
+        },
     },
+    event::{Admitted, FixCheck},
 };
 
 /// Entries listed; the rest is flagged `truncated`.

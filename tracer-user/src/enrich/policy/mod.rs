@@ -6,7 +6,6 @@
 pub mod cidr;
 pub mod evaluate;
 pub mod fix;
-pub mod fix_check;
 pub mod rules;
 pub mod selector;
 

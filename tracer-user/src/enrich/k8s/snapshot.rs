@@ -14,11 +14,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::{
-    cluster::{Cluster, Object},
-    model::{EndpointSlice, FieldError, Namespace, Pod, Service},
-};
-use crate::policy::CompiledPolicy;
+use super::cluster::{Cluster, Object};
+use crate::enrich::model::{EndpointSlice, FieldError, Namespace, Pod, Service};
+use crate::enrich::policy::CompiledPolicy;
 
 const EXPECTED: &str = "`kubectl get pods,services,endpointslices,namespaces,networkpolicies \
      -A -o json` output or YAML manifests";

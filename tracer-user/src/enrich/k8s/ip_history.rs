@@ -4,7 +4,7 @@ use std::{collections::HashMap, net::IpAddr, sync::Arc, time::Duration};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
-use super::model::{ObjectKey, Pod};
+use crate::enrich::model::{ObjectKey, Pod};
 
 /// Clock skew tolerated between the API server (creation times) and the node (event times).
 const GRACE: SignedDuration = SignedDuration::from_secs(5);

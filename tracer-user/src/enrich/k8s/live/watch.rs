@@ -17,11 +17,11 @@ use serde::{Deserialize, de::DeserializeOwned};
 use serde_json::Value;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-use crate::k8s::{
+use crate::enrich::k8s::{
     cluster::{Object, ObjectKind, ObjectRef},
-    model::{self, ObjectKey},
     snapshot::{Skipped, one_line, path_error},
 };
+use crate::enrich::model::{self, ObjectKey};
 
 use super::*;
 
@@ -363,7 +363,7 @@ mod tests {
     use k8s_openapi::api::core::v1 as core;
 
     use super::*;
-    use crate::k8s::cluster::Cluster;
+    use crate::enrich::k8s::cluster::Cluster;
 
     fn pod_json(name: &str, ip: &str) -> Value {
         serde_json::json!({

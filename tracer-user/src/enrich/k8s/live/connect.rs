@@ -11,7 +11,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig, KubeconfigError},
 };
 
-use crate::k8s::snapshot::one_line;
+use crate::enrich::k8s::snapshot::one_line;
 
 /// The command-line flags that select the live API (shared by `run` and `explain`).
 #[derive(clap::Args, Debug, Clone, Default)]

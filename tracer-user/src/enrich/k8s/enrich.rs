@@ -4,13 +4,11 @@ use std::{net::IpAddr, str::FromStr};
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::{
-    cluster::Cluster,
-    model::{Pod, Protocol},
-};
+use super::cluster::Cluster;
+use crate::enrich::model::{Pod, Protocol};
 use crate::{
+    enrich::policy::{Side, Verdict, fix},
     event::{self, Endpoint, Event, Kind, Shared},
-    policy::{Side, Verdict, fix, fix_check},
 };
 
 /// A connection as policies see it: from the initiator to the port it connected to.
@@ -157,7 +155,7 @@ fn policy_with_fix(
     if let Some(f) = &policy.suggested_fix {
         let mut ports = vec![verdict.port];
         ports.extend(extra_ports.iter().filter(|p| **p != 0));
-        policy.fix_check = fix_check::check(cluster, src, dst, verdict.protocol, &ports, f);
+        policy.fix_check = super::fix_check::check(cluster, src, dst, verdict.protocol, &ports, f);
     }
     policy
 }

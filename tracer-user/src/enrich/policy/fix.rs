@@ -7,7 +7,7 @@ use super::{
     cidr::Cidr,
     evaluate::{Direction, Side, Verdict},
 };
-use crate::k8s::model::{Labels, NAMESPACE_NAME_LABEL, Pod, Protocol};
+use crate::enrich::model::{Labels, NAMESPACE_NAME_LABEL, Pod, Protocol};
 
 /// Labels that identify a workload across rollouts, preferred when a pod has them.
 const STABLE_LABELS: [&str; 2] = ["app.kubernetes.io/name", "app"];

@@ -6,7 +6,7 @@ use k8s_openapi::{
 };
 
 use super::{cidr::Cidr, selector::Selector};
-use crate::k8s::model::{self, FieldError, ObjectKey, Protocol};
+use crate::enrich::model::{self, FieldError, ObjectKey, Protocol};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PeerMatch {

@@ -5,10 +5,10 @@
 use std::{collections::HashMap, net::IpAddr, path::PathBuf, time::Duration};
 
 use crate::{
-    event::{Endpoint, Event, Kind, LostSource, Policy, Shared},
-    k8s::{
+    enrich::k8s::{
         self, Cluster, EnrichOptions, KubeSource, LiveOptions, SnapshotWatcher, live::Connection,
     },
+    event::{Endpoint, Event, Kind, LostSource, Policy, Shared},
 };
 
 pub struct IdentityOptions {
@@ -77,7 +77,7 @@ impl Identity {
             )),
             (Some(path), None) => {
                 let (watcher, cluster) =
-                    SnapshotWatcher::start(&path, k8s::model::now(), opts.ip_history)
+                    SnapshotWatcher::start(&path, crate::enrich::model::now(), opts.ip_history)
                         .map_err(|e| IdentityError::Input(e.to_string()))?;
                 Ok(Some(Self {
                     cluster,
@@ -217,7 +217,7 @@ impl Identity {
         if self.watch_snapshot
             && let Some(w) = self.snapshot.as_mut()
         {
-            match w.poll(&mut self.cluster, k8s::model::now()) {
+            match w.poll(&mut self.cluster, crate::enrich::model::now()) {
                 Ok(Some(reload)) => {
                     self.cache.clear();
                     tracing::info!(

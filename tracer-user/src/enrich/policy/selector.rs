@@ -3,7 +3,7 @@
 //! or values are errors, never "matches nothing".
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::k8s::model::{FieldError, Labels};
+use crate::enrich::model::{FieldError, Labels};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Requirement {

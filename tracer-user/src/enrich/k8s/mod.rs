@@ -1,12 +1,11 @@
 //! Kubernetes identity for flows: a model of the cluster fed by snapshot files or by API
 //! watchers ([`live`]) through [`Cluster::apply`] / [`Cluster::delete`], address history,
 //! cgroup identity and event enrichment.
-pub mod cgroup;
 pub mod cluster;
 pub mod enrich;
+pub mod fix_check;
 pub mod ip_history;
 pub mod live;
-pub mod model;
 pub mod snapshot;
 
 pub use cluster::{Cluster, DEFAULT_IP_HISTORY, Object, ObjectKind, ObjectRef};

@@ -10,8 +10,8 @@ use serde::Serialize;
 
 use super::rules::{CompiledPolicy, PeerMatch, PortSpec, Rule};
 use crate::{
+    enrich::model::{Labels, ObjectKey, Pod, Protocol},
     event::{self, PolicyRef},
-    k8s::model::{Labels, ObjectKey, Pod, Protocol},
 };
 
 /// Near misses named in a denial; more would bury the explanation.

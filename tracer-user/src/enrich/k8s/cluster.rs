@@ -12,14 +12,12 @@ use k8s_openapi::{
     jiff::Timestamp,
 };
 
-use super::{
-    ip_history::IpHistory,
-    model::{
-        self, EndpointSlice, FieldError, Labels, Namespace, ObjectKey, Pod, Protocol, Service,
-        TargetPort,
-    },
+use super::ip_history::IpHistory;
+use crate::enrich::model::{
+    self, EndpointSlice, FieldError, Labels, Namespace, ObjectKey, Pod, Protocol, Service,
+    TargetPort,
 };
-use crate::policy::{CompiledPolicy, Direction, PodRef, PolicySet, Side, fix::Isolation};
+use crate::enrich::policy::{CompiledPolicy, Direction, PodRef, PolicySet, Side, fix::Isolation};
 
 /// How long addresses of deleted or replaced pods stay attributable.
 pub const DEFAULT_IP_HISTORY: Duration = Duration::from_secs(600);
