@@ -19,6 +19,7 @@ use std::path::PathBuf;
 
 /// Fails (never skips) when the test cannot do what it is meant to prove.
 pub fn require_root() {
+    // SAFETY: geteuid(2) takes nothing and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
         euid, 0,

@@ -188,6 +188,7 @@ impl Droptrace {
     pub fn stop_with(mut self, signal: i32) -> Finished {
         let mut child = self.child.take().expect("running");
         if child.try_wait().ok().flatten().is_none() {
+            // SAFETY: kill(2) on our own child's pid; no memory is involved.
             unsafe { libc::kill(child.id() as i32, signal) };
         }
         let deadline = Instant::now() + Duration::from_secs(60);

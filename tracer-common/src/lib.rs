@@ -497,27 +497,37 @@ pub struct DropAgg {
 #[cfg(feature = "user")]
 mod pod {
     use super::*;
-    // SAFETY: plain-old-data, repr(C), no implicit padding (see size tests).
-    unsafe impl aya::Pod for EventHeader {}
-    unsafe impl aya::Pod for Flow {}
-    unsafe impl aya::Pod for DropEvent {}
-    unsafe impl aya::Pod for SkbLayout {}
-    unsafe impl aya::Pod for Owner {}
-    unsafe impl aya::Pod for StateEvent {}
-    unsafe impl aya::Pod for RetransmitEvent {}
-    unsafe impl aya::Pod for CtTuple {}
-    unsafe impl aya::Pod for CtInfo {}
-    unsafe impl aya::Pod for CtEvent {}
-    unsafe impl aya::Pod for TpTuple {}
-    unsafe impl aya::Pod for HostPort {}
-    unsafe impl aya::Pod for TcpLayout {}
-    unsafe impl aya::Pod for CtLayout {}
-    unsafe impl aya::Pod for Settings {}
-    unsafe impl aya::Pod for DropKey {}
-    unsafe impl aya::Pod for DropAgg {}
-    unsafe impl aya::Pod for TnsEvent {}
-    unsafe impl aya::Pod for RateWindow {}
-    unsafe impl aya::Pod for StormSample {}
+    /// aya::Pod: any bit pattern is a valid value and no byte is uninitialised. Every record
+    /// type here is `#[repr(C)]`, made of integers and integer arrays only, with its padding
+    /// spelled out as `_pad` fields (the size tests below pin each layout).
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: repr(C) integers and integer arrays, no implicit padding (see above).
+            unsafe impl aya::Pod for $t {}
+        )*};
+    }
+    pod!(
+        EventHeader,
+        Flow,
+        DropEvent,
+        SkbLayout,
+        Owner,
+        StateEvent,
+        RetransmitEvent,
+        CtTuple,
+        CtInfo,
+        CtEvent,
+        TpTuple,
+        HostPort,
+        TcpLayout,
+        CtLayout,
+        Settings,
+        DropKey,
+        DropAgg,
+        TnsEvent,
+        RateWindow,
+        StormSample,
+    );
 }
 
 #[cfg(test)]

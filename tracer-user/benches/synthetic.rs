@@ -6,18 +6,18 @@ use std::net::IpAddr;
 
 use serde_json::{Value, json};
 
-pub const NAMESPACES: usize = 100;
-pub const PODS_PER_NAMESPACE: usize = 100;
-pub const POLICIES_PER_NAMESPACE: usize = 20;
+pub(crate) const NAMESPACES: usize = 100;
+pub(crate) const PODS_PER_NAMESPACE: usize = 100;
+pub(crate) const POLICIES_PER_NAMESPACE: usize = 20;
 
-pub fn pod_ip(ns: usize, pod: usize) -> IpAddr {
+pub(crate) fn pod_ip(ns: usize, pod: usize) -> IpAddr {
     format!("10.{}.{}.{}", 100 + ns / 100, ns % 100, pod + 1)
         .parse()
         .unwrap()
 }
 
 /// The objects as Kubernetes JSON, in `kubectl get -o json` shape.
-pub fn values() -> Vec<Value> {
+pub(crate) fn values() -> Vec<Value> {
     let mut out = Vec::new();
     let typed = |v: Value| v;
     for n in 0..NAMESPACES {
@@ -71,6 +71,6 @@ pub fn values() -> Vec<Value> {
 }
 
 /// The same, as the snapshot a `droptrace run --k8s-snapshot` reads.
-pub fn list() -> Value {
+pub(crate) fn list() -> Value {
     json!({"apiVersion": "v1", "kind": "List", "items": values()})
 }

@@ -20,7 +20,7 @@ pub(crate) const DB: &str = "dtbench-db";
 pub(crate) const APP_IP: &str = "10.250.0.1";
 pub(crate) const DB_IP: &str = "10.250.0.2";
 
-pub struct Options {
+pub(crate) struct Options {
     pub storm_secs: u64,
     pub iperf_secs: u64,
     pub rounds: usize,
@@ -425,7 +425,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
+pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!(
             "the benchmarks need root (namespaces, firewall rules, eBPF): sudo -E cargo xtask bench"
@@ -623,7 +623,7 @@ pub(crate) fn split_soak(md: &str) -> (&str, Option<&str>) {
     }
 }
 
-pub fn ensure_tools() -> anyhow::Result<()> {
+pub(crate) fn ensure_tools() -> anyhow::Result<()> {
     crate::setup::debian_packages(&[
         ("iperf3", "iperf3"),
         ("hping3", "hping3"),

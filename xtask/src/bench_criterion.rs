@@ -19,7 +19,7 @@ const BENCHES: &[(&str, &str)] = &[
 ];
 
 /// Runs the criterion benches: (measurement, (value, detail)).
-pub fn run() -> anyhow::Result<Vec<(String, (String, String))>> {
+pub(crate) fn run() -> anyhow::Result<Vec<(String, (String, String))>> {
     let root = workspace_root();
     let results = root.join("target/criterion");
     let _ = std::fs::remove_dir_all(&results);
@@ -93,7 +93,10 @@ fn walk(dir: &Path) -> Vec<String> {
 }
 
 /// RSS of `droptrace run` holding the benches' 10k-pod / 2k-policy snapshot.
-pub fn snapshot_rss(droptrace: &Path, scratch: &Path) -> anyhow::Result<Option<(String, String)>> {
+pub(crate) fn snapshot_rss(
+    droptrace: &Path,
+    scratch: &Path,
+) -> anyhow::Result<Option<(String, String)>> {
     let root = workspace_root();
     let file = scratch.join("synthetic-10k-pods.json");
     step("memory: droptrace run --k8s-snapshot (10k pods, 2k policies)");

@@ -16,7 +16,7 @@ const VERSION: &str = "v4.1.4";
 const SHA256: &str = "210d576a6dc04b7864af4b5d9a5af58860bbc03d19174ffeddbd29d01d1b59a9";
 
 /// Where the tests look for it (besides DROPTRACE_HELM and PATH).
-pub fn path() -> PathBuf {
+pub(crate) fn path() -> PathBuf {
     workspace_root().join(".tools/helm/helm")
 }
 
@@ -26,7 +26,7 @@ fn sha256(file: &PathBuf) -> Option<String> {
     Some(text.split_whitespace().next()?.to_string())
 }
 
-pub fn ensure() -> anyhow::Result<()> {
+pub(crate) fn ensure() -> anyhow::Result<()> {
     let bin = path();
     if sha256(&bin).as_deref() == Some(SHA256) {
         step(&format!("helm {VERSION}: present in {}", bin.display()));

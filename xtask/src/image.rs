@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use crate::{status, step, workspace_root};
 
 /// What deploy/ and the Helm chart pull (the deploy test holds them to it).
-pub const REPOSITORY: &str = "ghcr.io/droptrace/droptrace";
+pub(crate) const REPOSITORY: &str = "ghcr.io/droptrace/droptrace";
 
 /// Engine, and its build subcommand. The probe (`ENGINE info`) fails without a daemon or
 /// service to talk to, also when only a client is installed.
@@ -32,11 +32,11 @@ fn reachable(engine: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn default_tag() -> String {
+pub(crate) fn default_tag() -> String {
     format!("{REPOSITORY}:{}", env!("CARGO_PKG_VERSION"))
 }
 
-pub struct Options<'a> {
+pub(crate) struct Options<'a> {
     pub tag: Option<&'a str>,
     /// Build ./Dockerfile (needs a registry for its base images).
     pub dockerfile: bool,
@@ -44,7 +44,7 @@ pub struct Options<'a> {
     pub binary: Option<&'a Path>,
 }
 
-pub fn run(
+pub(crate) fn run(
     opts: &Options,
     release_binary: impl FnOnce() -> anyhow::Result<PathBuf>,
 ) -> anyhow::Result<()> {

@@ -34,11 +34,11 @@ const TEST_PACKAGES: &[(&str, &str)] = &[
     ("dpkg:rsyslog-gnutls", "rsyslog-gnutls"),
 ];
 
-pub struct Options {
+pub(crate) struct Options {
     pub test_tools: bool,
 }
 
-pub fn run(opts: &Options) -> anyhow::Result<()> {
+pub(crate) fn run(opts: &Options) -> anyhow::Result<()> {
     rust_src()?;
     bpf_linker()?;
     if opts.test_tools {
@@ -211,7 +211,7 @@ fn missing_packages<'a>(what: &str, wanted: &[(&str, &'a str)]) -> anyhow::Resul
     Ok(missing)
 }
 
-pub fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+pub(crate) fn debian_packages(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing = missing_packages("test tools", wanted)?;
     if missing.is_empty() {
         return Ok(());
@@ -338,7 +338,7 @@ fn vm_tools() -> anyhow::Result<()> {
 }
 
 /// A system binary, also where PATH has no sbin directories.
-pub fn sbin(cmd: &str) -> PathBuf {
+pub(crate) fn sbin(cmd: &str) -> PathBuf {
     ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
         .iter()
         .map(|d| PathBuf::from(d).join(cmd))
@@ -346,7 +346,7 @@ pub fn sbin(cmd: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(cmd))
 }
 
-pub fn on_path(cmd: &str) -> bool {
+pub(crate) fn on_path(cmd: &str) -> bool {
     std::env::var_os("PATH").is_some_and(|p| {
         std::env::split_paths(&p)
             .chain(["/usr/sbin".into(), "/sbin".into()])
@@ -354,11 +354,11 @@ pub fn on_path(cmd: &str) -> bool {
     })
 }
 
-pub fn venv_dir() -> PathBuf {
+pub(crate) fn venv_dir() -> PathBuf {
     workspace_root().join(".venv")
 }
 
-pub fn venv_python() -> PathBuf {
+pub(crate) fn venv_python() -> PathBuf {
     venv_dir().join("bin/python")
 }
 

@@ -154,7 +154,7 @@ fn event_totals() -> String {
         .join(", ")
 }
 
-pub fn run(minutes: u64, droptrace: &Path) -> anyhow::Result<()> {
+pub(crate) fn run(minutes: u64, droptrace: &Path) -> anyhow::Result<()> {
     if !crate::is_root() {
         bail!("the soak needs root (namespaces, firewall rules, eBPF): sudo -E cargo xtask soak");
     }

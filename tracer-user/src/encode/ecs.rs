@@ -6,7 +6,7 @@ use serde_json::{Value, json};
 use super::{community_id, direction, message, prune, subject};
 use crate::event::{Endpoint, Event, Family, Kind};
 
-pub const ECS_VERSION: &str = "8.17.0";
+pub(super) const ECS_VERSION: &str = "8.17.0";
 
 pub(super) fn map(e: &Event) -> Value {
     let (kind, category, types, outcome, action, reason) = classify(e);

@@ -5,7 +5,7 @@ use serde_json::{Value, json};
 use super::{community_id, direction, message, prune, rfc3339_millis};
 use crate::event::{Event, Family, Kind};
 
-pub const OCSF_VERSION: &str = "1.9.0";
+pub(super) const OCSF_VERSION: &str = "1.9.0";
 const CLASS_UID: u32 = 4001;
 
 pub(super) fn map(e: &Event) -> Value {

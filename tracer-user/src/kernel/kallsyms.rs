@@ -90,6 +90,7 @@ ffffffffc0001000 t cls_bpf_classify\t[cls_bpf]
     #[test]
     fn symbols_of_the_running_kernel_resolve() {
         // Addresses are hidden from unprivileged readers (kptr_restrict); root sees them.
+        // SAFETY: geteuid(2) takes nothing and cannot fail.
         let root = unsafe { libc::geteuid() } == 0;
         let k = Kallsyms::load();
         if !root {

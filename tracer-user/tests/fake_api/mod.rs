@@ -22,15 +22,15 @@ use tokio::{
     task::JoinHandle,
 };
 
-pub const PODS: &str = "/api/v1/pods";
-pub const NAMESPACES: &str = "/api/v1/namespaces";
-pub const SERVICES: &str = "/api/v1/services";
-pub const NODES: &str = "/api/v1/nodes";
-pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-pub const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
+pub(crate) const PODS: &str = "/api/v1/pods";
+pub(crate) const NAMESPACES: &str = "/api/v1/namespaces";
+pub(crate) const SERVICES: &str = "/api/v1/services";
+pub(crate) const NODES: &str = "/api/v1/nodes";
+pub(crate) const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+pub(crate) const POLICIES: &str = "/apis/networking.k8s.io/v1/networkpolicies";
 
 /// Collection path, object kind, apiVersion.
-pub const RESOURCES: [(&str, &str, &str); 6] = [
+pub(crate) const RESOURCES: [(&str, &str, &str); 6] = [
     (PODS, "Pod", "v1"),
     (NAMESPACES, "Namespace", "v1"),
     (SERVICES, "Service", "v1"),
@@ -40,12 +40,12 @@ pub const RESOURCES: [(&str, &str, &str); 6] = [
 ];
 
 /// The collection of an object kind.
-pub fn path_of(kind: &str) -> Option<&'static str> {
+pub(crate) fn path_of(kind: &str) -> Option<&'static str> {
     RESOURCES.iter().find(|r| r.1 == kind).map(|r| r.0)
 }
 
 #[derive(Debug, Clone)]
-pub struct Request {
+pub(crate) struct Request {
     pub method: String,
     pub path: String,
     pub query: BTreeMap<String, String>,
@@ -56,11 +56,11 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn is_watch(&self) -> bool {
+    pub(crate) fn is_watch(&self) -> bool {
         matches!(self.q("watch"), Some("true" | "1"))
     }
 
-    pub fn q(&self, key: &str) -> Option<&str> {
+    pub(crate) fn q(&self, key: &str) -> Option<&str> {
         self.query.get(key).map(String::as_str)
     }
 }
@@ -90,7 +90,7 @@ struct State {
     next_rv: u64,
 }
 
-pub struct FakeApi {
+pub(crate) struct FakeApi {
     pub addr: SocketAddr,
     state: Arc<Mutex<State>>,
     task: JoinHandle<()>,
@@ -104,7 +104,7 @@ impl Drop for FakeApi {
 
 impl FakeApi {
     /// Every collection starts empty at resourceVersion 1.
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let state = Arc::new(Mutex::new(State::default()));
@@ -123,13 +123,13 @@ impl FakeApi {
         api
     }
 
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// What the next list of `path` returns. Items lose kind and apiVersion, as in real
     /// lists (the list carries them).
-    pub fn set_list(&self, path: &str, resource_version: &str, items: Vec<Value>) {
+    pub(crate) fn set_list(&self, path: &str, resource_version: &str, items: Vec<Value>) {
         let (_, kind, api_version) = RESOURCES.iter().find(|r| r.0 == path).unwrap();
         let items: Vec<Value> = items
             .into_iter()
@@ -151,7 +151,7 @@ impl FakeApi {
     }
 
     /// Lists of `path` answer with this HTTP status from now on.
-    pub fn fail_lists(&self, path: &str, code: u16) {
+    pub(crate) fn fail_lists(&self, path: &str, code: u16) {
         self.state
             .lock()
             .unwrap()
@@ -160,7 +160,7 @@ impl FakeApi {
     }
 
     /// The next watch request on `path` is answered with this HTTP status.
-    pub fn fail_next_watch(&self, path: &str, code: u16) {
+    pub(crate) fn fail_next_watch(&self, path: &str, code: u16) {
         self.state
             .lock()
             .unwrap()
@@ -171,26 +171,26 @@ impl FakeApi {
     }
 
     /// One event on the open watch of `path`.
-    pub fn send(&self, path: &str, kind: &str, object: Value) {
+    pub(crate) fn send(&self, path: &str, kind: &str, object: Value) {
         self.send_raw(path, &json!({"type": kind, "object": object}).to_string());
     }
 
     /// One line as is on the open watch of `path`.
-    pub fn send_raw(&self, path: &str, line: &str) {
+    pub(crate) fn send_raw(&self, path: &str, line: &str) {
         let st = self.state.lock().unwrap();
         let tx = st.watches.get(path).expect("a watch is open");
         tx.send(Line::Event(line.to_string())).expect("watch open");
     }
 
     /// The server ends the open watch of `path` (the last chunk, as on a timeout).
-    pub fn end_watch(&self, path: &str) {
+    pub(crate) fn end_watch(&self, path: &str) {
         if let Some(tx) = self.state.lock().unwrap().watches.remove(path) {
             let _ = tx.send(Line::End);
         }
     }
 
     /// The next POST/PATCH requests are answered with these statuses instead.
-    pub fn fail_next_writes(&self, codes: &[u16]) {
+    pub(crate) fn fail_next_writes(&self, codes: &[u16]) {
         self.state
             .lock()
             .unwrap()
@@ -199,7 +199,7 @@ impl FakeApi {
     }
 
     /// Objects written under `prefix` (a collection path), in path order.
-    pub fn objects(&self, prefix: &str) -> Vec<Value> {
+    pub(crate) fn objects(&self, prefix: &str) -> Vec<Value> {
         let st = self.state.lock().unwrap();
         st.objects
             .range(prefix.to_string()..)
@@ -209,7 +209,7 @@ impl FakeApi {
     }
 
     /// Every POST and PATCH under `prefix`, in arrival order.
-    pub fn writes(&self, prefix: &str) -> Vec<Request> {
+    pub(crate) fn writes(&self, prefix: &str) -> Vec<Request> {
         let st = self.state.lock().unwrap();
         st.requests
             .iter()
@@ -218,7 +218,7 @@ impl FakeApi {
             .collect()
     }
 
-    pub fn requests(&self, path: &str) -> Vec<Request> {
+    pub(crate) fn requests(&self, path: &str) -> Vec<Request> {
         let st = self.state.lock().unwrap();
         st.requests
             .iter()
@@ -227,13 +227,13 @@ impl FakeApi {
             .collect()
     }
 
-    pub fn lists(&self, path: &str) -> usize {
+    pub(crate) fn lists(&self, path: &str) -> usize {
         self.requests(path).iter().filter(|r| !r.is_watch()).count()
     }
 
     /// The `n`th watch request (1-based) on `path`, waiting for it (once it is recorded its
     /// stream is open: events sent now reach it).
-    pub async fn watch_request(&self, path: &str, n: usize) -> Request {
+    pub(crate) async fn watch_request(&self, path: &str, n: usize) -> Request {
         for _ in 0..2000 {
             if let Some(r) = self
                 .requests(path)
@@ -249,7 +249,7 @@ impl FakeApi {
     }
 
     /// A kubeconfig naming this server (plain http, a bearer token).
-    pub fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
+    pub(crate) fn write_kubeconfig(&self, dir: &Path) -> PathBuf {
         std::fs::create_dir_all(dir).unwrap();
         let path = dir.join(format!("kubeconfig-{}", self.addr.port()));
         let text = format!(
@@ -280,7 +280,7 @@ users:
 }
 
 /// A `Status` as the API server sends it for an HTTP error or an ERROR watch event.
-pub fn status(code: u16, resource_version: &str) -> Value {
+pub(crate) fn status(code: u16, resource_version: &str) -> Value {
     let (reason, message) = match code {
         410 => (
             "Expired",

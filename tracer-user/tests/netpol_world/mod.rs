@@ -13,11 +13,11 @@ use droptrace::enrich::k8s::{
 use droptrace::enrich::model::{Protocol, now};
 use serde_json::{Value, json};
 
-pub const PODS: [&str; 9] = [
+pub(crate) const PODS: [&str; 9] = [
     "x/a", "x/b", "x/c", "y/a", "y/b", "y/c", "z/a", "z/b", "z/c",
 ];
 
-pub fn pod_ip(pod: &str) -> IpAddr {
+pub(crate) fn pod_ip(pod: &str) -> IpAddr {
     let (ns, name) = pod.split_once('/').unwrap();
     let n = match ns {
         "x" => 1,
@@ -32,11 +32,11 @@ pub fn pod_ip(pod: &str) -> IpAddr {
     format!("10.0.{n}.{h}").parse().unwrap()
 }
 
-pub fn namespace_json(ns: &str, labels: Value) -> Value {
+pub(crate) fn namespace_json(ns: &str, labels: Value) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}})
 }
 
-pub fn pod_json(pod: &str, labels: Value) -> Value {
+pub(crate) fn pod_json(pod: &str, labels: Value) -> Value {
     let (ns, name) = pod.split_once('/').unwrap();
     let node = if name == "a" { "n1" } else { "n2" };
     let host_ip = if name == "a" {
@@ -71,7 +71,7 @@ fn uid(pod: &str) -> String {
 }
 
 /// The world plus `policies` (YAML manifests, may be empty), loaded as a snapshot would be.
-pub fn world(policies: &str) -> Cluster {
+pub(crate) fn world(policies: &str) -> Cluster {
     let mut docs: Vec<String> = Vec::new();
     for ns in ["x", "y", "z"] {
         docs.push(namespace_json(ns, json!({"ns": ns})).to_string());
@@ -87,7 +87,7 @@ pub fn world(policies: &str) -> Cluster {
         .into_cluster(now(), DEFAULT_IP_HISTORY)
 }
 
-pub fn apply_json(cluster: &mut Cluster, value: Value) {
+pub(crate) fn apply_json(cluster: &mut Cluster, value: Value) {
     use k8s_openapi::api::{core::v1 as core, networking::v1 as networking};
     let object: Object = match value["kind"].as_str() {
         Some("Pod") => serde_json::from_value::<core::Pod>(value).unwrap().into(),
@@ -103,7 +103,7 @@ pub fn apply_json(cluster: &mut Cluster, value: Value) {
 }
 
 /// A connection now.
-pub fn query(src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> FlowQuery {
+pub(crate) fn query(src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> FlowQuery {
     FlowQuery {
         src,
         dst,
@@ -113,7 +113,13 @@ pub fn query(src: IpAddr, dst: IpAddr, protocol: Protocol, port: u16) -> FlowQue
     }
 }
 
-pub fn allowed(cluster: &Cluster, from: IpAddr, to: IpAddr, protocol: Protocol, port: u16) -> bool {
+pub(crate) fn allowed(
+    cluster: &Cluster,
+    from: IpAddr,
+    to: IpAddr,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     evaluate_flow(cluster, &query(from, to, protocol, port), &[])
         .verdict
         .allowed()
@@ -122,7 +128,7 @@ pub fn allowed(cluster: &Cluster, from: IpAddr, to: IpAddr, protocol: Protocol, 
 /// Compare every pod pair with a hand-written table: rows are sources, columns destinations,
 /// `.` allowed, `X` denied.
 #[track_caller]
-pub fn assert_table(cluster: &Cluster, protocol: Protocol, port: u16, expected: &str) {
+pub(crate) fn assert_table(cluster: &Cluster, protocol: Protocol, port: u16, expected: &str) {
     let mut lines = expected.lines().map(str::trim).filter(|l| !l.is_empty());
     let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
     assert_eq!(header, PODS, "table header");

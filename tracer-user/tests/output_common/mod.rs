@@ -13,11 +13,11 @@ use std::{
 
 use droptrace::{decode::drop_class::DropClass, encode::community_id, event::*};
 
-pub fn bin() -> PathBuf {
+pub(crate) fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_droptrace"))
 }
 
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
@@ -25,14 +25,14 @@ pub fn free_port() -> u16 {
 }
 
 /// Kills (and reaps) the child when dropped, so a failing test leaves nothing running.
-pub struct Guard(pub Option<Child>);
+pub(crate) struct Guard(pub Option<Child>);
 
 impl Guard {
-    pub fn child(&mut self) -> &mut Child {
+    pub(crate) fn child(&mut self) -> &mut Child {
         self.0.as_mut().expect("child running")
     }
 
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut c) = self.0.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -46,7 +46,7 @@ impl std::ops::Drop for Guard {
     }
 }
 
-pub fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     let start = Instant::now();
     while !ok() {
         assert!(start.elapsed() < timeout, "timed out waiting for {what}");
@@ -88,7 +88,7 @@ fn flow4(sp: u16, dp: u16) -> Flow {
 }
 
 /// A fixed set covering every kind and every section (names are the golden file stems).
-pub fn samples() -> Vec<(&'static str, Event)> {
+pub(crate) fn samples() -> Vec<(&'static str, Event)> {
     let mut drop = Event::new(Kind::Drop, t("00:00.000001"), "node-a");
     drop.flow = Some(flow4(43512, 1521));
     drop.tcp = Some(Tcp {
@@ -363,7 +363,7 @@ fn with_conntrack_ids(e: &mut Event) {
 }
 
 /// `n` distinct drop events (the `count` field numbers them) for delivery tests.
-pub fn numbered_drops(n: u64) -> Vec<Event> {
+pub(crate) fn numbered_drops(n: u64) -> Vec<Event> {
     let base = samples().remove(0).1;
     (0..n)
         .map(|i| {
@@ -375,25 +375,25 @@ pub fn numbered_drops(n: u64) -> Vec<Event> {
         .collect()
 }
 
-pub fn ndjson(events: &[Event]) -> String {
+pub(crate) fn ndjson(events: &[Event]) -> String {
     events
         .iter()
         .map(|e| serde_json::to_string(e).unwrap() + "\n")
         .collect()
 }
 
-pub fn droptrace() -> Command {
+pub(crate) fn droptrace() -> Command {
     let mut c = Command::new(bin());
     c.env("DROPTRACE_LOG", "warn")
         .env_remove("DROPTRACE_HTTP_AUTH");
     c
 }
 
-pub fn tmpdir() -> tempfile::TempDir {
+pub(crate) fn tmpdir() -> tempfile::TempDir {
     tempfile::tempdir().unwrap()
 }
 
-pub fn read_lines(p: &std::path::Path) -> Vec<String> {
+pub(crate) fn read_lines(p: &std::path::Path) -> Vec<String> {
     std::fs::read_to_string(p)
         .unwrap_or_default()
         .lines()
@@ -401,13 +401,13 @@ pub fn read_lines(p: &std::path::Path) -> Vec<String> {
         .collect()
 }
 
-pub fn duration_ms(ms: u64) -> Duration {
+pub(crate) fn duration_ms(ms: u64) -> Duration {
     Duration::from_millis(ms)
 }
 
 // ---------------------------------------------------------------- shared by the sink tests
 
-pub struct Certs {
+pub(crate) struct Certs {
     pub ca: PathBuf,
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -419,7 +419,7 @@ pub struct Certs {
 
 /// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, made fresh
 /// for the test.
-pub fn make_certs(dir: &Path) -> Certs {
+pub(crate) fn make_certs(dir: &Path) -> Certs {
     use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -453,17 +453,17 @@ pub fn make_certs(dir: &Path) -> Certs {
 }
 
 /// A `droptrace replay` fed through stdin, so the test decides when events arrive.
-pub struct LiveReplay {
+pub(crate) struct LiveReplay {
     pub proc: Guard,
 }
 
 impl LiveReplay {
-    pub fn start(args: &[&str]) -> Self {
+    pub(crate) fn start(args: &[&str]) -> Self {
         Self::start_to(args, Stdio::null())
     }
 
     /// With its stdout (the `-` sink) going to `stdout`.
-    pub fn start_to(args: &[&str], stdout: impl Into<Stdio>) -> Self {
+    pub(crate) fn start_to(args: &[&str], stdout: impl Into<Stdio>) -> Self {
         let child = droptrace()
             .args(["replay", "--input", "-", "--node-name", "test-node"])
             .args(args)
@@ -477,14 +477,14 @@ impl LiveReplay {
         }
     }
 
-    pub fn send(&mut self, events: &[Event]) {
+    pub(crate) fn send(&mut self, events: &[Event]) {
         let stdin = self.proc.child().stdin.as_mut().unwrap();
         stdin.write_all(ndjson(events).as_bytes()).unwrap();
         stdin.flush().unwrap();
     }
 
     /// Closes stdin and waits for the summary; returns stderr.
-    pub fn finish(mut self, timeout: Duration) -> String {
+    pub(crate) fn finish(mut self, timeout: Duration) -> String {
         let mut child = self.proc.0.take().unwrap();
         drop(child.stdin.take());
         let start = Instant::now();

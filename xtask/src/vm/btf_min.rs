@@ -11,25 +11,25 @@ const MAGIC: u16 = 0xeb9f;
 const HDR_LEN: usize = 24;
 
 mod kind {
-    pub const INT: u8 = 1;
-    pub const PTR: u8 = 2;
-    pub const ARRAY: u8 = 3;
-    pub const STRUCT: u8 = 4;
-    pub const UNION: u8 = 5;
-    pub const ENUM: u8 = 6;
-    pub const FWD: u8 = 7;
-    pub const TYPEDEF: u8 = 8;
-    pub const VOLATILE: u8 = 9;
-    pub const CONST: u8 = 10;
-    pub const RESTRICT: u8 = 11;
-    pub const FUNC: u8 = 12;
-    pub const FUNC_PROTO: u8 = 13;
-    pub const VAR: u8 = 14;
-    pub const DATASEC: u8 = 15;
-    pub const FLOAT: u8 = 16;
-    pub const DECL_TAG: u8 = 17;
-    pub const TYPE_TAG: u8 = 18;
-    pub const ENUM64: u8 = 19;
+    pub(super) const INT: u8 = 1;
+    pub(super) const PTR: u8 = 2;
+    pub(super) const ARRAY: u8 = 3;
+    pub(super) const STRUCT: u8 = 4;
+    pub(super) const UNION: u8 = 5;
+    pub(super) const ENUM: u8 = 6;
+    pub(super) const FWD: u8 = 7;
+    pub(super) const TYPEDEF: u8 = 8;
+    pub(super) const VOLATILE: u8 = 9;
+    pub(super) const CONST: u8 = 10;
+    pub(super) const RESTRICT: u8 = 11;
+    pub(super) const FUNC: u8 = 12;
+    pub(super) const FUNC_PROTO: u8 = 13;
+    pub(super) const VAR: u8 = 14;
+    pub(super) const DATASEC: u8 = 15;
+    pub(super) const FLOAT: u8 = 16;
+    pub(super) const DECL_TAG: u8 = 17;
+    pub(super) const TYPE_TAG: u8 = 18;
+    pub(super) const ENUM64: u8 = 19;
 }
 
 #[derive(Clone, Debug)]
@@ -204,7 +204,7 @@ fn write(types: &[RawType], strings: &[u8]) -> Vec<u8> {
 
 /// `base` (vmlinux) and optionally `split` (a module) cut down to the types named in `roots`
 /// (of any kind) and what they embed.
-pub fn minimize(
+pub(super) fn minimize(
     base: &[u8],
     split: Option<&[u8]>,
     roots: &[&str],

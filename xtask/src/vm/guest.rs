@@ -22,7 +22,7 @@ const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 /// How long `droptrace run` may take to attach under software emulation.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(240);
 
-pub fn main(out: &Path) -> ! {
+pub(crate) fn main(out: &Path) -> ! {
     let results = out.join("results.jsonl");
     let mut log = Results::open(&results);
     if let Err(e) = run(out, &mut log) {
@@ -188,7 +188,7 @@ fn plain(line: &str) -> String {
 }
 
 /// `programs=["a", "b"]` of droptrace's "attached; tracing" line.
-pub fn attached_programs(line: &str) -> Vec<String> {
+pub(crate) fn attached_programs(line: &str) -> Vec<String> {
     let Some(rest) = line.split("programs=[").nth(1) else {
         return Vec::new();
     };

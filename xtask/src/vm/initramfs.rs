@@ -17,13 +17,13 @@ const BUSYBOX: &str = "/bin/busybox";
 /// Modules the boot needs before the root filesystem is there.
 const BOOT_MODULES: &[&str] = &["virtio_pci", "9pnet_virtio", "9p", "overlay"];
 /// 9p mount tags (see qemu.rs).
-pub const TAG_ROOT: &str = "hostroot";
-pub const TAG_MODULES: &str = "modules";
-pub const TAG_OUT: &str = "out";
+pub(super) const TAG_ROOT: &str = "hostroot";
+pub(super) const TAG_MODULES: &str = "modules";
+pub(super) const TAG_OUT: &str = "out";
 /// Where the guest finds its plan and writes its results.
-pub const GUEST_OUT: &str = "/vm/out";
+pub(super) const GUEST_OUT: &str = "/vm/out";
 /// Printed on the serial console once the root filesystem is up.
-pub const BOOTED: &str = "droptrace-vm: root filesystem up";
+pub(super) const BOOTED: &str = "droptrace-vm: root filesystem up";
 
 const INIT: &str = r#"#!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -118,7 +118,7 @@ fn module_bytes(path: &Path) -> anyhow::Result<Vec<u8>> {
 }
 
 /// Writes `KERNEL_DIR/initrd.cpio` (rebuilt when the init script or busybox changed).
-pub fn build(k: &Kernel) -> anyhow::Result<PathBuf> {
+pub(super) fn build(k: &Kernel) -> anyhow::Result<PathBuf> {
     let path = k.dir.join("initrd.cpio");
     let init = init_script();
     let stamp = k.dir.join("initrd.stamp");

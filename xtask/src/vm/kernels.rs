@@ -33,7 +33,7 @@ const LISTS_MAX_AGE: Duration = Duration::from_secs(12 * 3600);
 
 /// A kernel ready to boot.
 #[derive(Debug, Clone)]
-pub struct Kernel {
+pub(crate) struct Kernel {
     /// `uname -r` of the kernel, e.g. 5.10.0-46-amd64.
     pub release: String,
     pub vmlinuz: PathBuf,
@@ -43,12 +43,12 @@ pub struct Kernel {
 }
 
 /// The project's own APT state under `cache/apt`.
-pub struct Apt {
+pub(crate) struct Apt {
     dir: PathBuf,
 }
 
 impl Apt {
-    pub fn new(cache: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn new(cache: &Path) -> anyhow::Result<Self> {
         let dir = cache.join("apt");
         for d in [
             "lists/partial",
@@ -113,7 +113,7 @@ impl Apt {
         })
     }
 
-    pub fn update(&self, force: bool) -> anyhow::Result<()> {
+    pub(crate) fn update(&self, force: bool) -> anyhow::Result<()> {
         if !force && self.lists_fresh() {
             return Ok(());
         }
@@ -135,7 +135,7 @@ impl Apt {
     }
 
     /// Every complete amd64 kernel in the lists (no cloud/rt flavours).
-    pub fn candidates(&self) -> anyhow::Result<Vec<Candidate>> {
+    pub(crate) fn candidates(&self) -> anyhow::Result<Vec<Candidate>> {
         let names = self.output(
             "apt-cache",
             &[
@@ -215,7 +215,7 @@ impl Apt {
 }
 
 #[derive(Debug, Clone)]
-pub struct Candidate {
+pub(crate) struct Candidate {
     pub release: String,
     pub version: String,
     pub packages: Vec<String>,
@@ -239,7 +239,7 @@ fn parse_versions(show: &str) -> BTreeMap<String, String> {
 
 /// The kernel a `--kernel` spec names: `newest`, a series (`5.10`, `6.12`: its newest Debian
 /// build) or an exact release (`6.12.118+deb13-amd64`).
-pub fn select<'a>(candidates: &'a [Candidate], spec: &str) -> Option<&'a Candidate> {
+pub(crate) fn select<'a>(candidates: &'a [Candidate], spec: &str) -> Option<&'a Candidate> {
     let matches = |c: &&Candidate| match spec {
         "newest" | "latest" => true,
         s if s.ends_with("-amd64") => c.release == s,
@@ -252,7 +252,7 @@ pub fn select<'a>(candidates: &'a [Candidate], spec: &str) -> Option<&'a Candida
 }
 
 /// dpkg's version order (epoch, then upstream and revision compared with `~` lowest).
-pub fn debian_version_cmp(a: &str, b: &str) -> Ordering {
+pub(crate) fn debian_version_cmp(a: &str, b: &str) -> Ordering {
     fn split(v: &str) -> (u64, &str, &str) {
         let (epoch, rest) = match v.split_once(':') {
             Some((e, r)) => (e.parse().unwrap_or(0), r),
@@ -309,7 +309,7 @@ pub fn debian_version_cmp(a: &str, b: &str) -> Ordering {
 }
 
 /// Downloads and unpacks `c` under `cache/kernels/RELEASE` (once), with modules.dep built.
-pub fn prepare(apt: &Apt, cache: &Path, c: &Candidate) -> anyhow::Result<Kernel> {
+pub(crate) fn prepare(apt: &Apt, cache: &Path, c: &Candidate) -> anyhow::Result<Kernel> {
     let dir = cache.join("kernels").join(&c.release);
     let ready = dir.join("ready");
     let kernel = Kernel {

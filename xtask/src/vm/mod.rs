@@ -6,9 +6,9 @@
 //! kernel and test is printed; target/vm/results.json keeps the run; a full matrix run
 //! rewrites the README's compatibility table.
 mod btf_min;
-pub mod guest;
+pub(crate) mod guest;
 mod initramfs;
-pub mod kernels;
+pub(crate) mod kernels;
 mod qemu;
 mod table;
 
@@ -26,11 +26,11 @@ use serde_json::{Value, json};
 use crate::{cargo, step, workspace_root};
 
 /// The full matrix: Debian 11's, 12's and 13's kernels and the newest Debian builds.
-pub const MATRIX: &[&str] = &["5.10", "6.1", "6.12", "newest"];
+pub(crate) const MATRIX: &[&str] = &["5.10", "6.1", "6.12", "newest"];
 /// What CI runs inside VMs after the host suite (`cargo xtask test`).
-pub const CI_KERNELS: &[&str] = &["5.10", "6.1"];
+pub(crate) const CI_KERNELS: &[&str] = &["5.10", "6.1"];
 /// The core subset: the sqlplus stall, the Service path, the listener redirect.
-pub const CORE: &[(&str, &str)] = &[
+pub(crate) const CORE: &[(&str, &str)] = &[
     ("stalls", "sqlplus_stall_is_one_incident"),
     ("stalls", "service_ip_dnat"),
     ("oracle", "sqlplus_stall_on_redirected_port"),
@@ -42,7 +42,7 @@ pub const CORE: &[(&str, &str)] = &[
 const HOST_ONLY_TARGETS: &[&str] = &["deploy", "container"];
 /// Programs every kernel of the matrix must load and attach (the conntrack-removal hook is
 /// one of two programs, see `REMOVAL_PROGRAMS`).
-pub const PROGRAMS: &[&str] = &[
+pub(crate) const PROGRAMS: &[&str] = &[
     "kfree_skb",
     "inet_sock_set_state",
     "tcp_retransmit_skb",
@@ -50,10 +50,10 @@ pub const PROGRAMS: &[&str] = &[
     "tns_egress",
 ];
 /// fentry where the function is in vmlinux's BTF, kprobe where conntrack is a module.
-pub const REMOVAL_PROGRAMS: &[&str] = &["nf_ct_delete", "nf_ct_delete_kprobe"];
+pub(crate) const REMOVAL_PROGRAMS: &[&str] = &["nf_ct_delete", "nf_ct_delete_kprobe"];
 const TEST_TIMEOUT_SECS: u64 = 300;
 /// Tracepoints whose record formats droptrace reads (copied out of each guest).
-pub const FORMATS: &[(&str, &str)] = &[
+pub(crate) const FORMATS: &[(&str, &str)] = &[
     ("skb", "kfree_skb"),
     ("sock", "inet_sock_set_state"),
     ("tcp", "tcp_retransmit_skb"),
@@ -76,7 +76,7 @@ const BTF_ROOTS: &[&str] = &[
 /// Where `--save-fixtures` writes each kernel's facts for the host-only unit tests.
 const FIXTURES: &str = "tracer-user/tests/fixtures/kernels";
 
-pub struct Options {
+pub(crate) struct Options {
     pub kernels: Vec<String>,
     /// Only the core subset.
     pub core: bool,
@@ -90,7 +90,7 @@ pub struct Options {
 }
 
 impl Options {
-    pub fn matrix() -> Self {
+    pub(crate) fn matrix() -> Self {
         Self {
             kernels: MATRIX.iter().map(|s| s.to_string()).collect(),
             core: false,
@@ -109,7 +109,7 @@ impl Options {
 
 /// What the guest reads from /vm/out/plan.json.
 #[derive(Serialize, Deserialize)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub droptrace: PathBuf,
     pub python: PathBuf,
     pub workspace: PathBuf,
@@ -119,21 +119,21 @@ pub struct Plan {
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct PlannedTest {
+pub(crate) struct PlannedTest {
     pub target: String,
     pub name: String,
     pub binary: PathBuf,
 }
 
 /// Where kernels, initramfs images and run outputs are kept (DROPTRACE_VM_CACHE overrides).
-pub fn cache_dir() -> PathBuf {
+pub(crate) fn cache_dir() -> PathBuf {
     std::env::var_os("DROPTRACE_VM_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| workspace_root().join("target/vm"))
 }
 
 /// Whether this machine can run the VM legs at all; the reason when it cannot.
-pub fn unavailable() -> Option<String> {
+pub(crate) fn unavailable() -> Option<String> {
     if !crate::setup::on_path(qemu::QEMU) {
         return Some(format!(
             "{} is not installed (`sudo cargo xtask setup` installs qemu-system-x86)",
@@ -237,7 +237,7 @@ fn plan_tests(opts: &Options) -> anyhow::Result<Vec<PlannedTest>> {
 
 /// One kernel's leg as the guest reported it.
 #[derive(Serialize, Deserialize, Clone, Debug)]
-pub struct KernelRun {
+pub(crate) struct KernelRun {
     pub spec: String,
     pub release: String,
     pub version: String,
@@ -487,7 +487,7 @@ fn print(run: &KernelRun) {
     }
 }
 
-pub fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<Vec<KernelRun>> {
+pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<Vec<KernelRun>> {
     if let Some(why) = unavailable() {
         bail!("cannot run the VM legs: {why}");
     }

@@ -17,11 +17,11 @@ use super::{
     kernels::Kernel,
 };
 
-pub const QEMU: &str = "qemu-system-x86_64";
+pub(super) const QEMU: &str = "qemu-system-x86_64";
 /// From power-on to the initramfs handing over (6-10 s unloaded; minutes under host load).
 const BOOT_TIMEOUT: Duration = Duration::from_secs(150);
 
-pub struct Vm {
+pub(super) struct Vm {
     child: Option<Child>,
     pub console: PathBuf,
 }
@@ -35,7 +35,7 @@ impl Drop for Vm {
     }
 }
 
-pub struct Spec<'a> {
+pub(super) struct Spec<'a> {
     pub kernel: &'a Kernel,
     pub initrd: &'a Path,
     /// Shared read-write at /vm/out: plan in, results and logs out.
@@ -46,7 +46,7 @@ pub struct Spec<'a> {
     pub cpus: u32,
 }
 
-pub enum Outcome {
+pub(super) enum Outcome {
     /// The guest powered off by itself.
     Finished,
     /// It did not reach its root filesystem in time.
@@ -64,7 +64,7 @@ fn virtfs(path: &Path, tag: &str, readonly: bool) -> String {
 }
 
 impl Vm {
-    pub fn start(s: &Spec) -> anyhow::Result<Self> {
+    pub(super) fn start(s: &Spec) -> anyhow::Result<Self> {
         let console = s.out.join("console.log");
         let _ = fs::remove_file(&console);
         let append = format!(
@@ -120,7 +120,7 @@ impl Vm {
     }
 
     /// Waits for the boot, then for the guest to power off within `limit`.
-    pub fn wait(&mut self, limit: Duration) -> Outcome {
+    pub(super) fn wait(&mut self, limit: Duration) -> Outcome {
         let t0 = Instant::now();
         let mut booted = false;
         loop {
@@ -146,7 +146,7 @@ impl Vm {
 }
 
 /// The last lines of the serial console, for a failure message.
-pub fn console_tail(console: &Path, lines: usize) -> String {
+pub(super) fn console_tail(console: &Path, lines: usize) -> String {
     let text = fs::read(console)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default();
@@ -155,7 +155,7 @@ pub fn console_tail(console: &Path, lines: usize) -> String {
 }
 
 /// Boots once, and once more if the first boot hung (seen about once in 75 boots under load).
-pub fn run(s: &Spec, limit: Duration) -> anyhow::Result<u32> {
+pub(super) fn run(s: &Spec, limit: Duration) -> anyhow::Result<u32> {
     for attempt in 1..=2 {
         let mut vm = Vm::start(s)?;
         match vm.wait(limit) {

@@ -8,8 +8,9 @@ use serde_json::Value;
 use super::KernelRun;
 use crate::workspace_root;
 
-pub const BEGIN: &str = "<!-- kernel-matrix:begin (cargo xtask test-kernels writes this) -->";
-pub const END: &str = "<!-- kernel-matrix:end -->";
+pub(super) const BEGIN: &str =
+    "<!-- kernel-matrix:begin (cargo xtask test-kernels writes this) -->";
+pub(super) const END: &str = "<!-- kernel-matrix:end -->";
 
 fn check<'a>(run: &'a KernelRun, name: &str) -> Option<&'a Value> {
     run.check["report"]["checks"]
@@ -43,7 +44,7 @@ fn check_ok(run: &KernelRun, name: &str) -> bool {
 }
 
 /// (row name, cell) for each hook of one kernel.
-pub fn hook_cells(run: &KernelRun) -> Vec<(&'static str, String)> {
+pub(super) fn hook_cells(run: &KernelRun) -> Vec<(&'static str, String)> {
     let reasons = if check_ok(run, "drop reasons") {
         detail(run, "drop reasons").map(str::to_string)
     } else {
@@ -108,7 +109,7 @@ fn escape(s: &str) -> String {
     s.replace('|', "\\|").replace('\n', " ")
 }
 
-pub fn render(runs: &[KernelRun], date: &str) -> String {
+pub(super) fn render(runs: &[KernelRun], date: &str) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -176,7 +177,7 @@ pub fn render(runs: &[KernelRun], date: &str) -> String {
 }
 
 /// Replaces the text between the README's markers with the table of `runs`.
-pub fn update_readme(runs: &[KernelRun]) -> anyhow::Result<()> {
+pub(super) fn update_readme(runs: &[KernelRun]) -> anyhow::Result<()> {
     let path = workspace_root().join("README.md");
     let text = std::fs::read_to_string(&path).context("read README.md")?;
     let (Some(b), Some(e)) = (text.find(BEGIN), text.find(END)) else {
