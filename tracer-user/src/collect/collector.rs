@@ -82,13 +82,41 @@ impl Collector for OracleNet {
     fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
         let root = tns::cgroup2_root()
             .ok_or_else(|| TracerError::Unavailable("no cgroup v2 root mounted".to_string()))?;
-        for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {
-            t.attach_cgroup_skb(prog, &root, ingress)?;
+        // Each direction on its own: another agent holding one hook exclusively must not cost
+        // the other (on a node both ends of a connection are often local, and the egress
+        // program alone still sees the listener's REDIRECT).
+        let mut attached = Vec::new();
+        let mut refused = Vec::new();
+        for (prog, dir) in [
+            (tns::INGRESS_PROGRAM, "ingress"),
+            (tns::EGRESS_PROGRAM, "egress"),
+        ] {
+            match t.attach_cgroup_skb(prog, &root, dir == "ingress") {
+                Ok(()) => attached.push(dir),
+                Err(e) => refused.push(e),
+            }
         }
-        Ok(format!(
-            "cgroup_skb ingress and egress on {}",
-            root.display()
-        ))
+        let mut refused = refused.into_iter();
+        let first = refused.next();
+        // The first refusal is the run's warning (or the error); the others are said here.
+        for e in refused {
+            tracing::warn!("{}: {e}", self.skipped());
+        }
+        match first {
+            Some(e) if attached.is_empty() => Err(e),
+            Some(e) => {
+                tracing::warn!("{}: {e}", self.skipped());
+                Ok(format!(
+                    "cgroup_skb {} only on {}",
+                    attached.join(", "),
+                    root.display()
+                ))
+            }
+            None => Ok(format!(
+                "cgroup_skb ingress and egress on {}",
+                root.display()
+            )),
+        }
     }
 }
 
