@@ -237,10 +237,27 @@ pub struct Flow {
     pub community_id: Option<String>,
 }
 
+impl Flow {
+    /// The flow's Community ID: the one set when the event was made, or, for an event recorded
+    /// without one, computed from the tuple; None for a storm record that folds one end (it
+    /// has no one flow). Encoders and sinks take it from here and never compute their own.
+    pub fn community_id_or_compute(&self) -> Option<String> {
+        let folded = |ip: IpAddr, port: u16| ip.is_unspecified() && port == 0;
+        if self.community_id.is_some()
+            || folded(self.src_ip, self.src_port)
+            || folded(self.dst_ip, self.dst_port)
+        {
+            return self.community_id.clone();
+        }
+        crate::encode::community_id::tcp(self.src_ip, self.src_port, self.dst_ip, self.dst_port)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tcp {
-    /// Set flags joined by '|', e.g. "SYN" or "SYN|ACK"; "" when none.
-    pub flags: String,
+    /// The packet's flags, written as their names joined by '|', e.g. "SYN" or "SYN|ACK"; ""
+    /// when none.
+    pub flags: crate::decode::TcpFlags,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -537,11 +554,6 @@ pub struct Oracle {
     pub refuse: Option<Refuse>,
 }
 
-/// "SYN", "SYN|ACK", ... in a fixed, readable order.
-pub fn tcp_flags(bits: u8) -> String {
-    crate::decode::TcpFlags(bits).names()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,11 +584,14 @@ mod tests {
 
     #[test]
     fn tcp_flag_names() {
-        assert_eq!(tcp_flags(0x02), "SYN");
-        assert_eq!(tcp_flags(0x12), "SYN|ACK");
-        assert_eq!(tcp_flags(0x14), "ACK|RST");
-        assert_eq!(tcp_flags(0x11), "ACK|FIN");
-        assert_eq!(tcp_flags(0), "");
+        assert_eq!(crate::decode::TcpFlags(0x02).to_string(), "SYN");
+        assert_eq!(crate::decode::TcpFlags(0x12).to_string(), "SYN|ACK");
+        assert_eq!(crate::decode::TcpFlags(0x14).to_string(), "ACK|RST");
+        assert_eq!(crate::decode::TcpFlags(0x11).to_string(), "ACK|FIN");
+        assert_eq!(crate::decode::TcpFlags(0).to_string(), "");
+        let t: Tcp = serde_json::from_str(r#"{"flags":"SYN|ACK"}"#).unwrap();
+        assert!(t.flags.is_syn_ack());
+        assert_eq!(serde_json::to_string(&t).unwrap(), r#"{"flags":"SYN|ACK"}"#);
     }
 
     #[test]

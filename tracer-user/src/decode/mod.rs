@@ -146,6 +146,37 @@ impl TcpFlags {
                 .fold(0, |acc, bit| acc | (1 << bit)),
         )
     }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+}
+
+impl From<&str> for TcpFlags {
+    fn from(names: &str) -> Self {
+        Self::parse(names)
+    }
+}
+
+impl std::fmt::Display for TcpFlags {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.names())
+    }
+}
+
+/// In events, flags are their names joined by '|' ("SYN|ACK"; "" when none), the wire
+/// format of droptrace.v1; in memory they stay the flags byte.
+impl serde::Serialize for TcpFlags {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.names())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for TcpFlags {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let names = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        Ok(Self::parse(&names))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -280,10 +280,7 @@ fn write_with_sections(
 }
 
 fn community_id(f: &Flow) -> Option<String> {
-    if f.community_id.is_some() || is_folded(f) {
-        return f.community_id.clone();
-    }
-    community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port)
+    f.community_id_or_compute()
 }
 
 /// One end unspecified: a storm's many sources folded into one record (no one flow).

@@ -59,7 +59,7 @@ pub(super) fn map(e: &Event) -> Value {
             "direction_id": direction_id,
             "direction": direction_name(direction_id),
             "community_uid": community_id(f),
-            "tcp_flags": e.tcp.as_ref().map(|t| tcp_flag_bits(&t.flags)),
+            "tcp_flags": e.tcp.as_ref().map(|t| u32::from(t.flags.0)),
         })),
         "actor": e.process.as_ref().map(|p| json!({
             "process": {
@@ -160,26 +160,5 @@ fn direction_name(id: u32) -> &'static str {
         1 => "Inbound",
         2 => "Outbound",
         _ => "Unknown",
-    }
-}
-
-/// OCSF `tcp_flags` is the header bit mask (FIN = 1, SYN = 2, ...).
-fn tcp_flag_bits(flags: &str) -> u32 {
-    const NAMES: [&str; 8] = ["FIN", "SYN", "RST", "PSH", "ACK", "URG", "ECE", "CWR"];
-    flags
-        .split('|')
-        .filter_map(|f| NAMES.iter().position(|n| *n == f))
-        .fold(0, |acc, bit| acc | (1 << bit))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn flag_bits() {
-        assert_eq!(tcp_flag_bits("SYN"), 2);
-        assert_eq!(tcp_flag_bits("SYN|ACK"), 0x12);
-        assert_eq!(tcp_flag_bits(""), 0);
     }
 }

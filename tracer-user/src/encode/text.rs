@@ -109,7 +109,7 @@ pub fn encode(e: &Event, color: bool, buf: &mut Vec<u8>) {
     match e.kind {
         Kind::Drop => {
             if let Some(t) = e.tcp.as_ref().filter(|t| !t.flags.is_empty()) {
-                what.push(t.flags.clone());
+                what.push(t.flags.names());
             }
             if let Some(d) = &e.drop {
                 let n = if e.count > 1 {

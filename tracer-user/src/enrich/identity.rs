@@ -155,10 +155,7 @@ impl Identity {
             }
         }
         let key = e.flow.as_ref().map(|f| {
-            let reply = e.tcp.as_ref().is_some_and(|t| {
-                let has = |x: &str| t.flags.split('|').any(|f| f == x);
-                has("SYN") && has("ACK")
-            });
+            let reply = e.tcp.as_ref().is_some_and(|t| t.flags.is_syn_ack());
             let original = e
                 .conntrack
                 .as_ref()

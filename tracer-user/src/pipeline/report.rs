@@ -67,9 +67,7 @@ pub fn process(o: &Owner) -> event::Process {
 pub fn drop_event(d: &DropSignal, clock: &Clock, node: &str) -> Event {
     let mut e = Event::new(Kind::Drop, clock.rfc3339(d.ts_ns), node);
     e.flow = Some(flow(&d.flow));
-    e.tcp = Some(event::Tcp {
-        flags: d.tcp_flags.names(),
-    });
+    e.tcp = Some(event::Tcp { flags: d.tcp_flags });
     e.drop = Some(event::Drop {
         reason: d.reason.clone(),
         reason_code: d.reason_code,

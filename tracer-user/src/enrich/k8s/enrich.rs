@@ -178,7 +178,7 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
     // Policies judge connections, not packets: evaluate the initiating direction.
     let (src, dst, port) = if let Some(ct) = &event.conntrack {
         (ct.original.src_ip, ct.original.dst_ip, ct.original.dst_port)
-    } else if event.tcp.as_ref().is_some_and(|t| is_reply(&t.flags)) {
+    } else if event.tcp.as_ref().is_some_and(|t| t.flags.is_syn_ack()) {
         (flow.dst_ip, flow.src_ip, flow.src_port)
     } else {
         (flow.src_ip, flow.dst_ip, flow.dst_port)
@@ -211,10 +211,4 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
     if involves_pod {
         event.policy = Some(Shared::new(report.policy));
     }
-}
-
-/// A SYN|ACK answers a connection the other side opened.
-fn is_reply(flags: &str) -> bool {
-    let has = |f: &str| flags.split('|').any(|x| x == f);
-    has("SYN") && has("ACK")
 }

@@ -232,10 +232,7 @@ fn attributes(rec: &mut Vec<u8>, e: &Event) {
             ("destination.port", i64::from(f.dst_port)),
             ("network.peer.port", i64::from(f.dst_port)),
         ]);
-        let cid = f.community_id.clone().or_else(|| {
-            crate::encode::community_id::tcp(f.src_ip, f.src_port, f.dst_ip, f.dst_port)
-        });
-        if let Some(c) = cid {
+        if let Some(c) = f.community_id_or_compute() {
             s("droptrace.flow.community_id", &c);
         }
     }
