@@ -460,11 +460,12 @@ mod tests {
         assert_eq!(d.service_name(), Some("ORCLPDB1"));
         assert_eq!(d.program(), Some("sqlplus"));
         assert_eq!(d.client_host(), None, "cut value must not be reported");
+        // Before its closing parenthesis the value is absent, never cut; after it, always there.
+        let closed = PYTHON_CONNECT.find("ORCLPDB1)").unwrap() + "ORCLPDB1)".len();
         for n in 0..PYTHON_CONNECT.len() {
             let d = Descriptor::parse(&PYTHON_CONNECT[..n]);
-            if let Some(s) = d.service_name() {
-                assert_eq!(s, "ORCLPDB1");
-            }
+            let want = (n >= closed).then_some("ORCLPDB1");
+            assert_eq!(d.service_name(), want, "prefix of {n} bytes");
         }
     }
 
