@@ -85,11 +85,7 @@ fn cluster() -> Cluster {
     let mut c = Cluster::default();
     let t = now();
     for v in synthetic::values() {
-        let o = match v["kind"].as_str() {
-            Some("Namespace") => Object::Namespace(Box::new(serde_json::from_value(v).unwrap())),
-            Some("Pod") => Object::Pod(Box::new(serde_json::from_value(v).unwrap())),
-            _ => Object::NetworkPolicy(Box::new(serde_json::from_value(v).unwrap())),
-        };
+        let o = Object::try_from(v).unwrap();
         c.apply(&o, t).unwrap();
     }
     c

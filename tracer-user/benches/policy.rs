@@ -17,11 +17,7 @@ use synthetic::{NAMESPACES, PODS_PER_NAMESPACE, POLICIES_PER_NAMESPACE, pod_ip};
 fn objects() -> Vec<Object> {
     synthetic::values()
         .into_iter()
-        .map(|v| match v["kind"].as_str() {
-            Some("Namespace") => Object::Namespace(Box::new(serde_json::from_value(v).unwrap())),
-            Some("Pod") => Object::Pod(Box::new(serde_json::from_value(v).unwrap())),
-            _ => Object::NetworkPolicy(Box::new(serde_json::from_value(v).unwrap())),
-        })
+        .map(|v| Object::try_from(v).unwrap())
         .collect()
 }
 

@@ -44,16 +44,14 @@ fn ts(s: &str) -> Timestamp {
 }
 
 fn pod_object(name: &str, uid: &str, ip: &str, created: &str) -> Object {
-    Object::Pod(Box::new(
-        serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": "db", "uid": uid, "creationTimestamp": created,
-                         "labels": {"app": name}},
-            "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
-            "status": {"podIP": ip},
-        }))
-        .unwrap(),
-    ))
+    Object::try_from(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "db", "uid": uid, "creationTimestamp": created,
+                     "labels": {"app": name}},
+        "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+        "status": {"podIP": ip},
+    }))
+    .unwrap()
 }
 
 fn drop_event(time: &str, src: &str, sport: u16, dst: &str, dport: u16, flags: &str) -> Event {

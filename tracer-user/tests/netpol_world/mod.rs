@@ -88,17 +88,7 @@ pub(crate) fn world(policies: &str) -> Cluster {
 }
 
 pub(crate) fn apply_json(cluster: &mut Cluster, value: Value) {
-    use k8s_openapi::api::{core::v1 as core, networking::v1 as networking};
-    let object: Object = match value["kind"].as_str() {
-        Some("Pod") => serde_json::from_value::<core::Pod>(value).unwrap().into(),
-        Some("Namespace") => serde_json::from_value::<core::Namespace>(value)
-            .unwrap()
-            .into(),
-        Some("NetworkPolicy") => serde_json::from_value::<networking::NetworkPolicy>(value)
-            .unwrap()
-            .into(),
-        other => panic!("apply_json: {other:?}"),
-    };
+    let object = Object::try_from(value).unwrap_or_else(|e| panic!("apply_json: {e}"));
     cluster.apply(&object, now()).unwrap();
 }
 

@@ -235,6 +235,17 @@ fn describe(value: &Value) -> Option<String> {
     })
 }
 
+/// One object as the API serves it (`kind` and `apiVersion` set), typed and validated as a
+/// snapshot's objects are; the error names the field. Tests and benches build their
+/// clusters through it too.
+impl TryFrom<Value> for Object {
+    type Error = String;
+
+    fn try_from(value: Value) -> Result<Self, String> {
+        convert(value)
+    }
+}
+
 fn convert(value: Value) -> Result<Object, String> {
     if !value.is_object() {
         return Err(format!(
