@@ -195,6 +195,9 @@ pub fn encode(e: &Event, color: bool, buf: &mut Vec<u8>) {
         if let Some(d) = &e.diagnosis {
             under.push(d.clone());
         }
+        if let Some(r) = e.oracle.as_ref().and_then(|o| o.remedy.as_ref()) {
+            under.push(format!("oracle remedy: {r}"));
+        }
         // The fix goes under the final record of an attempt, not its interim ones.
         let interim = e
             .attempt

@@ -10,6 +10,6 @@ pub mod model;
 pub mod snapshot;
 
 pub use cluster::{Cluster, DEFAULT_IP_HISTORY, Object, ObjectKind, ObjectRef};
-pub use enrich::{EnrichOptions, FlowQuery, FlowReport, enrich, evaluate_flow};
+pub use enrich::{EnrichOptions, FlowQuery, FlowReport, enrich, evaluate_flow, evaluate_flow_with};
 pub use live::{ApiArgs, KubeSource, LiveError, LiveOptions};
 pub use snapshot::{Mode, Reload, Skipped, Snapshot, SnapshotError, SnapshotWatcher};
