@@ -3,6 +3,7 @@
 //!
 //! Connections, not packets: replies of an allowed connection are never re-evaluated, so
 //! callers pass the initiating direction.
+pub mod change;
 pub mod cidr;
 pub mod evaluate;
 pub mod fix;
