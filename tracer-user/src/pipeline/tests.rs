@@ -533,6 +533,11 @@ fn a_listener_handing_out_different_ports_gets_a_port_range_fix_and_the_oracle_r
         "{fix}"
     );
     let doc: serde_yaml::Value = serde_yaml::from_str(fix).unwrap();
+    assert_eq!(
+        doc["metadata"]["name"].as_str(),
+        Some("allow-ingress-client-to-oracle-0-tcp-40123-40311"),
+        "one name for the fixes of every leg: {fix}"
+    );
     let ports = &doc["spec"]["ingress"][0]["ports"];
     let ports: Vec<(Option<u64>, Option<u64>)> = ports
         .as_sequence()

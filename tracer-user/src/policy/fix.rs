@@ -282,16 +282,20 @@ fn match_labels(labels: &Labels) -> Value {
     map([("matchLabels", Value::Mapping(m))])
 }
 
-/// `allow-egress-client-to-oracle-tcp-1521`: workload names over pod names, a valid
+/// `allow-egress-client-to-oracle-tcp-1521` (`...-tcp-40123-40311` for a range of dynamic
+/// ports, so the fixes of every leg share a name): workload names over pod names, a valid
 /// object name (lowercase alphanumerics and '-', at most 63).
 fn policy_name(direction: Direction, flow: &FixFlow) -> String {
+    let ports = match flow.range {
+        Some((lo, hi)) => format!("{lo}-{hi}"),
+        None => flow.first.to_string(),
+    };
     let raw = format!(
-        "allow-{}-{}-to-{}-{}-{}",
+        "allow-{}-{}-to-{}-{}-{ports}",
         direction.as_str(),
         side_name(flow.src),
         side_name(flow.dst),
         flow.protocol.as_str().to_ascii_lowercase(),
-        flow.first
     );
     let mut out = String::with_capacity(raw.len());
     for c in raw.chars() {
