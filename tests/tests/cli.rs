@@ -335,14 +335,14 @@ fn explain_apply_on_a_recorded_stream_exits_3_when_the_change_breaks_a_session()
     assert!(
         out.starts_with(
             "BREAKS    app/client (10.202.1.1) -> db/oracle-0 (10.203.1.2) TCP/1521  \
-             (observed: established x2)\n  before  allowed (ingress) by db/oracle-listener-only\n  \
+             (observed: established x3)\n  before  allowed (ingress) by db/oracle-listener-only\n  \
              after   denied (ingress), isolated by db/oracle-listener-only\n"
         ),
         "{out}"
     );
     assert!(
         out.contains(
-            "change db/oracle-listener-only (replaced): 1 breaking, 0 unblocked, 1 unchanged"
+            "change db/oracle-listener-only (replaced): 1 breaking, 0 unblocked, 3 unchanged"
         ),
         "{out}"
     );
@@ -353,7 +353,7 @@ fn explain_apply_on_a_recorded_stream_exits_3_when_the_change_breaks_a_session()
     let (code, out, err) = run("open-range.yaml", false);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(
-        out.starts_with("UNBLOCKS  app/client (10.202.1.1) -> db/oracle-0 (10.203.1.2) TCP/40123  (observed: dropped x2, timeout x1)"),
+        out.starts_with("UNBLOCKS  app/client (10.202.1.1) -> db/oracle-0 (10.203.1.2) TCP/40123  (observed: dropped x3, timeout x1)"),
         "{out}"
     );
     assert!(!out.contains("BREAKS"), "{out}");
@@ -362,7 +362,7 @@ fn explain_apply_on_a_recorded_stream_exits_3_when_the_change_breaks_a_session()
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(
         (v["breaks"].as_u64(), v["unblocks"].as_u64()),
-        (Some(0), Some(1)),
+        (Some(0), Some(3)),
         "{v}"
     );
     assert_eq!(v["changes"][0]["effect"], "unblocks");

@@ -371,6 +371,46 @@ mod tests {
         );
     }
 
+    /// A Windows listener without USE_SHARED_SOCKET: each session goes to another port. The
+    /// ports are remembered per listener and host, ascending, and forgotten an hour after
+    /// their last use; one port is no dynamic listener.
+    #[test]
+    fn redirect_ports_accumulate_per_listener_and_age_out() {
+        let mut t = TnsTracker::new([1521]);
+        let redirect = |t: &mut TnsTracker, client: &str, port: u16, seq: u32, ts: u64| {
+            let data =
+                format!("(ADDRESS=(PROTOCOL=TCP)(HOST=10.0.0.2)(PORT={port}))\0(DESCRIPTION=)");
+            let mut s = sig(
+                "10.0.0.2:1521",
+                client,
+                seq,
+                &build::redirect_split(data.as_bytes()),
+            );
+            s.ts_ns = ts;
+            match t.on_packet(&s).outcomes.pop() {
+                Some(Outcome::Redirect { oracle, .. }) => oracle,
+                other => panic!("{other:?}"),
+            }
+        };
+        let hour = REDIRECT_PORTS_NS;
+        let o = redirect(&mut t, "10.0.0.1:40000", 40311, 1, 0);
+        assert!(o.redirect_ports.is_empty() && o.remedy.is_none(), "{o:?}");
+        let o = redirect(&mut t, "10.0.0.1:40001", 40123, 2, 1);
+        assert_eq!(o.redirect_ports, [40123, 40311]);
+        assert!(o.remedy.as_deref().unwrap().contains("(40123, 40311)"));
+        // The same port again adds nothing.
+        let o = redirect(&mut t, "10.0.0.1:40002", 40123, 3, 2);
+        assert_eq!(o.redirect_ports, [40123, 40311]);
+        // Another client of the same listener: the same listener's ports.
+        let o = redirect(&mut t, "10.0.0.5:40000", 40200, 4, 3);
+        assert_eq!(o.redirect_ports, [40123, 40200, 40311]);
+        // An hour after 40311's last use (and just under one after the others'), it is gone.
+        let o = redirect(&mut t, "10.0.0.1:40003", 40200, 5, hour);
+        assert_eq!(o.redirect_ports, [40123, 40200]);
+        let o = redirect(&mut t, "10.0.0.1:40004", 40200, 6, 3 * hour);
+        assert!(o.redirect_ports.is_empty(), "{o:?}");
+    }
+
     #[test]
     fn refuse_is_reported_with_its_code() {
         let mut t = TnsTracker::new([1521]);

@@ -298,6 +298,19 @@ mod tests {
             text(&e)
                 .contains("\n    suggested fix (kubectl apply -f -):\n      kind: NetworkPolicy")
         );
+        // A listener with dynamic ports: its Oracle-side remedy under the diagnosis.
+        e.oracle = Some(Box::new(crate::event::Oracle {
+            redirect_ports: vec![40123, 40200],
+            remedy: Some("set USE_SHARED_SOCKET=TRUE".into()),
+            ..Default::default()
+        }));
+        assert!(
+            text(&e).contains(
+                "\n    still connecting\n    oracle remedy: set USE_SHARED_SOCKET=TRUE\n    suggested fix"
+            ),
+            "{}",
+            text(&e)
+        );
     }
 
     #[test]

@@ -463,25 +463,33 @@ mod tests {
         impact(&before, &after, applied, &recorded)
     }
 
-    /// The recorded stream: sqlplus connected to the listener twice and stalled once on a
-    /// redirected port (its SYN dropped too); a tns event and a lost record are not flows.
+    /// The recorded stream (tests/fixtures/explain/README.md): three sqlplus sessions
+    /// connected to the listener, and their three redirected legs each dropped and timed out.
     #[test]
     fn a_recorded_stream_is_one_flow_per_connection_with_its_outcomes() {
         let r = parse_flows("observed.ndjson", &fixture("observed.ndjson")).unwrap();
-        assert_eq!(r.flows.len(), 2, "{r:#?}");
+        assert_eq!(r.flows.len(), 4, "{r:#?}");
         let listener = FlowKey {
             src: "10.202.1.1".parse().unwrap(),
             dst: "10.203.1.2".parse().unwrap(),
             protocol: Protocol::Tcp,
             port: 1521,
         };
-        assert_eq!(r.flows[&listener].to_string(), "established x2");
-        let leg = FlowKey {
-            port: 40123,
+        assert_eq!(r.flows[&listener].to_string(), "established x3");
+        let leg = |port| FlowKey {
+            port,
             ..listener.clone()
         };
-        assert_eq!(r.flows[&leg].to_string(), "dropped x2, timeout x1");
-        assert_eq!((r.events, r.ignored), (4, 3));
+        assert_eq!(r.flows[&leg(40311)].to_string(), "dropped x3, timeout x1");
+        assert_eq!(r.flows[&leg(40123)].to_string(), "dropped x3, timeout x1");
+        assert_eq!(r.flows[&leg(40200)].to_string(), "dropped x2, timeout x1");
+        assert_eq!((r.events, r.ignored), (14, 0));
+        // Interim stalls and other kinds are no flows.
+        let interim = r#"{"schema":"droptrace.v1","kind":"stall","time":"t","node":"n","count":1,"flow":{"proto":"tcp","family":"ipv4","src_ip":"10.0.0.1","src_port":1,"dst_ip":"10.0.0.2","dst_port":2},"attempt":{"id":1,"started":"t","syn_retransmits":1,"duration_ms":3000,"outcome":"in_progress"}}"#;
+        let lost = r#"{"schema":"droptrace.v1","kind":"lost","time":"t","node":"n","count":3,"lost":{"source":"kernel","reason":"ringbuf_full"}}"#;
+        let text = format!("{interim}\n{lost}\n{}", fixture("observed.ndjson"));
+        let r2 = parse_flows("f", &text).unwrap();
+        assert_eq!((r2.flows, r2.events, r2.ignored), (r.flows, 14, 2));
     }
 
     /// Replacing the database's policy with one that forgets the app namespace: the
@@ -498,7 +506,7 @@ mod tests {
             }]
         );
         assert!(i.breaks_something());
-        assert_eq!((i.breaks, i.unblocks, i.unchanged), (1, 0, 1), "{i:#?}");
+        assert_eq!((i.breaks, i.unblocks, i.unchanged), (1, 0, 3), "{i:#?}");
         let c = &i.changes[0];
         assert_eq!(c.effect, Effect::Breaks);
         assert_eq!(c.from, "app/client (10.202.1.1)");
@@ -511,20 +519,23 @@ mod tests {
         assert_eq!(c.after.policies[0].name, "oracle-listener-only");
     }
 
-    /// A policy that opens the dispatcher ports with port + endPort: the stalled leg is
+    /// A policy that opens the dispatcher ports with port + endPort: the stalled legs are
     /// unblocked, the connected sessions keep working. Nothing breaks: exit 0.
     #[test]
-    fn opening_the_dispatcher_range_unblocks_the_stalled_leg_and_breaks_nothing() {
+    fn opening_the_dispatcher_range_unblocks_the_stalled_legs_and_breaks_nothing() {
         let i = run("open-range.yaml");
         assert_eq!(i.policies[0].action, "created");
         assert!(!i.breaks_something());
-        assert_eq!((i.breaks, i.unblocks, i.unchanged), (0, 1, 1), "{i:#?}");
-        let c = &i.changes[0];
-        assert_eq!(c.effect, Effect::Unblocks);
-        assert_eq!(c.port, 40123);
-        assert_eq!(c.observed.to_string(), "dropped x2, timeout x1");
-        assert_eq!(c.before.verdict, "denied");
-        assert_eq!(c.after.verdict, "allowed");
+        assert_eq!((i.breaks, i.unblocks, i.unchanged), (0, 3, 1), "{i:#?}");
+        let ports: Vec<u16> = i.changes.iter().map(|c| c.port).collect();
+        assert_eq!(ports, [40123, 40200, 40311]);
+        for c in &i.changes {
+            assert_eq!(c.effect, Effect::Unblocks);
+            assert!(!c.observed.connected());
+            assert_eq!(c.before.verdict, "denied");
+            assert_eq!(c.after.verdict, "allowed");
+            assert_eq!(c.after.policies[0].name, "oracle-dispatchers");
+        }
     }
 
     #[test]
