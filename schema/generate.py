@@ -130,6 +130,8 @@ NATIVE_DEFS = {
         "client_user": STR,
         "listener": obj({"ip": IP, "port": U16}),
         "redirect": obj({"host": STR, "port": U16}),
+        "redirect_ports": {"type": "array", "items": U16, "minItems": 2},
+        "remedy": STR,
         "refuse": obj({"code": {"anyOf": [U32, {"type": "null"}]}, "text": STR}),
     }),
 }

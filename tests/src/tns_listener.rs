@@ -37,6 +37,9 @@ pub enum Behavior {
     /// REDIRECT (split form) to `host:port`, echoing the client's connect data after the NUL as
     /// real listeners do; then wait for the client to close.
     Redirect { host: String, port: u16 },
+    /// A listener handing out dynamic ports (Windows without USE_SHARED_SOCKET, shared-server
+    /// dispatchers): the n-th accepted connection is REDIRECTed to `ports[n % len]`.
+    RedirectEach { host: String, ports: Vec<u16> },
     /// REFUSE with `(DESCRIPTION=(TMP=)(VSNNUM=...)(ERR=err)(ERROR_STACK=...))`, then close.
     Refuse { err: u32 },
     /// RESEND, then treat the resent CONNECT with the inner behaviour.
@@ -236,11 +239,19 @@ impl Drop for FakeListener {
 
 fn accept_loop(listener: &TcpListener, behavior: &Behavior, shared: &Arc<Shared>) {
     let mut conns = Vec::new();
+    let mut accepted = 0usize;
     while !shared.stopping() {
         match listener.accept() {
             Ok((stream, peer)) => {
                 shared.record(|s| s.accepted += 1);
-                let (b, s) = (behavior.clone(), Arc::clone(shared));
+                let b = match behavior {
+                    Behavior::RedirectEach { host, ports } if !ports.is_empty() => {
+                        Behavior::redirect(host, ports[accepted % ports.len()])
+                    }
+                    other => other.clone(),
+                };
+                accepted += 1;
+                let s = Arc::clone(shared);
                 let spawned = thread::Builder::new()
                     .name(format!("tns-conn-{}", peer.port()))
                     .spawn(move || {
@@ -282,12 +293,12 @@ fn serve(
         shared.record(|s| s.connects.push(connect));
         match behavior {
             Behavior::Redirect { host, port } => {
-                let data =
-                    format!("(ADDRESS=(PROTOCOL=TCP)(HOST={host})(PORT={port}))\0{connect_data}");
-                let raw = redirect_split(data.as_bytes())?;
-                stream.write_all(&raw)?;
-                shared.record(|s| s.sent.push(Sent::Redirect { host, port, raw }));
-                return hold(&mut stream, shared);
+                return send_redirect(&mut stream, host, port, &connect_data, shared);
+            }
+            // Behind a RESEND: the first port (the accept loop rotates only the outer one).
+            Behavior::RedirectEach { host, ports } => {
+                let port = ports.first().copied().unwrap_or_default();
+                return send_redirect(&mut stream, host, port, &connect_data, shared);
             }
             Behavior::Refuse { err } => {
                 let raw = refuse(err)?;
@@ -311,6 +322,21 @@ fn serve(
             }
         }
     }
+}
+
+/// REDIRECT to `host:port` with the client's connect data, then wait for the client to close.
+fn send_redirect(
+    stream: &mut TcpStream,
+    host: String,
+    port: u16,
+    connect_data: &str,
+    shared: &Shared,
+) -> io::Result<()> {
+    let data = format!("(ADDRESS=(PROTOCOL=TCP)(HOST={host})(PORT={port}))\0{connect_data}");
+    let raw = redirect_split(data.as_bytes())?;
+    stream.write_all(&raw)?;
+    shared.record(|s| s.sent.push(Sent::Redirect { host, port, raw }));
+    hold(stream, shared)
 }
 
 /// Echoes DATA packets (the 4-byte length form a version >= 315 ACCEPT switches to) until

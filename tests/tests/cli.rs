@@ -66,6 +66,21 @@ fn every_bad_flag_and_file_is_one_line_and_exit_2() {
         file("not-a-cert.pem", b"not a certificate\n"),
     );
     let d = dir.to_str().unwrap();
+    let fixtures = explain_fixtures();
+    let (snapshot, change, observed) = (
+        format!("{fixtures}/snapshot.yaml"),
+        format!("{fixtures}/open-range.yaml"),
+        format!("{fixtures}/observed.ndjson"),
+    );
+    let pod_doc = file(
+        "pod.yaml",
+        b"apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n",
+    );
+    let end_port = file(
+        "endport.yaml",
+        b"apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: x, namespace: db}\nspec:\n  podSelector: {}\n  ingress: [{ports: [{endPort: 2000}]}]\n",
+    );
+    let apply = |change: &str, flows: &str| apply_args(&snapshot, change, flows);
     let explain = |extra: &[&str]| -> Vec<String> {
         let mut v: Vec<String> = ["explain", "--from", "a/b", "--to", "c/d", "--port", "1521"]
             .map(String::from)
@@ -197,6 +212,52 @@ fn every_bad_flag_and_file_is_one_line_and_exit_2() {
             explain(&["--k8s-snapshot", &empty, "--extra-ports", "x"]),
             "--extra-ports",
         ),
+        // explain --apply --flows
+        (
+            w(&["explain", "--k8s-snapshot", &snapshot, "--apply", &change]),
+            "--flows",
+        ),
+        (
+            w(&["explain", "--k8s-snapshot", &snapshot, "--flows", &observed]),
+            "--apply",
+        ),
+        (
+            [apply(&change, &observed), w(&["--from", "a/b"])].concat(),
+            "cannot be used with",
+        ),
+        (
+            apply("/nonexistent", &observed),
+            "--apply /nonexistent: No such file",
+        ),
+        (
+            apply(&change, "/nonexistent"),
+            "--flows /nonexistent: No such file",
+        ),
+        (apply(&empty, &observed), "no NetworkPolicy in it"),
+        (apply(&comments, &observed), "no NetworkPolicy in it"),
+        (apply(&bad_json, &observed), "document 1: not YAML"),
+        (apply(&not_utf8, &observed), "valid UTF-8"),
+        (
+            apply(&pod_doc, &observed),
+            "document 1 is a Pod, not a NetworkPolicy",
+        ),
+        (
+            apply(&end_port, &observed),
+            "spec.ingress[0].ports[0].endPort: needs port",
+        ),
+        (
+            apply(&change, &empty),
+            "no connect, stall or drop event in it",
+        ),
+        (
+            apply(&change, &bad_json),
+            "bad.json:1: not a droptrace.v1 event",
+        ),
+        (
+            apply(&change, &comments),
+            "comments.yaml:1: not a droptrace.v1 event",
+        ),
+        (apply(&change, &not_utf8), "valid UTF-8"),
     ];
     let mut failures = Vec::new();
     for (args, needle) in &cases {
@@ -223,6 +284,94 @@ fn every_bad_flag_and_file_is_one_line_and_exit_2() {
         failures.join("\n")
     );
     println!("{} bad inputs: one line, exit 2", cases.len());
+}
+
+/// `explain --k8s-snapshot SNAPSHOT --apply CHANGE --flows FLOWS`.
+fn apply_args(snapshot: &str, change: &str, flows: &str) -> Vec<String> {
+    [
+        "explain",
+        "--k8s-snapshot",
+        snapshot,
+        "--apply",
+        change,
+        "--flows",
+        flows,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// The committed fixtures of `explain --apply` (tracer-user/tests/fixtures/explain).
+fn explain_fixtures() -> String {
+    format!(
+        "{}/../tracer-user/tests/fixtures/explain",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// `explain --apply --flows` on the committed recorded stream: the flows a change breaks are
+/// printed and the exit status is 3; a change that only unblocks exits 0; `--json` says the
+/// same.
+#[test]
+fn explain_apply_on_a_recorded_stream_exits_3_when_the_change_breaks_a_session() {
+    let f = explain_fixtures();
+    let snapshot = format!("{f}/snapshot.yaml");
+    let observed = format!("{f}/observed.ndjson");
+    let run = |change: &str, json: bool| {
+        let mut args = apply_args(&snapshot, &format!("{f}/{change}"), &observed);
+        if json {
+            args.push("--json".into());
+        }
+        let out = Command::new(binary()).args(&args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) = run("tighten.yaml", false);
+    println!("{out}{err}");
+    assert_eq!(code, Some(3), "{out}{err}");
+    assert!(
+        out.starts_with(
+            "BREAKS    app/client (10.202.1.1) -> db/oracle-0 (10.203.1.2) TCP/1521  \
+             (observed: established x3)\n  before  allowed (ingress) by db/oracle-listener-only\n  \
+             after   denied (ingress), isolated by db/oracle-listener-only\n"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "change db/oracle-listener-only (replaced): 1 breaking, 0 unblocked, 3 unchanged"
+        ),
+        "{out}"
+    );
+    assert_eq!(
+        err.trim_end(),
+        "droptrace: the change breaks 1 observed flow(s) that were allowed"
+    );
+    let (code, out, err) = run("open-range.yaml", false);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(
+        out.starts_with("UNBLOCKS  app/client (10.202.1.1) -> db/oracle-0 (10.203.1.2) TCP/40123  (observed: dropped x3, timeout x1)"),
+        "{out}"
+    );
+    assert!(!out.contains("BREAKS"), "{out}");
+    let (code, out, _) = run("open-range.yaml", true);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        (v["breaks"].as_u64(), v["unblocks"].as_u64()),
+        (Some(0), Some(3)),
+        "{v}"
+    );
+    assert_eq!(v["changes"][0]["effect"], "unblocks");
+    assert_eq!(v["changes"][0]["port"], 40123);
+    assert_eq!(
+        v["changes"][0]["after"]["policies"][0]["name"],
+        "oracle-dispatchers"
+    );
+    assert_eq!(v["policies"][0]["action"], "created");
 }
 
 #[test]

@@ -550,6 +550,15 @@ pub struct Oracle {
     pub listener: Option<Listener>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<HostPort>,
+    /// Every port this listener redirected clients to on `redirect.host` (ascending), when it
+    /// used more than one: dynamic ports (a Windows database without USE_SHARED_SOCKET,
+    /// shared-server dispatchers without fixed ports). The suggested fix covers them with one
+    /// `port` + `endPort` range.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redirect_ports: Vec<u16>,
+    /// With `redirect_ports`: what to change on the Oracle side so the ports stop moving.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remedy: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refuse: Option<Refuse>,
 }

@@ -376,16 +376,33 @@ fn run(args: RunArgs) -> Result<(), Error> {
 const K8S_EVENTS_NEEDS_API: &str = "--k8s-events needs --k8s-api or --kubeconfig";
 
 fn explain(args: &explain::ExplainArgs) -> Result<(), Error> {
+    if args.apply.is_some() {
+        let r = explain::run_change(args)?;
+        print_result(args.json, || r.json(), || r.text());
+        if r.impact.breaks_something() {
+            return Err(explain::ExplainError::Breaks(r.impact.breaks).into());
+        }
+        return Ok(());
+    }
     let e = explain::run(args)?;
-    if args.json {
+    print_result(args.json, || e.json(), || e.text());
+    Ok(())
+}
+
+/// `--json`: one pretty JSON object; else the text.
+fn print_result(
+    json: bool,
+    value: impl FnOnce() -> serde_json::Value,
+    text: impl FnOnce() -> String,
+) {
+    if json {
         println!(
             "{}",
-            serde_json::to_string_pretty(&e.json()).unwrap_or_default()
+            serde_json::to_string_pretty(&value()).unwrap_or_default()
         );
     } else {
-        print!("{}", e.text());
+        print!("{}", text());
     }
-    Ok(())
 }
 
 fn replay(args: ReplayArgs) -> Result<(), Error> {

@@ -6,6 +6,7 @@ use serde_json::json;
 
 use crate::enrich::model::{self, ObjectKey, Protocol};
 use crate::{
+    enrich::k8s::change::{self, Effect, Impact},
     enrich::k8s::{
         ApiArgs, Cluster, DEFAULT_IP_HISTORY, FlowQuery, FlowReport, LiveError, LiveOptions,
         SnapshotError, evaluate_flow, live,
@@ -28,20 +29,35 @@ pub struct ExplainArgs {
     #[command(flatten)]
     pub k8s: ApiArgs,
     /// The connecting side: NAMESPACE/POD or an IP address.
-    #[arg(long, value_name = "NS/POD|IP")]
-    pub from: String,
+    #[arg(long, value_name = "NS/POD|IP", required_unless_present = "apply")]
+    pub from: Option<String>,
     /// The side connected to: NAMESPACE/POD, NAMESPACE/SERVICE or an IP address.
-    #[arg(long, value_name = "NS/POD|IP")]
-    pub to: String,
+    #[arg(long, value_name = "NS/POD|IP", required_unless_present = "apply")]
+    pub to: Option<String>,
     /// Destination port.
-    #[arg(long)]
-    pub port: String,
+    #[arg(long, required_unless_present = "apply")]
+    pub port: Option<String>,
     /// TCP, UDP or SCTP.
     #[arg(long, default_value = "TCP")]
     pub protocol: String,
     /// More ports for the suggested fix (an Oracle redirect port, say), comma-separated.
     #[arg(long, value_delimiter = ',', value_name = "PORT")]
     pub extra_ports: Vec<String>,
+    /// Check a policy change against observed traffic: NetworkPolicy manifests
+    /// (multi-document YAML) created or replaced by namespace/name; with --flows, instead of
+    /// --from/--to/--port. Prints the recorded flows whose verdict the change flips. Exit
+    /// status: 0 nothing breaks, 3 a flow that was allowed becomes denied, 2 bad input.
+    #[arg(
+        long,
+        value_name = "CHANGE.yaml",
+        requires = "flows",
+        conflicts_with_all = ["from", "to", "port", "extra_ports", "protocol"]
+    )]
+    pub apply: Option<PathBuf>,
+    /// With --apply: a recorded droptrace stream (`droptrace run --emit connects` NDJSON):
+    /// its connects, stalls and drops are the flows checked.
+    #[arg(long, value_name = "OBSERVED.ndjson", requires = "apply")]
+    pub flows: Option<PathBuf>,
     /// Print the result as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -56,13 +72,19 @@ pub enum ExplainError {
     Api(#[from] LiveError),
     #[error("{0}")]
     Input(String),
+    /// `--apply`: the change denies this many flows that were allowed (exit 3; the report is
+    /// on stdout).
+    #[error("the change breaks {0} observed flow(s) that were allowed")]
+    Breaks(usize),
 }
 
 impl ExplainError {
-    /// 2 for bad input, 1 for a cluster that could not be read (an API server down, say).
+    /// 2 for bad input, 1 for a cluster that could not be read (an API server down, say), 3
+    /// for a change that breaks observed flows.
     pub fn exit_code(&self) -> u8 {
         match self {
             ExplainError::Api(e) if !e.is_input() => 1,
+            ExplainError::Breaks(_) => 3,
             _ => 2,
         }
     }
@@ -78,7 +100,12 @@ pub struct Explanation {
 }
 
 pub fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
-    let port = parse_port("--port", &args.port)?;
+    let (Some(from), Some(to), Some(port)) = (&args.from, &args.to, &args.port) else {
+        return Err(ExplainError::Input(
+            "--from, --to and --port are required (or --apply with --flows)".into(),
+        ));
+    };
+    let port = parse_port("--port", port)?;
     let extra_ports = args
         .extra_ports
         .iter()
@@ -86,8 +113,54 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
         .collect::<Result<Vec<_>, _>>()?;
     let protocol = Protocol::from_str(&args.protocol)
         .map_err(|e| ExplainError::Input(format!("--protocol: {e}")))?;
-    // Where objects come from, for messages: the file, or the API server.
-    let (cluster, origin) = match &args.k8s_snapshot {
+    let (cluster, origin) = load_cluster(args)?;
+    let (src, from) = resolve(&cluster, &origin, from, false)?;
+    let (dst, to) = resolve(&cluster, &origin, to, true)?;
+    let q = FlowQuery {
+        src,
+        dst,
+        protocol,
+        port,
+        at: None,
+    };
+    Ok(Explanation {
+        from,
+        to,
+        protocol,
+        port,
+        report: evaluate_flow(&cluster, &q, &extra_ports),
+    })
+}
+
+/// `--apply CHANGE.yaml --flows OBSERVED.ndjson`: the recorded flows whose verdict the change
+/// flips. The files are read here; [`change`] evaluates.
+pub fn run_change(args: &ExplainArgs) -> Result<ChangeReport, ExplainError> {
+    let (Some(apply), Some(flows)) = (&args.apply, &args.flows) else {
+        return Err(ExplainError::Input("--apply needs --flows".into()));
+    };
+    let read = |flag: &str, path: &PathBuf| {
+        std::fs::read_to_string(path)
+            .map_err(|e| ExplainError::Input(format!("{flag} {}: {e}", path.display())))
+    };
+    let change_name = apply.display().to_string();
+    let flows_name = flows.display().to_string();
+    let policies = change::parse_change(&change_name, &read("--apply", apply)?)
+        .map_err(|e| ExplainError::Input(e.0))?;
+    let recorded = change::parse_flows(&flows_name, &read("--flows", flows)?)
+        .map_err(|e| ExplainError::Input(e.0))?;
+    let (before, _) = load_cluster(args)?;
+    let (after, applied) = change::apply(&before, &policies, model::now())
+        .map_err(|e| ExplainError::Input(format!("{change_name}: {e}")))?;
+    Ok(ChangeReport {
+        change: change_name,
+        flows: flows_name,
+        impact: change::impact(&before, &after, applied, &recorded),
+    })
+}
+
+/// The snapshot, or the live cluster listed once, and where it came from (for messages).
+fn load_cluster(args: &ExplainArgs) -> Result<(Cluster, Origin), ExplainError> {
+    Ok(match &args.k8s_snapshot {
         Some(path) => (
             Snapshot::read(path, Mode::Strict)?.into_cluster(model::now(), DEFAULT_IP_HISTORY),
             Origin {
@@ -108,22 +181,6 @@ pub fn run(args: &ExplainArgs) -> Result<Explanation, ExplainError> {
             };
             (cluster, origin)
         }
-    };
-    let (src, from) = resolve(&cluster, &origin, &args.from, false)?;
-    let (dst, to) = resolve(&cluster, &origin, &args.to, true)?;
-    let q = FlowQuery {
-        src,
-        dst,
-        protocol,
-        port,
-        at: None,
-    };
-    Ok(Explanation {
-        from,
-        to,
-        protocol,
-        port,
-        report: evaluate_flow(&cluster, &q, &extra_ports),
     })
 }
 
@@ -271,4 +328,87 @@ pub fn fix_check_text(c: &crate::event::FixCheck) -> String {
         let _ = writeln!(out, "    {} -> {} {}/{}", a.from, a.to, a.protocol, a.port);
     }
     out
+}
+
+/// What `--apply` found, with the files it read.
+#[derive(Debug, Clone)]
+pub struct ChangeReport {
+    pub change: String,
+    pub flows: String,
+    pub impact: Impact,
+}
+
+impl ChangeReport {
+    /// One block per flow whose verdict flips (breaking ones first), then a summary line.
+    pub fn text(&self) -> String {
+        let i = &self.impact;
+        let mut out = String::new();
+        for c in &i.changes {
+            let label = match c.effect {
+                Effect::Breaks => "BREAKS",
+                Effect::Unblocks => "UNBLOCKS",
+            };
+            let _ = writeln!(
+                out,
+                "{label:<9} {} -> {} {}/{}  (observed: {})",
+                c.from, c.to, c.protocol, c.port, c.observed
+            );
+            if let Some(b) = &c.backend {
+                let _ = writeln!(out, "  evaluated against backend pod {b}");
+            }
+            for (when, p) in [("before", &c.before), ("after", &c.after)] {
+                let names: Vec<String> = p
+                    .policies
+                    .iter()
+                    .map(|r| format!("{}/{}", r.namespace, r.name))
+                    .collect();
+                let by = if names.is_empty() {
+                    String::new()
+                } else if p.verdict == "allowed" {
+                    format!(" by {}", names.join(", "))
+                } else {
+                    format!(", isolated by {}", names.join(", "))
+                };
+                let _ = writeln!(out, "  {when:<7} {} ({}){by}", p.verdict, p.direction);
+                if when == "after" {
+                    let _ = writeln!(out, "          {}", p.explanation);
+                }
+            }
+        }
+        let policies: Vec<String> = i
+            .policies
+            .iter()
+            .map(|p| format!("{}/{} ({})", p.namespace, p.name, p.action))
+            .collect();
+        let _ = writeln!(
+            out,
+            "{}: {} flow(s) from {} event(s) of {} ({} other event(s) ignored), change {}: {} \
+             breaking, {} unblocked, {} unchanged",
+            if i.breaks_something() { "BREAKS" } else { "OK" },
+            i.flows,
+            i.events,
+            self.flows,
+            i.ignored,
+            policies.join(", "),
+            i.breaks,
+            i.unblocks,
+            i.unchanged
+        );
+        out
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        json!({
+            "change": self.change,
+            "flows_file": self.flows,
+            "flows": self.impact.flows,
+            "events": self.impact.events,
+            "ignored": self.impact.ignored,
+            "policies": self.impact.policies,
+            "breaks": self.impact.breaks,
+            "unblocks": self.impact.unblocks,
+            "unchanged": self.impact.unchanged,
+            "changes": self.impact.changes,
+        })
+    }
 }

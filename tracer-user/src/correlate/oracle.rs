@@ -2,7 +2,7 @@
 //! `tns` events, and tells the correlator what the listener said (a REDIRECT to another
 //! address, a REFUSE) so the blocked second leg is tied to the listener connect.
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::{BTreeMap, HashMap, HashSet, VecDeque},
     net::{IpAddr, SocketAddr},
 };
 
@@ -22,6 +22,17 @@ type SeenKey = (SocketAddr, bool, u32, u32);
 const MAX_CONNECTIONS: usize = 4096;
 /// Packets remembered to drop the copy seen on the other end of a local connection.
 const DEDUP: usize = 4096;
+/// Listeners whose redirect ports are remembered; the one redirecting least recently is
+/// forgotten beyond it.
+const MAX_REDIRECTING: usize = 1024;
+/// Redirect ports remembered per listener and host; the least recently used is forgotten.
+const MAX_REDIRECT_PORTS: usize = 64;
+/// A redirect port not used again for this long is forgotten (a dispatcher restarted on
+/// another port, say).
+pub const REDIRECT_PORTS_NS: u64 = 3_600_000_000_000;
+
+/// The ports one listener redirected clients to on one host, with when each was last used.
+type RedirectPorts = BTreeMap<u16, u64>;
 
 /// What the listener told a client.
 #[derive(Debug, Clone)]
@@ -68,6 +79,9 @@ pub struct TnsTracker {
     by_client: HashMap<SocketAddr, SocketAddr>,
     seen: HashSet<SeenKey>,
     seen_order: VecDeque<SeenKey>,
+    /// Where each listener (as the client dialled it) sent clients, by target host: more than
+    /// one port means the listener hands out dynamic ports.
+    redirect_ports: HashMap<(SocketAddr, String), RedirectPorts>,
     /// Bytes the parser could not decode, reported as lost input.
     pub malformed: u64,
 }
@@ -82,6 +96,7 @@ impl TnsTracker {
             by_client: HashMap::new(),
             seen: HashSet::new(),
             seen_order: VecDeque::new(),
+            redirect_ports: HashMap::new(),
             malformed: 0,
         }
     }
@@ -182,6 +197,12 @@ impl TnsTracker {
                 Message::Connect(c) => conn.connect = Some(c.clone()),
                 Message::Redirect(r) => {
                     if let (Some(host), Some(port)) = (r.host.clone(), r.port) {
+                        let ports =
+                            record_redirect(&mut self.redirect_ports, server, &host, port, p.ts_ns);
+                        if ports.len() > 1 {
+                            oracle.remedy = Some(dynamic_port_remedy(server, &host, &ports));
+                            oracle.redirect_ports = ports;
+                        }
                         let target = host
                             .parse::<IpAddr>()
                             .ok()
@@ -208,6 +229,60 @@ impl TnsTracker {
         }
         out
     }
+}
+
+/// Records that `listener` sent a client to `host:port` at `ts_ns`; returns every port it
+/// sent clients to on `host` within [`REDIRECT_PORTS_NS`], ascending.
+fn record_redirect(
+    all: &mut HashMap<(SocketAddr, String), RedirectPorts>,
+    listener: SocketAddr,
+    host: &str,
+    port: u16,
+    ts_ns: u64,
+) -> Vec<u16> {
+    let key = (listener, host.to_string());
+    {
+        if !all.contains_key(&key) && all.len() >= MAX_REDIRECTING {
+            let stalest = all
+                .iter()
+                .min_by_key(|(_, ports)| ports.values().max().copied().unwrap_or(0))
+                .map(|(k, _)| k.clone());
+            if let Some(k) = stalest {
+                all.remove(&k);
+            }
+        }
+        let ports = all.entry(key).or_default();
+        ports.retain(|_, last| ts_ns.saturating_sub(*last) < REDIRECT_PORTS_NS);
+        ports.insert(port, ts_ns);
+        while ports.len() > MAX_REDIRECT_PORTS {
+            let oldest = ports.iter().min_by_key(|(_, t)| **t).map(|(p, _)| *p);
+            match oldest {
+                Some(p) => ports.remove(&p),
+                None => break,
+            };
+        }
+        ports.keys().copied().collect()
+    }
+}
+
+/// The Oracle-side remedy for a listener that hands out dynamic ports, after Oracle's
+/// documentation: USE_SHARED_SOCKET (Oracle Database Platform Guide for Windows, "About
+/// USE_SHARED_SOCKET Parameter") and DISPATCHERS (Oracle Database Reference, "DISPATCHERS").
+pub fn dynamic_port_remedy(listener: SocketAddr, host: &str, ports: &[u16]) -> String {
+    let list: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "listener {listener} redirected clients to {} different ports on {host} ({}): the \
+         database is reached on ports it picks, which a policy can only cover as a range. \
+         Windows, dedicated servers: set USE_SHARED_SOCKET=TRUE (registry key of the Oracle \
+         home, or environment) and restart the listener; it then hands each client's socket \
+         to the database thread and every connection shares the listener's port. Shared \
+         server: give each dispatcher a fixed port in the DISPATCHERS initialization \
+         parameter, e.g. DISPATCHERS=\"(ADDRESS=(PROTOCOL=TCP)(PORT={}))\", so the ports the \
+         policy names stay the same across restarts.",
+        ports.len(),
+        list.join(", "),
+        ports.first().copied().unwrap_or_default(),
+    )
 }
 
 #[cfg(test)]
@@ -294,6 +369,46 @@ mod tests {
             Some("sqlplus"),
             "CONNECT context kept"
         );
+    }
+
+    /// A Windows listener without USE_SHARED_SOCKET: each session goes to another port. The
+    /// ports are remembered per listener and host, ascending, and forgotten an hour after
+    /// their last use; one port is no dynamic listener.
+    #[test]
+    fn redirect_ports_accumulate_per_listener_and_age_out() {
+        let mut t = TnsTracker::new([1521]);
+        let redirect = |t: &mut TnsTracker, client: &str, port: u16, seq: u32, ts: u64| {
+            let data =
+                format!("(ADDRESS=(PROTOCOL=TCP)(HOST=10.0.0.2)(PORT={port}))\0(DESCRIPTION=)");
+            let mut s = sig(
+                "10.0.0.2:1521",
+                client,
+                seq,
+                &build::redirect_split(data.as_bytes()),
+            );
+            s.ts_ns = ts;
+            match t.on_packet(&s).outcomes.pop() {
+                Some(Outcome::Redirect { oracle, .. }) => oracle,
+                other => panic!("{other:?}"),
+            }
+        };
+        let hour = REDIRECT_PORTS_NS;
+        let o = redirect(&mut t, "10.0.0.1:40000", 40311, 1, 0);
+        assert!(o.redirect_ports.is_empty() && o.remedy.is_none(), "{o:?}");
+        let o = redirect(&mut t, "10.0.0.1:40001", 40123, 2, 1);
+        assert_eq!(o.redirect_ports, [40123, 40311]);
+        assert!(o.remedy.as_deref().unwrap().contains("(40123, 40311)"));
+        // The same port again adds nothing.
+        let o = redirect(&mut t, "10.0.0.1:40002", 40123, 3, 2);
+        assert_eq!(o.redirect_ports, [40123, 40311]);
+        // Another client of the same listener: the same listener's ports.
+        let o = redirect(&mut t, "10.0.0.5:40000", 40200, 4, 3);
+        assert_eq!(o.redirect_ports, [40123, 40200, 40311]);
+        // An hour after 40311's last use (and just under one after the others'), it is gone.
+        let o = redirect(&mut t, "10.0.0.1:40003", 40200, 5, hour);
+        assert_eq!(o.redirect_ports, [40123, 40200]);
+        let o = redirect(&mut t, "10.0.0.1:40004", 40200, 6, 3 * hour);
+        assert!(o.redirect_ports.is_empty(), "{o:?}");
     }
 
     #[test]

@@ -195,6 +195,9 @@ pub fn encode(e: &Event, color: bool, buf: &mut Vec<u8>) {
         if let Some(d) = &e.diagnosis {
             under.push(d.clone());
         }
+        if let Some(r) = e.oracle.as_ref().and_then(|o| o.remedy.as_ref()) {
+            under.push(format!("oracle remedy: {r}"));
+        }
         // The fix goes under the final record of an attempt, not its interim ones.
         let interim = e
             .attempt
@@ -294,6 +297,19 @@ mod tests {
         assert!(
             text(&e)
                 .contains("\n    suggested fix (kubectl apply -f -):\n      kind: NetworkPolicy")
+        );
+        // A listener with dynamic ports: its Oracle-side remedy under the diagnosis.
+        e.oracle = Some(Box::new(crate::event::Oracle {
+            redirect_ports: vec![40123, 40200],
+            remedy: Some("set USE_SHARED_SOCKET=TRUE".into()),
+            ..Default::default()
+        }));
+        assert!(
+            text(&e).contains(
+                "\n    still connecting\n    oracle remedy: set USE_SHARED_SOCKET=TRUE\n    suggested fix"
+            ),
+            "{}",
+            text(&e)
         );
     }
 

@@ -38,6 +38,7 @@ struct CacheKey {
     reply: bool,
     original: Option<(IpAddr, IpAddr, u16)>,
     extra_ports: Vec<u16>,
+    dynamic_ports: Vec<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -140,7 +141,9 @@ impl Identity {
             return;
         }
         let mut extra_ports = Vec::new();
+        let mut dynamic_ports = Vec::new();
         if let Some(o) = &e.oracle {
+            dynamic_ports.clone_from(&o.redirect_ports);
             let port = e.flow.as_ref().map(|f| f.dst_port);
             for p in [
                 o.listener.as_ref().map(|l| l.port),
@@ -171,6 +174,7 @@ impl Identity {
                 reply,
                 original,
                 extra_ports: extra_ports.clone(),
+                dynamic_ports: dynamic_ports.clone(),
             }
         });
         match key.as_ref().and_then(|k| self.cache.get(k)) {
@@ -180,7 +184,11 @@ impl Identity {
                 e.policy.clone_from(&hit.policy);
             }
             None => {
-                k8s::enrich(&self.cluster, e, &EnrichOptions { extra_ports });
+                let opts = EnrichOptions {
+                    extra_ports,
+                    dynamic_ports,
+                };
+                k8s::enrich(&self.cluster, e, &opts);
                 if let Some(k) = key {
                     if self.cache.len() >= CACHE_MAX {
                         self.cache.clear();

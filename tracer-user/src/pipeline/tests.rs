@@ -426,3 +426,135 @@ fn truncated_records_are_counted_not_decoded() {
     assert_eq!(p.summary().undecodable, 3);
     assert!(streamed(&mut p).is_empty());
 }
+
+/// A captured TNS packet of `data`, sent by `from` to `to`.
+fn tns(ts_ns: u64, from: FlowKey, seq: u32, data: &[u8]) -> Vec<u8> {
+    let mut rec = tracer_common::TnsEvent {
+        hdr: header(kind::TNS, ts_ns),
+        flow: flow(from),
+        seq,
+        payload_len: data.len() as u32,
+        captured: data.len().min(tracer_common::TNS_CAPTURE) as u32,
+        direction: 1,
+        data: [0; tracer_common::TNS_CAPTURE],
+    };
+    let n = rec.captured as usize;
+    rec.data[..n].copy_from_slice(&data[..n]);
+    bytes(&rec)
+}
+
+/// The dynamic-port scenario's cluster: the database admits the app namespace on the listener
+/// port only.
+const DYNAMIC_PORTS_SNAPSHOT: &str = include_str!("../../tests/fixtures/explain/snapshot.yaml");
+
+/// A Windows database without USE_SHARED_SOCKET: its listener sends each session to a new
+/// port, and the policy admits only the listener port. Each second leg stalls; the later
+/// ones carry every port the listener used, the Oracle-side remedy, and a fix covering the
+/// ports with one port + endPort range that fix_check proves.
+#[test]
+fn a_listener_handing_out_different_ports_gets_a_port_range_fix_and_the_oracle_remedy() {
+    use crate::{
+        decode::oracle::tns::build,
+        enrich::identity::Identity,
+        enrich::k8s::{
+            DEFAULT_IP_HISTORY,
+            snapshot::{Mode, Snapshot},
+        },
+    };
+    let mut p = pipeline(Emit::default());
+    let listener: std::net::SocketAddr = "10.203.1.2:1521".parse().unwrap();
+    let connect = include_bytes!("../../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
+    let ports = [40311u16, 40123, 40200];
+    let mut stalls = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let t0 = i as u64 * 30 * S;
+        let src_port = 40000 + i as u16;
+        let to_listener = key(&format!("10.202.1.1:{src_port}"), "10.203.1.2:1521");
+        let seq = 1000 * (i as u32 + 1);
+        p.record(&tns(t0, to_listener, seq, connect));
+        let redirect = build::redirect_split(
+            format!("(ADDRESS=(PROTOCOL=TCP)(HOST=10.203.1.2)(PORT={port}))\0(DESCRIPTION=)")
+                .as_bytes(),
+        );
+        p.record(&tns(t0 + MS, to_listener.reversed(), seq + 7, &redirect));
+        let leg = key(
+            &format!("10.202.1.1:{}", src_port + 100),
+            &format!("10.203.1.2:{port}"),
+        );
+        let sk = 10 + i as u64;
+        p.record(&state(t0 + 2 * MS, sk, leg, 7, 2, 0));
+        p.record(&bytes(&drop_rec(
+            t0 + 3 * MS,
+            leg,
+            SYN,
+            NETFILTER_DROP,
+            NFT_DO_CHAIN,
+        )));
+        p.record(&state(t0 + 3 * S, sk, leg, 2, 7, 110));
+        p.tick(t0 + 3 * S + 300 * MS);
+        let out = streamed(&mut p);
+        let s: Vec<Event> = of_kind(&out, Kind::Stall).into_iter().cloned().collect();
+        assert_eq!(s.len(), 1, "{out:#?}");
+        stalls.push(s[0].clone());
+    }
+    // The first leg: one port seen, nothing dynamic yet.
+    let first = stalls[0].oracle.as_ref().unwrap();
+    assert_eq!(first.redirect.as_ref().unwrap().port, 40311);
+    assert!(first.redirect_ports.is_empty() && first.remedy.is_none());
+    // Later legs: every port seen so far, ascending.
+    let second = stalls[1].oracle.as_ref().unwrap();
+    assert_eq!(second.redirect_ports, [40123, 40311]);
+    let last = stalls[2].oracle.as_ref().unwrap();
+    assert_eq!(last.redirect_ports, [40123, 40200, 40311]);
+    assert_eq!(last.listener.as_ref().unwrap().port, listener.port());
+    let remedy = last.remedy.as_deref().unwrap();
+    assert!(
+        remedy.starts_with(
+            "listener 10.203.1.2:1521 redirected clients to 3 different ports on 10.203.1.2 \
+             (40123, 40200, 40311)"
+        ) && remedy.contains("USE_SHARED_SOCKET=TRUE")
+            && remedy.contains("DISPATCHERS=\"(ADDRESS=(PROTOCOL=TCP)(PORT=40123))\""),
+        "{remedy}"
+    );
+
+    // Enriched against the cluster: the fix covers the three ports with one range.
+    let cluster = Snapshot::parse(DYNAMIC_PORTS_SNAPSHOT, Mode::Strict)
+        .unwrap()
+        .into_cluster(crate::enrich::model::now(), DEFAULT_IP_HISTORY);
+    let mut id = Identity::from_cluster(cluster);
+    let mut e = stalls[2].clone();
+    id.enrich(&mut e);
+    let policy = e.policy.as_ref().unwrap();
+    assert_eq!(policy.verdict, "denied");
+    assert_eq!(policy.direction, "ingress");
+    let fix = policy.suggested_fix.as_deref().unwrap();
+    assert!(
+        fix.contains("redirected clients to ports 40123, 40200, 40311 (seen)"),
+        "{fix}"
+    );
+    let doc: serde_yaml::Value = serde_yaml::from_str(fix).unwrap();
+    assert_eq!(
+        doc["metadata"]["name"].as_str(),
+        Some("allow-ingress-client-to-oracle-0-tcp-40123-40311"),
+        "one name for the fixes of every leg: {fix}"
+    );
+    let ports = &doc["spec"]["ingress"][0]["ports"];
+    let ports: Vec<(Option<u64>, Option<u64>)> = ports
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| (p["port"].as_u64(), p["endPort"].as_u64()))
+        .collect();
+    assert_eq!(
+        ports,
+        [(Some(1521), None), (Some(40123), Some(40311))],
+        "{fix}"
+    );
+    let check = policy.fix_check.as_ref().unwrap();
+    assert!(check.allows_flow, "{check:?}");
+    assert!(check.still_denied.is_empty(), "{check:?}");
+    assert!(
+        check.newly_allowed.is_empty(),
+        "the range is for this pair only: {check:?}"
+    );
+}

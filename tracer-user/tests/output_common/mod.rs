@@ -255,6 +255,8 @@ pub(crate) fn samples() -> Vec<(&'static str, Event)> {
             port: 1521,
         }),
         redirect: None,
+        redirect_ports: Vec::new(),
+        remedy: None,
         refuse: Some(Refuse {
             code: Some(12514),
             text: "ORA-12514: listener does not currently know of service".into(),

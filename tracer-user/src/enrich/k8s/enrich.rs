@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::cluster::Cluster;
 use crate::enrich::model::{Pod, Protocol};
 use crate::{
-    enrich::policy::{Side, Verdict, fix},
+    enrich::policy::{Side, Verdict, fix, fix::FixPorts},
     event::{self, Endpoint, Event, Kind, Shared},
 };
 
@@ -92,6 +92,11 @@ pub fn pod_endpoint(cluster: &Cluster, pod: &Pod, ip: IpAddr) -> Endpoint {
 /// Resolve both ends and evaluate the connection. A destination Service address is evaluated
 /// against its backends (policies apply after the DNAT); the first denying one is reported.
 pub fn evaluate_flow(cluster: &Cluster, q: &FlowQuery, extra_ports: &[u16]) -> FlowReport {
+    evaluate_flow_with(cluster, q, Some(&FixPorts::extra(extra_ports)))
+}
+
+/// [`evaluate_flow`] with the ports a fix is for (`None`: the verdict only, no fix).
+pub fn evaluate_flow_with(cluster: &Cluster, q: &FlowQuery, fix: Option<&FixPorts>) -> FlowReport {
     let src = cluster.side(q.src, q.at);
     let source = endpoint(cluster, q.src, q.at);
     let mut destination = endpoint(cluster, q.dst, q.at);
@@ -127,7 +132,7 @@ pub fn evaluate_flow(cluster: &Cluster, q: &FlowQuery, extra_ports: &[u16]) -> F
                 source,
                 destination,
                 backend: Some(pod.key().to_string()),
-                policy: policy_with_fix(cluster, &src, &dst, &verdict, extra_ports),
+                policy: policy_with_fix(cluster, &src, &dst, &verdict, fix),
                 verdict,
             };
         }
@@ -138,7 +143,7 @@ pub fn evaluate_flow(cluster: &Cluster, q: &FlowQuery, extra_ports: &[u16]) -> F
         source,
         destination,
         backend: None,
-        policy: policy_with_fix(cluster, &src, &dst, &verdict, extra_ports),
+        policy: policy_with_fix(cluster, &src, &dst, &verdict, fix),
         verdict,
     }
 }
@@ -148,14 +153,23 @@ fn policy_with_fix(
     src: &Side,
     dst: &Side,
     verdict: &Verdict,
-    extra_ports: &[u16],
+    ports: Option<&FixPorts>,
 ) -> event::Policy {
     let mut policy = verdict.to_event();
-    policy.suggested_fix = fix::suggest(verdict, src, dst, extra_ports, cluster);
+    let Some(ports) = ports else {
+        return policy;
+    };
+    policy.suggested_fix = fix::suggest(verdict, src, dst, ports, cluster);
     if let Some(f) = &policy.suggested_fix {
-        let mut ports = vec![verdict.port];
-        ports.extend(extra_ports.iter().filter(|p| **p != 0));
-        policy.fix_check = super::fix_check::check(cluster, src, dst, verdict.protocol, &ports, f);
+        policy.fix_check = super::fix_check::check_with_range(
+            cluster,
+            src,
+            dst,
+            verdict.protocol,
+            &ports.all(verdict.port),
+            ports.range(),
+            f,
+        );
     }
     policy
 }
@@ -164,6 +178,9 @@ fn policy_with_fix(
 pub struct EnrichOptions {
     /// Ports added to every suggested fix (e.g. where Oracle listeners redirect to).
     pub extra_ports: Vec<u16>,
+    /// Ports an Oracle listener redirected clients to over time (`oracle.redirect_ports`):
+    /// covered by one `port` + `endPort` range in the fix.
+    pub dynamic_ports: Vec<u16>,
 }
 
 /// Fill `source`, `destination` and (when a pod is involved) `policy` of a drop or stall
@@ -190,7 +207,11 @@ pub fn enrich(cluster: &Cluster, event: &mut Event, opts: &EnrichOptions) {
         port,
         at,
     };
-    let report = evaluate_flow(cluster, &q, &opts.extra_ports);
+    let ports = FixPorts {
+        extra: opts.extra_ports.clone(),
+        dynamic: opts.dynamic_ports.clone(),
+    };
+    let report = evaluate_flow_with(cluster, &q, Some(&ports));
     let involves_pod =
         report.source.pod.is_some() || report.destination.pod.is_some() || report.backend.is_some();
     // Endpoints stay in the packet's direction.

@@ -50,6 +50,20 @@ pub fn check(
     ports: &[u16],
     fix: &str,
 ) -> Option<FixCheck> {
+    check_with_range(cluster, src, dst, protocol, ports, None, fix)
+}
+
+/// [`check`] for a fix that is also for `range` (inclusive) of ports between `src` and `dst`
+/// (the dynamic ports of an Oracle listener): those are the flow's own, not newly allowed.
+pub fn check_with_range(
+    cluster: &Cluster,
+    src: &Side,
+    dst: &Side,
+    protocol: Protocol,
+    ports: &[u16],
+    range: Option<(u16, u16)>,
+    fix: &str,
+) -> Option<FixCheck> {
     let policies = parse_fix(fix)?;
     let before = cluster.policies();
     let after = After::new(before, &policies);
@@ -81,7 +95,8 @@ pub fn check(
                         let own = a.ip == src.ip
                             && b.ip == dst.ip
                             && proto == protocol
-                            && ports.contains(&port);
+                            && (ports.contains(&port)
+                                || range.is_some_and(|(lo, hi)| (lo..=hi).contains(&port)));
                         if own || same_pod(&a, &b) || !seen.insert((a.ip, b.ip, proto, port)) {
                             continue;
                         }

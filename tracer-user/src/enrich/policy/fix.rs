@@ -38,26 +38,70 @@ impl Isolation for NoOtherPods {
     }
 }
 
-/// YAML for the policies to add, or None when the flow is allowed. `extra_ports` are added
-/// to the same rule (e.g. the port an Oracle listener redirects to).
+/// The ports a fix is for besides the flow's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct FixPorts {
+    /// Single ports added to the same rule (e.g. the listener port of a redirected leg).
+    pub extra: Vec<u16>,
+    /// Ports one Oracle listener redirected clients to over time: with two or more, the rule
+    /// covers them with one `port` + `endPort` range from the lowest to the highest.
+    pub dynamic: Vec<u16>,
+}
+
+impl FixPorts {
+    pub fn extra(ports: &[u16]) -> Self {
+        Self {
+            extra: ports.to_vec(),
+            dynamic: Vec::new(),
+        }
+    }
+
+    /// The inclusive range covering the dynamic ports, when there are two or more.
+    pub fn range(&self) -> Option<(u16, u16)> {
+        let lo = self.dynamic.iter().copied().filter(|p| *p != 0).min()?;
+        let hi = self.dynamic.iter().copied().max()?;
+        (lo < hi).then_some((lo, hi))
+    }
+
+    /// Every concrete port the fix must let through after `port`: the extra and the observed
+    /// dynamic ones, without repeats.
+    pub fn all(&self, port: u16) -> Vec<u16> {
+        let mut out = vec![port];
+        for p in self.extra.iter().chain(&self.dynamic) {
+            if *p != 0 && !out.contains(p) {
+                out.push(*p);
+            }
+        }
+        out
+    }
+}
+
+/// YAML for the policies to add, or None when the flow is allowed. `ports` are added to the
+/// same rule (e.g. the port an Oracle listener redirects to, or the range of its dynamic
+/// ports).
 pub fn suggest(
     verdict: &Verdict,
     src: &Side,
     dst: &Side,
-    extra_ports: &[u16],
+    ports: &FixPorts,
     isolation: &dyn Isolation,
 ) -> Option<String> {
-    let mut ports = vec![verdict.port];
-    for p in extra_ports {
-        if *p != 0 && !ports.contains(p) {
-            ports.push(*p);
+    let range = ports.range();
+    let inside = |p: u16| range.is_some_and(|(lo, hi)| (lo..=hi).contains(&p));
+    let mut singles = Vec::new();
+    for p in ports.all(verdict.port) {
+        if !inside(p) {
+            singles.push(p);
         }
     }
     let flow = FixFlow {
         src,
         dst,
         protocol: verdict.protocol,
-        ports: &ports,
+        ports: &singles,
+        range,
+        first: verdict.port,
+        seen: &ports.dynamic,
     };
     let mut docs = Vec::new();
     for (d, subject, peer) in [(&verdict.egress, src, dst), (&verdict.ingress, dst, src)] {
@@ -74,7 +118,13 @@ struct FixFlow<'a> {
     src: &'a Side<'a>,
     dst: &'a Side<'a>,
     protocol: Protocol,
+    /// Single ports.
     ports: &'a [u16],
+    /// One `port` + `endPort` range, for the dynamic ports in `seen`.
+    range: Option<(u16, u16)>,
+    /// The flow's own port (names the policy).
+    first: u16,
+    seen: &'a [u16],
 }
 
 /// The stable subset when selecting it isolates nobody new, else the pod's workload labels
@@ -149,7 +199,7 @@ fn policy_yaml(
             map([("cidr", Value::String(Cidr::host(peer.ip).to_string()))]),
         )]),
     };
-    let port_values = flow
+    let mut port_values: Vec<Value> = flow
         .ports
         .iter()
         .map(|p| {
@@ -159,6 +209,23 @@ fn policy_yaml(
             ])
         })
         .collect();
+    if let Some((lo, hi)) = flow.range {
+        port_values.push(map([
+            ("protocol", Value::String(flow.protocol.as_str().into())),
+            ("port", Value::Number(lo.into())),
+            ("endPort", Value::Number(hi.into())),
+        ]));
+        let mut seen: Vec<u16> = flow.seen.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        let seen: Vec<String> = seen.iter().map(u16::to_string).collect();
+        comment += &format!(
+            "# The Oracle listener redirected clients to ports {} (seen): port {lo} with \
+             endPort {hi} covers them, and the ports between. Pinning the ports on the \
+             Oracle side (oracle.remedy) keeps the range from growing.\n",
+            seen.join(", ")
+        );
+    }
     let (types, rules_key, peers_key) = match direction {
         Direction::Egress => ("Egress", "egress", "to"),
         Direction::Ingress => ("Ingress", "ingress", "from"),
@@ -215,16 +282,20 @@ fn match_labels(labels: &Labels) -> Value {
     map([("matchLabels", Value::Mapping(m))])
 }
 
-/// `allow-egress-client-to-oracle-tcp-1521`: workload names over pod names, a valid
+/// `allow-egress-client-to-oracle-tcp-1521` (`...-tcp-40123-40311` for a range of dynamic
+/// ports, so the fixes of every leg share a name): workload names over pod names, a valid
 /// object name (lowercase alphanumerics and '-', at most 63).
 fn policy_name(direction: Direction, flow: &FixFlow) -> String {
+    let ports = match flow.range {
+        Some((lo, hi)) => format!("{lo}-{hi}"),
+        None => flow.first.to_string(),
+    };
     let raw = format!(
-        "allow-{}-{}-to-{}-{}-{}",
+        "allow-{}-{}-to-{}-{}-{ports}",
         direction.as_str(),
         side_name(flow.src),
         side_name(flow.dst),
         flow.protocol.as_str().to_ascii_lowercase(),
-        flow.ports.first().copied().unwrap_or_default()
     );
     let mut out = String::with_capacity(raw.len());
     for c in raw.chars() {
