@@ -180,6 +180,7 @@ fn service_ip_dnat() {
         "incident drops {} = FORWARD rule {forwarded}",
         at(&drops[0], "count")
     );
+    println!("joined by community id:\nstall {s}\ndrop  {}", raw[0]);
 }
 
 #[test]
