@@ -5,7 +5,7 @@ pub mod conntrack;
 pub mod drops;
 pub mod loader;
 #[cfg(test)]
-mod recorded;
+pub(crate) mod recorded;
 pub mod tcp;
 pub mod tns;
 

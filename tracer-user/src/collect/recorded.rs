@@ -9,22 +9,30 @@ use tracer_common::ABSENT;
 use super::{KernelFacts, Resolved, conntrack::Removal, resolve_facts, tcp::RetransmitFamily};
 use crate::kernel::{btf::KernelBtf, tracefs::Format};
 
+/// A recorded kernel of each generation the unit tests need (see tests/fixtures/kernels).
+pub(crate) const DEBIAN_6_12: &str = "6.12.118+deb13-amd64";
+
 fn dir(release: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/kernels")
         .join(release)
 }
 
-fn format(release: &str, name: &str) -> Format {
+pub(crate) fn format(release: &str, name: &str) -> Format {
     let path = dir(release).join(format!("{name}.format"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
     Format::parse(&text, &path.display().to_string())
 }
 
+/// The recorded kernel's BTF (vmlinux, cut to the types droptrace reads).
+pub(crate) fn btf(release: &str) -> KernelBtf {
+    KernelBtf::from_file(dir(release).join("vmlinux.btf")).expect("fixture BTF")
+}
+
 /// Resolves every layout of `release` as `droptrace check` would on that kernel, with the
 /// conntrack module loaded or not.
-fn resolve(release: &str, conntrack_loaded: bool) -> Resolved {
-    let btf = KernelBtf::from_file(dir(release).join("vmlinux.btf")).expect("fixture BTF");
+pub(crate) fn resolve(release: &str, conntrack_loaded: bool) -> Resolved {
+    let btf = btf(release);
     let module = dir(release).join("nf_conntrack.btf");
     let conntrack_btf = (conntrack_loaded && module.is_file())
         .then(|| btf.split_file(&module).expect("fixture module BTF"));

@@ -86,26 +86,4 @@ ffffffffc0001000 t cls_bpf_classify\t[cls_bpf]
         assert_eq!(k.symbolize(0xffffffffc0001010), "cls_bpf_classify+0x10");
         assert_eq!(k.symbolize(0x1000), "0x1000");
     }
-
-    #[test]
-    fn symbols_of_the_running_kernel_resolve() {
-        // Addresses are hidden from unprivileged readers (kptr_restrict); root sees them.
-        // SAFETY: geteuid(2) takes nothing and cannot fail.
-        let root = unsafe { libc::geteuid() } == 0;
-        let k = Kallsyms::load();
-        if !root {
-            assert!(k.lookup(u64::MAX).is_none() || !k.is_empty());
-            return;
-        }
-        assert!(!k.is_empty(), "root must see kernel symbol addresses");
-        let text = fs::read_to_string("/proc/kallsyms").unwrap();
-        let line = text
-            .lines()
-            .find(|l| {
-                l.ends_with(" T kfree_skb_list_reason") || l.ends_with(" T sk_skb_reason_drop")
-            })
-            .unwrap();
-        let addr = u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap();
-        assert!(k.symbolize(addr + 4).ends_with("+0x4"));
-    }
 }

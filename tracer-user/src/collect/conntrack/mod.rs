@@ -206,14 +206,36 @@ pub fn decode(rec: &CtEvent, names: &CtNames) -> Option<CtSignal> {
 mod tests {
     use super::*;
 
+    /// ctinfo values and status bits as every kernel since 2.6 defines them.
+    pub(crate) fn names() -> CtNames {
+        CtNames::from_parts(
+            &[
+                (0, "ESTABLISHED"),
+                (1, "RELATED"),
+                (2, "NEW"),
+                (3, "ESTABLISHED"),
+                (7, "UNTRACKED"),
+            ],
+            &[
+                (0, "EXPECTED"),
+                (1, "SEEN_REPLY"),
+                (2, "ASSURED"),
+                (3, "CONFIRMED"),
+                (4, "SRC_NAT"),
+                (5, "DNAT"),
+            ],
+        )
+    }
+
     #[test]
-    fn layout_and_names_of_the_running_kernel() {
-        let btf = KernelBtf::vmlinux().unwrap();
-        let names = CtNames::from_btf(&btf);
-        let l = resolve_layout(&btf, &names).unwrap();
+    fn layout_and_names_of_a_recorded_kernel() {
+        // Debian 6.12: nf_conntrack is a module, its types come from the module's BTF.
+        let r = crate::collect::recorded::resolve(crate::collect::recorded::DEBIAN_6_12, true);
+        let l = r.ct.unwrap();
         assert_eq!(l.valid, 1);
         assert_eq!(l.seen_reply_mask, 2);
         assert_eq!(l.src_u3, 0);
+        let names = &r.symbols.ct;
         assert_eq!(names.ctinfo[&2], "NEW");
         assert_eq!(names.ctinfo[&3], "ESTABLISHED");
         assert_eq!(names.ctinfo[&7], "UNTRACKED");
@@ -222,8 +244,7 @@ mod tests {
 
     #[test]
     fn dnat_is_read_off_the_reply_tuple() {
-        let btf = KernelBtf::vmlinux().unwrap();
-        let names = CtNames::from_btf(&btf);
+        let names = names();
         let mut info = CtInfo {
             present: 1,
             ctinfo: 2,

@@ -332,7 +332,6 @@ pub fn parse_destroy(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernel::btf::KernelBtf;
 
     fn attr(ty: u16, payload: &[u8]) -> Vec<u8> {
         let mut v = Vec::new();
@@ -405,7 +404,7 @@ mod tests {
     }
 
     fn names() -> CtNames {
-        CtNames::from_btf(&KernelBtf::vmlinux().unwrap())
+        super::super::tests::names()
     }
 
     #[test]

@@ -195,20 +195,9 @@ mod tests {
     }
 
     #[test]
-    fn layout_of_the_running_kernel_resolves_from_btf_and_tracefs() {
-        let btf = KernelBtf::vmlinux().expect("this machine has BTF");
-        let Some(root) = crate::kernel::tracefs::mounted() else {
-            // tracefs is mounted by `droptrace check`/`run` (needs root); the recorded format
-            // of this kernel generation stands in.
-            let f = Format::parse(
-                include_str!("../../../tests/fixtures/kfree_skb.format-6.18"),
-                "x",
-            );
-            let l = resolve_layout(&f, &btf).unwrap();
-            assert_eq!(l.valid, 1);
-            return;
-        };
-        let l = resolve_layout(&read_format(&root).unwrap(), &btf).unwrap();
+    fn layout_of_a_recorded_kernel_resolves_from_btf_and_its_format() {
+        use crate::collect::recorded::{DEBIAN_6_12, btf, format};
+        let l = resolve_layout(&format(DEBIAN_6_12, "kfree_skb"), &btf(DEBIAN_6_12)).unwrap();
         assert_eq!(l.valid, 1);
         assert!(l.skb_head > 0 && l.skb_head < 256, "{l:?}");
         assert!(l.skb_network_header < 256);
