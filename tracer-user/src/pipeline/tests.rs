@@ -558,3 +558,76 @@ fn a_listener_handing_out_different_ports_gets_a_port_range_fix_and_the_oracle_r
         "the range is for this pair only: {check:?}"
     );
 }
+
+fn retransmit(ts_ns: u64, sk: u64, local_first: FlowKey, state: u32) -> Vec<u8> {
+    bytes(&tracer_common::RetransmitEvent {
+        hdr: header(kind::RETRANSMIT, ts_ns),
+        sk,
+        flow: flow(local_first),
+        state,
+        netns: 4026532001,
+        ..tracer_common::RetransmitEvent::default()
+    })
+}
+
+/// The seed scenario: sqlplus's SYN dropped by a firewall on this node, two SYN
+/// retransmits dropped too (counted in the kernel), the kernel gives up with ETIMEDOUT.
+#[test]
+fn sqlplus_syn_dropped_with_its_retransmits_is_one_timeout_incident() {
+    let mut p = pipeline(Emit::default());
+    let c = key("10.201.1.1:40000", "10.201.1.2:1521");
+    p.record(&state(0, 1, c, 7, 2, 0));
+    let first = drop_rec(MS, c, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    p.record(&bytes(&first));
+    p.record(&retransmit(S, 1, c, 2));
+    p.record(&retransmit(3 * S, 1, c, 2));
+    p.repeats(3 * S + MS, &[entry(&first, 2, 3 * S + MS)]);
+    p.record(&state(7 * S, 1, c, 2, 7, 110));
+    p.tick(7 * S + 300 * MS);
+
+    let out = streamed(&mut p);
+    let stalls = of_kind(&out, Kind::Stall);
+    assert_eq!(stalls.len(), 1, "{out:#?}");
+    let s = stalls[0];
+    let a = s.attempt.as_ref().unwrap();
+    assert_eq!(a.outcome, "timeout");
+    assert_eq!(a.syn_retransmits, 2);
+    let tallies = s.drops.as_ref().unwrap();
+    assert_eq!(
+        tallies.iter().map(|t| t.count).sum::<u64>(),
+        3,
+        "{tallies:#?}"
+    );
+    assert_eq!(tallies[0].reason, "NETFILTER_DROP");
+    let d = s.diagnosis.as_deref().unwrap();
+    assert!(d.contains("dropped 3 times"), "{d}");
+    // The drops are in the stream too, their counts the same 3.
+    let drops = of_kind(&out, Kind::Drop);
+    assert_eq!(drops.iter().map(|e| e.count).sum::<u64>(), 3);
+    assert!(of_kind(&out, Kind::Lost).is_empty());
+}
+
+/// A connect that succeeds at once, does its work and closes, with no drop: nothing in the
+/// stream.
+#[test]
+fn a_clean_connect_and_close_is_silent() {
+    let mut p = pipeline(Emit::default());
+    let c = key("10.201.1.1:40002", "10.201.1.2:1521");
+    p.record(&state(0, 1, c, 7, 2, 0));
+    p.record(&state(MS, 1, c, 2, 1, 0));
+    p.record(&state(S, 1, c, 1, 4, 0));
+    p.record(&state(S + MS, 1, c, 4, 7, 0));
+    p.tick(20 * S);
+    let all: Vec<Output> = p.drain().collect();
+    assert!(all.iter().all(|o| !o.stream), "{all:#?}");
+    // Held back (for --emit connects, signals): its connect record and state changes; no
+    // incident, no drop.
+    let kinds: Vec<Kind> = all.iter().map(|o| o.event.kind).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == Kind::Connect).count(), 1);
+    assert!(
+        kinds
+            .iter()
+            .all(|k| matches!(k, Kind::TcpState | Kind::Connect)),
+        "{kinds:?}"
+    );
+}
