@@ -3,7 +3,6 @@
 use std::{fmt, str::FromStr};
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::event::{
     Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy,
@@ -12,6 +11,7 @@ use crate::event::{
 
 pub mod community_id;
 mod ecs;
+mod json;
 mod ocsf;
 pub mod text;
 
@@ -71,20 +71,8 @@ pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
         Format::Text => text::encode(event, false, buf),
         Format::TextColor => text::encode(event, true, buf),
         Format::Native => native(event, buf),
-        Format::Ecs => write_with_sections(
-            &ecs::map(event),
-            "droptrace",
-            false,
-            &Sections::of(event, false),
-            buf,
-        ),
-        Format::Ocsf => write_with_sections(
-            &ocsf::map(event),
-            "unmapped",
-            true,
-            &Sections::of(event, true),
-            buf,
-        ),
+        Format::Ecs => ecs::write(event, buf),
+        Format::Ocsf => ocsf::write(event, buf),
     }
 }
 
@@ -111,23 +99,6 @@ pub fn native(event: &Event, buf: &mut Vec<u8>) {
     // an empty line is caught by every consumer instead of a panic in the tracing loop.
     if serde_json::to_writer(&mut *buf, event).is_err() {
         buf.clear();
-    }
-}
-
-/// Drops nulls and the objects/arrays they leave empty, so mappings can be written as one
-/// `json!` literal with optional values and never emit `null` (same rule as droptrace.v1).
-fn prune(v: &mut Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Object(m) => {
-            m.retain(|_, x| prune(x));
-            !m.is_empty()
-        }
-        Value::Array(a) => {
-            a.retain_mut(prune);
-            !a.is_empty()
-        }
-        _ => true,
     }
 }
 
@@ -246,37 +217,18 @@ impl<'a> Sections<'a> {
     }
 }
 
-/// Writes `head` (an object) with the vendor sections appended as the last member, under
-/// `key` (`"droptrace"`) or `key.droptrace` when `nested` (OCSF `unmapped`).
-fn write_with_sections(
-    head: &Value,
-    key: &str,
-    nested: bool,
-    sections: &Sections,
-    buf: &mut Vec<u8>,
-) {
-    buf.clear();
-    let written = serde_json::to_writer(&mut *buf, head).is_ok() && buf.last() == Some(&b'}');
-    if !written {
-        buf.clear();
-        return;
+/// `namespace/name` of each policy, comma-separated (ECS `rule.name`, OCSF `policy.name`).
+fn policy_names(policies: &[crate::event::PolicyRef]) -> String {
+    let mut names = String::new();
+    for (i, r) in policies.iter().enumerate() {
+        if i > 0 {
+            names.push(',');
+        }
+        names.push_str(&r.namespace);
+        names.push('/');
+        names.push_str(&r.name);
     }
-    buf.pop();
-    if buf.len() > 1 {
-        buf.push(b',');
-    }
-    buf.extend_from_slice(format!("\"{key}\":").as_bytes());
-    if nested {
-        buf.extend_from_slice(b"{\"droptrace\":");
-    }
-    if serde_json::to_writer(&mut *buf, sections).is_err() {
-        buf.clear();
-        return;
-    }
-    if nested {
-        buf.push(b'}');
-    }
-    buf.push(b'}');
+    names
 }
 
 fn community_id(f: &Flow) -> Option<String> {
@@ -476,13 +428,5 @@ mod tests {
         ] {
             assert_eq!(rfc3339_millis(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn prune_drops_nulls_and_empties() {
-        let mut v =
-            serde_json::json!({"a": null, "b": {"c": null}, "d": [null], "e": 1, "f": [1, null]});
-        prune(&mut v);
-        assert_eq!(v, serde_json::json!({"e": 1, "f": [1]}));
     }
 }
