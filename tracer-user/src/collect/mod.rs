@@ -122,6 +122,8 @@ pub fn drop_reason_names(
 /// optional and say why when they cannot run.
 pub struct Resolved {
     pub skb: SkbLayout,
+    /// skb:kfree_skb can be attached as a BTF tracepoint (see `drops::btf_hook_fits`).
+    pub drop_btf: bool,
     /// Socket offsets shared by both TCP programs, with whichever record parts resolved.
     pub tcp: Result<TcpLayout, String>,
     /// sock:inet_sock_set_state.
@@ -170,6 +172,7 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError>
 pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
     let btf = k.btf;
     let skb = drops::resolve_layout(&k.drop_format, btf)?;
+    let drop_btf = drops::btf_hook_fits(btf, &skb);
     let mut symbols = Symbols {
         drop_reasons: drop_reason_names(Some(btf), &k.drop_format.reason_symbols),
         ..Symbols::default()
@@ -194,6 +197,7 @@ pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
     };
     Ok(Resolved {
         skb,
+        drop_btf,
         tcp,
         lifecycle,
         retransmit,

@@ -143,7 +143,20 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         new_flows_per_sec: opts.new_flows_per_sec,
     })?;
     tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
-    tracer.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)?;
+    // The BTF tracepoint where the kernel describes the hook (no trace record per drop),
+    // else the classic one; a refusal of the first falls back to the second.
+    let btf_hook = r.drop_btf
+        && match tracer.attach_btf_tracepoint(drops::BTF_PROGRAM, drops::TRACEPOINT) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!("{e}; classic tracepoint instead");
+                false
+            }
+        };
+    if !btf_hook {
+        tracer.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)?;
+    }
+    tracing::debug!(btf_hook, "skb:kfree_skb attached");
     match tns::cgroup2_root() {
         Some(root) => {
             for (prog, ingress) in [(tns::INGRESS_PROGRAM, true), (tns::EGRESS_PROGRAM, false)] {

@@ -1,7 +1,7 @@
 //! droptrace.v1 -> Elastic Common Schema (ECS 8.x). Standard fields where ECS has them;
 //! everything else (peer pod identity, kernel drop location, conntrack, ...) under the
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
-use super::{Sections, community_id, direction, json::Obj, message, subject};
+use super::{Sections, community_id, direction, json::Obj, write_message, subject};
 use crate::event::{Endpoint, Event, Family, Kind};
 
 pub const ECS_VERSION: &str = "8.17.0";
@@ -41,7 +41,10 @@ pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
     if let Some(ep) = subj {
         o.obj("kubernetes", |k| kubernetes(ep, k));
     }
-    o.val("message", &message(e));
+    super::MESSAGE.with_borrow_mut(|m| {
+        write_message(e, m);
+        o.val("message", m.as_str());
+    });
     if let Some(f) = flow {
         o.obj("network", |n| {
             n.opt("community_id", community_id(f));

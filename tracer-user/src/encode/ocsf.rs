@@ -1,6 +1,6 @@
 //! droptrace.v1 -> OCSF Network Activity (class_uid 4001). OCSF has no pod or namespace
 //! attribute, so Kubernetes identity and the droptrace-specific sections go to `unmapped`.
-use super::{Sections, community_id, direction, json::Obj, message, rfc3339_millis};
+use super::{Sections, community_id, direction, json::Obj, write_message, rfc3339_millis};
 use crate::event::{Event, Family, Kind};
 
 pub const OCSF_VERSION: &str = "1.9.0";
@@ -78,7 +78,10 @@ pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
             d.val("port", &f.dst_port);
         });
     }
-    o.val("message", &message(e));
+    super::MESSAGE.with_borrow_mut(|m| {
+        write_message(e, m);
+        o.val("message", m.as_str());
+    });
     o.obj("metadata", |m| {
         m.val("event_code", &e.kind);
         m.val("log_name", &e.kind);
