@@ -443,7 +443,11 @@ impl SkbLayout {
         }
         let lo = protocol.min(network_header).min(head);
         let hi = (protocol + 2).max(network_header + 2).max(head + 8);
-        if hi - lo <= SKB_HDR_WINDOW { lo } else { ABSENT }
+        if hi - lo <= SKB_HDR_WINDOW {
+            lo
+        } else {
+            ABSENT
+        }
     }
 
     pub const UNSET: Self = Self {

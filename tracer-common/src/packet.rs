@@ -228,7 +228,10 @@ mod tests {
         assert!(parse_tcp(&Bytes(&p[..30]), BASE, ETH_P_IP).is_err());
         assert!(parse_tcp(&Bytes(&p[..10]), BASE, ETH_P_IP).is_err());
         // Short of the one combined read: headers read one by one, same answers.
-        assert_eq!(parse_tcp(&Bytes(&ipv4(17, 0, 0)[..28]), BASE, ETH_P_IP), Ok(None));
+        assert_eq!(
+            parse_tcp(&Bytes(&ipv4(17, 0, 0)[..28]), BASE, ETH_P_IP),
+            Ok(None)
+        );
         let p = ipv4(IPPROTO_TCP, 0, 0);
         assert!(parse_tcp(&Bytes(&p[..33]), BASE, ETH_P_IP).is_err());
     }

@@ -109,14 +109,24 @@ fn ns_per_run(d: &BTreeMap<String, (u64, u64)>, prefix: &str) -> (f64, u64) {
         .iter()
         .filter(|(n, _)| n.starts_with(prefix))
         .fold((0, 0), |(a, b), (_, (ns, cnt))| (a + ns, b + cnt));
-    (if cnt == 0 { 0.0 } else { ns as f64 / cnt as f64 }, cnt)
+    (
+        if cnt == 0 {
+            0.0
+        } else {
+            ns as f64 / cnt as f64
+        },
+        cnt,
+    )
 }
 
 /// `nice`-proof CPU accounting: one CPU's busy time from /proc/stat, in seconds.
 fn cpu_busy_secs(cpu: usize) -> f64 {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let label = format!("cpu{cpu}");
-    let Some(line) = stat.lines().find(|l| l.split_whitespace().next() == Some(&label)) else {
+    let Some(line) = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&label))
+    else {
         return 0.0;
     };
     let v: Vec<u64> = line
@@ -214,8 +224,8 @@ fn flood(
     // hping3 pinned at SCHED_FIFO never yields its CPU: it is stopped from here, with
     // SIGKILL (it ignores SIGTERM), not by a `timeout` that would share its CPU.
     let mut args = vec![
-        "netns", "exec", APP, "chrt", "-f", "10", "taskset", "-c", "0", "hping3", "-q",
-        "--flood", "-S", "-p", "1521",
+        "netns", "exec", APP, "chrt", "-f", "10", "taskset", "-c", "0", "hping3", "-q", "--flood",
+        "-S", "-p", "1521",
     ];
     if rand_source {
         args.push("--rand-source");
@@ -305,7 +315,14 @@ fn replay(bin: &Path, input: &Path, format: &str, out_file: &Path) -> anyhow::Re
     let st = Command::new("taskset")
         .args(["-c", "0"])
         .arg(bin)
-        .args(["replay", "--node-name", "bench", "--format", format, "--input"])
+        .args([
+            "replay",
+            "--node-name",
+            "bench",
+            "--format",
+            format,
+            "--input",
+        ])
         .arg(input)
         .stdout(file)
         .stderr(Stdio::null())
@@ -407,7 +424,12 @@ pub fn run(topo: &Topo, bins: &Bins, scratch: &Path, opts: &Options) -> anyhow::
         ),
         (
             "idle: daemon CPU per second during iperf3 (non-Oracle traffic)".into(),
-            &|i| format!("{:.2}% of a core at {:.1} Gbit/s", i.daemon_iperf_pct, i.gbps),
+            &|i| {
+                format!(
+                    "{:.2}% of a core at {:.1} Gbit/s",
+                    i.daemon_iperf_pct, i.gbps
+                )
+            },
             "(reported)",
             None,
         ),
@@ -463,7 +485,9 @@ pub fn run(topo: &Topo, bins: &Bins, scratch: &Path, opts: &Options) -> anyhow::
     let mut rates: BTreeMap<(Which, &str), (f64, f64)> = BTreeMap::new();
     for (which, bin) in bins.each() {
         for format in ["native", "ecs", "ocsf"] {
-            step(&format!("replay {n} events as {format} ({which:?}), one core"));
+            step(&format!(
+                "replay {n} events as {format} ({which:?}), one core"
+            ));
             let out_file = scratch.join(format!("replay-{which:?}.{format}"));
             rates.insert((which, format), replay(bin, &input, format, &out_file)?);
         }
@@ -482,9 +506,9 @@ pub fn run(topo: &Topo, bins: &Bins, scratch: &Path, opts: &Options) -> anyhow::
     let per_sec = |w: Which, f: &str| rates.get(&(w, f)).map(|(_, cpu)| n as f64 / cpu);
     let native_after = per_sec(Which::After, "native").unwrap_or(0.0);
     let show = |w: Which, f: &str| {
-        rates
-            .get(&(w, f))
-            .map(|(wall, cpu)| format!("{:.0}/s ({wall:.2} s wall, {cpu:.2} s CPU)", n as f64 / cpu))
+        rates.get(&(w, f)).map(|(wall, cpu)| {
+            format!("{:.0}/s ({wall:.2} s wall, {cpu:.2} s CPU)", n as f64 / cpu)
+        })
     };
     rows.push(Row {
         name: format!("encode: native replay, events per CPU-second ({n} golden events, one core)"),
@@ -497,7 +521,8 @@ pub fn run(topo: &Topo, bins: &Bins, scratch: &Path, opts: &Options) -> anyhow::
         let ratio = |w: Which| Some(per_sec(w, "native")? / per_sec(w, f)?);
         rows.push(Row {
             name: format!("encode: {f} replay CPU / native"),
-            before: ratio(Which::Before).map(|r| format!("{r:.2}x; {}", show(Which::Before, f).unwrap_or_default())),
+            before: ratio(Which::Before)
+                .map(|r| format!("{r:.2}x; {}", show(Which::Before, f).unwrap_or_default())),
             after: ratio(Which::After)
                 .map(|r| format!("{r:.2}x; {}", show(Which::After, f).unwrap_or_default()))
                 .unwrap_or_default(),

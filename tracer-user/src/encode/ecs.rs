@@ -1,7 +1,7 @@
 //! droptrace.v1 -> Elastic Common Schema (ECS 8.x). Standard fields where ECS has them;
 //! everything else (peer pod identity, kernel drop location, conntrack, ...) under the
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
-use super::{Sections, community_id, direction, json::Obj, write_message, subject};
+use super::{Sections, community_id, direction, json::Obj, subject, write_message};
 use crate::event::{Endpoint, Event, Family, Kind};
 
 pub const ECS_VERSION: &str = "8.17.0";

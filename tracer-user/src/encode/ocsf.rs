@@ -1,6 +1,6 @@
 //! droptrace.v1 -> OCSF Network Activity (class_uid 4001). OCSF has no pod or namespace
 //! attribute, so Kubernetes identity and the droptrace-specific sections go to `unmapped`.
-use super::{Sections, community_id, direction, json::Obj, write_message, rfc3339_millis};
+use super::{Sections, community_id, direction, json::Obj, rfc3339_millis, write_message};
 use crate::event::{Event, Family, Kind};
 
 pub const OCSF_VERSION: &str = "1.9.0";

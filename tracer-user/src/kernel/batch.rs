@@ -92,7 +92,10 @@ impl BatchReader {
             }
             let n = (attr.count as usize).min(CHUNK);
             for i in 0..n {
-                each(self.keys[i], &self.values[i * self.cpus..(i + 1) * self.cpus]);
+                each(
+                    self.keys[i],
+                    &self.values[i * self.cpus..(i + 1) * self.cpus],
+                );
             }
             if done {
                 return Ok(());
