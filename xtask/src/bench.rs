@@ -459,6 +459,7 @@ pub fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, (v, d))| (name, v, d))
         .collect();
+    let snapshot = crate::bench_criterion::synthetic_snapshot(&scratch)?;
     // Namespaces, firewall rules, floods and attached programs: only under the e2e lock, so
     // no test or other benchmark runs at the same time (held to the end of the run).
     step("waiting for /run/lock/droptrace-e2e.lock");
@@ -605,7 +606,7 @@ pub fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
     table.extend(criterion);
 
     // 5. Memory with a large cluster snapshot.
-    if let Some((rss, note)) = crate::bench_criterion::snapshot_rss(droptrace, &scratch)? {
+    if let Some((rss, note)) = crate::bench_criterion::snapshot_rss(droptrace, &snapshot)? {
         table.push((
             "memory: RSS with 10k-pod / 2k-policy snapshot".into(),
             rss,
