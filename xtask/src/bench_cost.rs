@@ -151,6 +151,9 @@ fn start(bin: &Path, scratch: &Path, name: &str) -> anyhow::Result<Traced> {
     Traced::droptrace_pinned(bin, TRACER_CPU, &[], scratch.join(name)).map(|(t, _)| t)
 }
 
+/// (name, figure of one binary, goal, met) of an idle-cost row.
+type IdleRow<'a> = (String, &'a dyn Fn(&Idle) -> String, &'a str, Option<bool>);
+
 /// Idle cost for one binary: BPF ns per run of the cgroup_skb programs and daemon CPU during
 /// iperf3, and daemon CPU per second with no traffic.
 struct Idle {
@@ -399,7 +402,7 @@ pub fn run(topo: &Topo, bins: &Bins, scratch: &Path, opts: &Options) -> anyhow::
         idle_by.iter().map(|(w, i)| (*w, f(i))).collect()
     };
     let after_tns = idle_by[&Which::After].tns_ns;
-    let reported: [(String, &dyn Fn(&Idle) -> String, &str, Option<bool>); 4] = [
+    let reported: [IdleRow; 4] = [
         (
             format!(
                 "per packet, not Oracle: cgroup_skb (tns_ingress + tns_egress) BPF ns per run \
