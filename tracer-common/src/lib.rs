@@ -409,7 +409,12 @@ pub struct SkbLayout {
     pub tp_location: u32,
     pub tp_protocol: u32,
     pub tp_reason: u32,
-    /// struct sk_buff members.
+    /// struct sk_buff members (`skb_protocol`: the BTF tracepoint reads it from the skb,
+    /// [`ABSENT`] where it cannot be resolved and the classic tracepoint is used).
+    pub skb_protocol: u32,
+    /// Start of a [`SKB_HDR_WINDOW`]-byte span of sk_buff holding protocol, network_header
+    /// and head, read at once by the BTF tracepoint; [`ABSENT`] when they are further apart.
+    pub skb_hdr_window: u32,
     pub skb_head: u32,
     pub skb_network_header: u32,
     pub skb_len: u32,
@@ -426,12 +431,32 @@ pub struct SkbLayout {
     pub valid: u32,
 }
 
+/// Bytes of sk_buff the BTF tracepoint reads in one go (see `SkbLayout::skb_hdr_window`).
+pub const SKB_HDR_WINDOW: u32 = 32;
+
 impl SkbLayout {
+    /// The window start covering protocol (2 bytes), network_header (2) and head (8), if
+    /// they fit in [`SKB_HDR_WINDOW`] bytes.
+    pub fn hdr_window(protocol: u32, network_header: u32, head: u32) -> u32 {
+        if protocol == ABSENT || network_header == ABSENT || head == ABSENT {
+            return ABSENT;
+        }
+        let lo = protocol.min(network_header).min(head);
+        let hi = (protocol + 2).max(network_header + 2).max(head + 8);
+        if hi - lo <= SKB_HDR_WINDOW {
+            lo
+        } else {
+            ABSENT
+        }
+    }
+
     pub const UNSET: Self = Self {
         tp_skbaddr: ABSENT,
         tp_location: ABSENT,
         tp_protocol: ABSENT,
         tp_reason: ABSENT,
+        skb_protocol: ABSENT,
+        skb_hdr_window: ABSENT,
         skb_head: ABSENT,
         skb_network_header: ABSENT,
         skb_len: ABSENT,
@@ -542,7 +567,7 @@ mod tests {
         assert_eq!(size_of::<CtTuple>(), 40);
         assert_eq!(size_of::<CtInfo>(), 24 + 80);
         assert_eq!(size_of::<DropEvent>(), 16 + 8 + 40 + 4 * 4 + 4 + 4 + 104);
-        assert_eq!(size_of::<SkbLayout>(), 14 * 4);
+        assert_eq!(size_of::<SkbLayout>(), 16 * 4);
         assert_eq!(size_of::<Owner>(), 32);
         assert_eq!(size_of::<StateEvent>(), 16 + 8 + 40 + 6 * 4 + 32);
         assert_eq!(size_of::<RetransmitEvent>(), 16 + 8 + 40 + 4 * 4 + 32);
@@ -552,5 +577,16 @@ mod tests {
         assert_eq!(size_of::<DropKey>(), 56);
         assert_eq!(size_of::<DropAgg>(), 32);
         assert_eq!(size_of::<StormSample>(), 16 + 2 * 40);
+    }
+
+    #[test]
+    fn skb_header_window_only_where_the_three_fields_fit() {
+        // 6.x: protocol 180, network_header 182, head 192.
+        assert_eq!(SkbLayout::hdr_window(180, 182, 192), 180);
+        // head first, the others within 32 bytes of it.
+        assert_eq!(SkbLayout::hdr_window(150, 130, 128), 128);
+        // Too far apart, or a member not found: separate reads.
+        assert_eq!(SkbLayout::hdr_window(100, 106, 128), ABSENT);
+        assert_eq!(SkbLayout::hdr_window(ABSENT, 182, 192), ABSENT);
     }
 }

@@ -1,9 +1,20 @@
 //! skb:kfree_skb: every freed-with-a-reason skb. Keeps TCP packets of watched flows, with the
 //! conntrack entry they carried.
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+//!
+//! Two entry points for the one handler: `kfree_skb_btf` (BTF tracepoint, where the kernel's
+//! BTF describes the tracepoint's arguments with a reason: skb, location and reason are the
+//! hook's own arguments, no trace record is built and no record field is copied) and
+//! `kfree_skb` (the classic tracepoint, reading its record at offsets from tracefs: kernels
+//! without a reason or without BTF for the hook). Userspace attaches one of them.
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, tracepoint},
+    programs::{BtfTracePointContext, TracePointContext},
+};
 use aya_log_ebpf::warn;
 use tracer_common::{
-    ABSENT, DropAgg, DropEvent, DropKey, Flow, STORM_SAMPLE_EVERY, StormSample, counter, kind,
+    ABSENT, DropAgg, DropEvent, DropKey, Flow, SKB_HDR_WINDOW, STORM_SAMPLE_EVERY, StormSample,
+    counter, kind,
 };
 
 use crate::{
@@ -27,12 +38,101 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
         warn!(ctx, "droptrace: kernel layout not set; nothing traced");
         return Ok(());
     }
-    maps::count(counter::SKB_SEEN);
-
     let skb: u64 = field(ctx, ro(&L.tp_skbaddr))?;
     let protocol: u16 = field(ctx, ro(&L.tp_protocol))?;
+    on_drop(skb, protocol, || {
+        let location: u64 = field(ctx, ro(&L.tp_location))?;
+        let reason_off = ro(&L.tp_reason);
+        // Kernels before 5.17 have no reason: ABSENT tells userspace (it classes by location).
+        let reason: u32 = if reason_off == ABSENT {
+            ABSENT
+        } else {
+            field(ctx, reason_off)?
+        };
+        Ok((location, reason))
+    })
+}
+
+/// `trace_kfree_skb(skb, location, reason, ...)` as a BTF tracepoint: attached only where
+/// the kernel's BTF gives the hook those three arguments first.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
+    if try_kfree_skb_btf(&ctx).is_err() {
+        maps::count(counter::SKB_UNREADABLE);
+    }
+    0
+}
+
+fn try_kfree_skb_btf(ctx: &BtfTracePointContext) -> Result<(), i64> {
+    if ro(&L.valid) == 0 {
+        return Ok(());
+    }
+    let skb: u64 = ctx.arg(0);
+    maps::count(counter::SKB_SEEN);
+    let (protocol, head, nh) = skb_headers(skb)?;
+    on_packet(skb, protocol, head, nh, || {
+        let location: u64 = ctx.arg(1);
+        let reason: u32 = ctx.arg::<u64>(2) as u32;
+        Ok((location, reason))
+    })
+}
+
+/// One freed skb: `where_why` gives (location, reason), read only for packets of watched
+/// flows.
+#[inline(always)]
+fn on_drop(
+    skb: u64,
+    protocol: u16,
+    where_why: impl FnOnce() -> Result<(u64, u32), i64>,
+) -> Result<(), i64> {
+    maps::count(counter::SKB_SEEN);
     let head: u64 = unsafe { read(at(skb, ro(&L.skb_head)))? };
     let nh: u16 = unsafe { read(at(skb, ro(&L.skb_network_header)))? };
+    on_packet(skb, protocol, head, nh, where_why)
+}
+
+/// skb->protocol (host order), skb->head and skb->network_header: one read of the window
+/// that holds all three where the layout has one, else three.
+#[inline(always)]
+fn skb_headers(skb: u64) -> Result<(u16, u64, u16), i64> {
+    let win = ro(&L.skb_hdr_window);
+    if win == ABSENT {
+        // skb->protocol is network order; the classic record holds it in host order.
+        let protocol: u16 = u16::from_be(unsafe { read(at(skb, ro(&L.skb_protocol)))? });
+        let head: u64 = unsafe { read(at(skb, ro(&L.skb_head)))? };
+        let nh: u16 = unsafe { read(at(skb, ro(&L.skb_network_header)))? };
+        return Ok((protocol, head, nh));
+    }
+    let w: [u8; SKB_HDR_WINDOW as usize] = unsafe { read(at(skb, win))? };
+    // Offsets inside the window, bounded for the verifier (userspace checked they fit).
+    let rel = |off: u32, size: usize| (off.wrapping_sub(win) as usize).min(w.len() - size);
+    let p = rel(ro(&L.skb_protocol), 2);
+    let n = rel(ro(&L.skb_network_header), 2);
+    let h = rel(ro(&L.skb_head), 8);
+    let protocol = u16::from_be_bytes([w[p], w[p + 1]]);
+    let nh = u16::from_ne_bytes([w[n], w[n + 1]]);
+    let head = u64::from_ne_bytes([
+        w[h],
+        w[h + 1],
+        w[h + 2],
+        w[h + 3],
+        w[h + 4],
+        w[h + 5],
+        w[h + 6],
+        w[h + 7],
+    ]);
+    Ok((protocol, head, nh))
+}
+
+/// A freed skb's headers: a TCP packet of a watched flow is counted or recorded.
+#[inline(always)]
+fn on_packet(
+    skb: u64,
+    protocol: u16,
+    head: u64,
+    nh: u16,
+    where_why: impl FnOnce() -> Result<(u64, u32), i64>,
+) -> Result<(), i64> {
     if head == 0 || nh == u16::MAX {
         return Ok(());
     }
@@ -45,14 +145,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
         return Ok(());
     }
 
-    let location: u64 = field(ctx, ro(&L.tp_location))?;
-    let reason_off = ro(&L.tp_reason);
-    // Kernels before 5.17 have no reason: ABSENT tells userspace (it classes by location).
-    let reason: u32 = if reason_off == ABSENT {
-        ABSENT
-    } else {
-        field(ctx, reason_off)?
-    };
+    let (location, reason) = where_why()?;
     let now = unsafe { bpf_ktime_get_ns() };
 
     // Aggregate: only the first drop of a (flow, reason, location) gets a record; repeats are

@@ -19,7 +19,7 @@ const PASS: i32 = 1;
 
 #[cgroup_skb(ingress)]
 pub fn tns_ingress(ctx: SkBuffContext) -> i32 {
-    if try_tns(&ctx, INGRESS).is_err() {
+    if ports_of_interest(&ctx) && try_tns(&ctx, INGRESS).is_err() {
         maps::count(counter::TNS_UNREADABLE);
     }
     PASS
@@ -27,10 +27,28 @@ pub fn tns_ingress(ctx: SkBuffContext) -> i32 {
 
 #[cgroup_skb(egress)]
 pub fn tns_egress(ctx: SkBuffContext) -> i32 {
-    if try_tns(&ctx, EGRESS).is_err() {
+    if ports_of_interest(&ctx) && try_tns(&ctx, EGRESS).is_err() {
         maps::count(counter::TNS_UNREADABLE);
     }
     PASS
+}
+
+/// Every packet of every local socket passes here: reject by the socket's ports, in the
+/// program itself (no call), before reading any packet byte. local_port is host order;
+/// remote_port holds the network-order port in its upper 16 bits on little-endian machines
+/// (the kernel's context rewrite). Ports learned at run time (TNS redirects) are in the same
+/// port array, so they pass too.
+#[inline(always)]
+fn ports_of_interest(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the context pointer of a cgroup_skb program.
+    let (local, remote) = unsafe {
+        let skb = ctx.skb.skb;
+        (
+            (*skb).local_port as u16,
+            u16::from_be(((*skb).remote_port >> 16) as u16),
+        )
+    };
+    maps::any_port_of_interest(local, remote)
 }
 
 /// Packet bytes by offset from the network header (where cgroup_skb data starts).
@@ -52,21 +70,9 @@ impl Reader for Packet<'_> {
     }
 }
 
+/// A packet of a socket with a port of interest: the TNS handshake packets of watched flows.
+#[inline(never)]
 fn try_tns(ctx: &SkBuffContext, direction: u32) -> Result<(), i64> {
-    // Every packet of every local socket passes here: reject by the socket's ports before
-    // reading any packet byte. local_port is host order; remote_port holds the network-order
-    // port in its upper 16 bits on little-endian machines (the kernel's context rewrite).
-    // SAFETY: the context pointer of a cgroup_skb program.
-    let (local, remote) = unsafe {
-        let skb = ctx.skb.skb;
-        (
-            (*skb).local_port as u16,
-            u16::from_be(((*skb).remote_port >> 16) as u16),
-        )
-    };
-    if !maps::any_port_of_interest(local, remote) {
-        return Ok(());
-    }
     let p = Packet(ctx);
     let Some(pkt) = parse_tcp(&p, 0, 0)? else {
         return Ok(());

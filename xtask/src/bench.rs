@@ -24,6 +24,11 @@ pub(crate) struct Options {
     pub storm_secs: u64,
     pub iperf_secs: u64,
     pub rounds: usize,
+    /// Another droptrace build (main's) measured side by side for the cost figures.
+    pub baseline: Option<PathBuf>,
+    /// Untraced/traced flood pairs per binary and flood kind, and their length.
+    pub pairs: usize,
+    pub pair_secs: u64,
 }
 
 /// Two namespaces joined by a veth pair, removed on drop (with their rules).
@@ -101,11 +106,11 @@ impl Topo {
         ])
     }
 
-    fn zero_counters(&self) -> anyhow::Result<()> {
+    pub(crate) fn zero_counters(&self) -> anyhow::Result<()> {
         sh(&["ip", "netns", "exec", DB, "iptables", "-Z", "INPUT"])
     }
 
-    fn dropped(&self) -> anyhow::Result<u64> {
+    pub(crate) fn dropped(&self) -> anyhow::Result<u64> {
         let out = out(&[
             "ip", "netns", "exec", DB, "iptables", "-L", "INPUT", "-v", "-n", "-x",
         ])?;
@@ -131,7 +136,7 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn out(args: &[&str]) -> anyhow::Result<String> {
+pub(crate) fn out(args: &[&str]) -> anyhow::Result<String> {
     let o = Command::new(args[0]).args(&args[1..]).output()?;
     if !o.status.success() {
         bail!("{args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
@@ -176,17 +181,10 @@ fn peak_rss_kib(pid: u32) -> u64 {
 
 /// run_time_ns of every loaded BPF program, by id (needs kernel.bpf_stats_enabled=1).
 fn bpf_run_time() -> BTreeMap<u64, u64> {
-    let Ok(o) = out(&["bpftool", "prog", "show", "-j"]) else {
-        return BTreeMap::new();
-    };
-    let v: serde_json::Value = serde_json::from_str(&o).unwrap_or_default();
-    v.as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|p| Some((p["id"].as_u64()?, p["run_time_ns"].as_u64().unwrap_or(0))))
-                .collect()
-        })
-        .unwrap_or_default()
+    crate::bench_cost::prog_stats()
+        .into_iter()
+        .map(|(id, p)| (id, p.run_ns))
+        .collect()
 }
 
 /// BPF run time (s) of the programs loaded since `before`.
@@ -212,9 +210,25 @@ impl Traced {
         args: &[&str],
         out: PathBuf,
     ) -> anyhow::Result<(Self, Duration)> {
+        Self::spawn(Command::new(bin), args, out)
+    }
+
+    /// `droptrace` on the given CPUs only (`taskset -c`).
+    pub(crate) fn droptrace_pinned(
+        bin: &Path,
+        cpus: &str,
+        args: &[&str],
+        out: PathBuf,
+    ) -> anyhow::Result<(Self, Duration)> {
+        let mut cmd = Command::new("taskset");
+        cmd.args(["-c", cpus]).arg(bin);
+        Self::spawn(cmd, args, out)
+    }
+
+    fn spawn(mut cmd: Command, args: &[&str], out: PathBuf) -> anyhow::Result<(Self, Duration)> {
         let file = std::fs::File::create(&out)?;
         let started = Instant::now();
-        let mut child = Command::new(bin)
+        let mut child = cmd
             .arg("run")
             .args(args)
             .stdout(file)
@@ -286,7 +300,7 @@ fn unsafe_kill(pid: u32, sig: i32) {
         .status();
 }
 
-fn iperf_gbps(secs: u64) -> anyhow::Result<f64> {
+pub(crate) fn iperf_gbps(secs: u64) -> anyhow::Result<f64> {
     let mut server = Command::new("ip")
         // Pinned (server CPU 1, client CPU 0): unpinned runs on 2 CPUs swing between two
         // throughput levels with the scheduler's placement, which drowns a few percent.
@@ -420,7 +434,7 @@ fn sum_droptrace(out: &str) -> (u64, u64, u64) {
 
 const BPFTRACE: &str = r#"tracepoint:skb:kfree_skb { $skb = (struct sk_buff *)args->skbaddr; $ip = (struct iphdr *)($skb->head + $skb->network_header); if ($ip->protocol == 6) { $th = (struct tcphdr *)($skb->head + $skb->network_header + ($ip->ihl * 4)); printf("%s:%d -> %s:%d reason=%d\n", ntop($ip->saddr), bswap($th->source), ntop($ip->daddr), bswap($th->dest), args->reason); } }"#;
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
@@ -436,9 +450,39 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
     let _ = Command::new("sysctl")
         .args(["-q", "-w", "kernel.bpf_stats_enabled=1"])
         .status();
+    if let Some(b) = &opts.baseline {
+        crate::bench_cost::check_bin(b)?;
+    }
+    // Userspace micro-benchmarks (criterion) first: they need no lock.
+    step("userspace pipeline micro-benchmarks (criterion)");
+    let criterion: Vec<(String, String, String)> = crate::bench_criterion::run()?
+        .into_iter()
+        .map(|(name, (v, d))| (name, v, d))
+        .collect();
+    let snapshot = crate::bench_criterion::synthetic_snapshot(&scratch)?;
+    // Namespaces, firewall rules, floods and attached programs: only under the e2e lock, so
+    // no test or other benchmark runs at the same time (held to the end of the run).
+    step("waiting for /run/lock/droptrace-e2e.lock");
+    let _lock = e2e_lock()?;
     let topo = Topo::new()?;
     let mut md = String::new();
     let mut table: Vec<(String, String, String)> = Vec::new();
+
+    // 0. Cost figures, before (--baseline) and after, side by side.
+    let cost_opts = crate::bench_cost::Options {
+        iperf_secs: opts.iperf_secs.max(5),
+        pairs: opts.pairs,
+        pair_secs: opts.pair_secs,
+    };
+    let cost_rows = crate::bench_cost::run(
+        &topo,
+        &crate::bench_cost::Bins {
+            before: opts.baseline.as_deref(),
+            after: droptrace,
+        },
+        &scratch,
+        &cost_opts,
+    )?;
 
     // 1. Idle overhead.
     step(&format!(
@@ -559,14 +603,10 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
         format!("median of 5: {starts:.0?} (target < 1 s)"),
     ));
 
-    // 4. Userspace micro-benchmarks (criterion).
-    step("userspace pipeline micro-benchmarks (criterion)");
-    for (name, what) in crate::bench_criterion::run()? {
-        table.push((name, what.0, what.1));
-    }
+    table.extend(criterion);
 
     // 5. Memory with a large cluster snapshot.
-    if let Some((rss, note)) = crate::bench_criterion::snapshot_rss(droptrace, &scratch)? {
+    if let Some((rss, note)) = crate::bench_criterion::snapshot_rss(droptrace, &snapshot)? {
         table.push((
             "memory: RSS with 10k-pod / 2k-policy snapshot".into(),
             rss,
@@ -604,6 +644,11 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
          dropped TCP tuple.",
         opts.storm_secs
     )?;
+    writeln!(
+        md,
+        "\n{}",
+        crate::bench_cost::markdown(&cost_rows, opts.baseline.as_deref(), &cost_opts)?.trim_end()
+    )?;
     println!("{md}");
     // `cargo xtask soak` owns its section: keep it.
     let path = workspace_root().join("BENCHMARKS.md");
@@ -613,6 +658,23 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
     }
     std::fs::write(&path, &md)?;
     Ok(())
+}
+
+/// The e2e lock, held until the returned file is dropped.
+fn e2e_lock() -> anyhow::Result<std::fs::File> {
+    use std::os::fd::AsRawFd as _;
+    let path = "/run/lock/droptrace-e2e.lock";
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| path.to_string())?;
+    // SAFETY: flock on an open file descriptor.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        bail!("{path}: {}", std::io::Error::last_os_error());
+    }
+    Ok(f)
 }
 
 /// BENCHMARKS.md before its `## Soak` section, and that section (to the end).

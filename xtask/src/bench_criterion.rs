@@ -93,13 +93,11 @@ fn walk(dir: &Path) -> Vec<String> {
 }
 
 /// RSS of `droptrace run` holding the benches' 10k-pod / 2k-policy snapshot.
-pub(crate) fn snapshot_rss(
-    droptrace: &Path,
-    scratch: &Path,
-) -> anyhow::Result<Option<(String, String)>> {
+/// Writes the synthetic 10k-pod / 2k-policy snapshot (a cargo build: before the e2e lock).
+pub(crate) fn synthetic_snapshot(scratch: &Path) -> anyhow::Result<std::path::PathBuf> {
     let root = workspace_root();
     let file = scratch.join("synthetic-10k-pods.json");
-    step("memory: droptrace run --k8s-snapshot (10k pods, 2k policies)");
+    step("writing the synthetic 10k-pod / 2k-policy snapshot");
     status(
         Command::new("cargo")
             .current_dir(&root)
@@ -116,6 +114,14 @@ pub(crate) fn snapshot_rss(
             ])
             .arg(&file),
     )?;
+    Ok(file)
+}
+
+pub(crate) fn snapshot_rss(
+    droptrace: &Path,
+    file: &Path,
+) -> anyhow::Result<Option<(String, String)>> {
+    step("memory: droptrace run --k8s-snapshot (10k pods, 2k policies)");
     let rss = |snapshot: Option<&Path>| -> anyhow::Result<u64> {
         let mut c = Command::new(droptrace);
         c.args(["run", "-o", "file:/dev/null"]);
@@ -140,7 +146,7 @@ pub(crate) fn snapshot_rss(
         let _ = child.wait();
         Ok(kib)
     };
-    let with = rss(Some(&file))?;
+    let with = rss(Some(file))?;
     let without = rss(None)?;
     Ok(Some((
         format!("{:.1} MiB", with as f64 / 1024.0),

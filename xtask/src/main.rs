@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's own build chain. A fresh clone needs only these commands:
 //! `cargo xtask run` and `cargo xtask test` (both run `setup` first).
 mod bench;
+mod bench_cost;
 mod bench_criterion;
 mod helm;
 mod image;
@@ -61,6 +62,16 @@ enum Cmd {
         /// Alternating traced/untraced iperf3 rounds.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
+        /// Another droptrace binary (e.g. main's release build) whose cost figures are
+        /// measured in the same run and written as "before".
+        #[arg(long, value_name = "BIN")]
+        baseline: Option<PathBuf>,
+        /// Untraced/traced flood pairs per binary and flood kind (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        pairs: usize,
+        /// Seconds of each half of a flood pair.
+        #[arg(long, default_value_t = 5)]
+        pair_secs: u64,
     },
     /// Hours-long mixed load (churn, stalls, drops, random-source floods) against the release
     /// droptrace, sampling RSS, fds and CPU every 10 s; writes the `## Soak` section of
@@ -173,6 +184,9 @@ fn main() -> ExitCode {
             storm_secs,
             iperf_secs,
             rounds,
+            baseline,
+            pairs,
+            pair_secs,
         } => setup::run(&setup::Options { test_tools: true })
             .and_then(|()| bench::ensure_tools())
             .and_then(|()| build(true))
@@ -182,6 +196,9 @@ fn main() -> ExitCode {
                         storm_secs,
                         iperf_secs,
                         rounds,
+                        baseline,
+                        pairs: pairs.max(1),
+                        pair_secs,
                     },
                     &bin,
                 )

@@ -58,7 +58,15 @@ impl Collector for Drops {
         // Resolving the sk_buff layout already required its record format.
         Ok("present".to_string())
     }
-    fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+    fn attach(&self, r: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        // The BTF tracepoint where the kernel describes the hook (no trace record per drop),
+        // else the classic one; a refusal of the first falls back to the second.
+        if r.drop_btf {
+            match t.attach_btf_tracepoint(drops::BTF_PROGRAM, drops::TRACEPOINT) {
+                Ok(()) => return Ok(format!("BTF tracepoint {}", drops::TRACEPOINT)),
+                Err(e) => tracing::debug!("{e}; classic tracepoint instead"),
+            }
+        }
         t.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)
             .map(|()| format!("tracepoint {}:{}", drops::CATEGORY, drops::TRACEPOINT))
     }

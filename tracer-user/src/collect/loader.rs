@@ -1,12 +1,17 @@
 //! Loads the kernel object with this kernel's layout, attaches the collect, and hands out
 //! ring buffer records and loss counters.
-use std::{collections::HashSet, os::fd::AsRawFd as _};
+use std::{
+    collections::HashSet,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
 use super::drops::AggEntry;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint},
+    programs::{
+        BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, FEntry, KProbe, TracePoint,
+    },
 };
 use tokio::io::{Interest, unix::AsyncFd};
 use tracer_common::{
@@ -308,6 +313,8 @@ pub struct Tracer {
     pub counters: Counters,
     /// Per (flow, reason, location) drop counts (see `pipeline::repeats`).
     drop_agg: Option<PerCpuHashMap<MapData, DropKey, DropAgg>>,
+    /// The same map read in batches, while the kernel supports it.
+    agg_batch: Option<super::batch::BatchReader>,
     /// Learned (address, port) pairs to watch, e.g. Oracle redirect targets.
     pub watch: Option<Watch>,
     pub logger: Option<KernelLog>,
@@ -317,6 +324,7 @@ pub struct Tracer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Hook {
     TracePoint,
+    BtfTracePoint,
     FEntry,
     KProbe,
     CgroupSkb,
@@ -398,17 +406,26 @@ impl Tracer {
                     map: "COUNTERS",
                     source,
                 })?;
-        let drop_agg =
-            PerCpuHashMap::try_from(ebpf.take_map("DROP_AGG").expect("object defines DROP_AGG"))
-                .map_err(|source| TracerError::Map {
-                    map: "DROP_AGG",
-                    source,
-                })?;
+        let agg_map = ebpf.take_map("DROP_AGG").expect("object defines DROP_AGG");
+        let agg_batch = match (&agg_map, aya::util::nr_cpus()) {
+            (aya::maps::Map::PerCpuHashMap(data), Ok(cpus)) => data
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .ok()
+                .map(|fd| super::batch::BatchReader::new(fd, cpus)),
+            _ => None,
+        };
+        let drop_agg = PerCpuHashMap::try_from(agg_map).map_err(|source| TracerError::Map {
+            map: "DROP_AGG",
+            source,
+        })?;
         Ok(Self {
             ebpf,
             events: readable(events)?,
             counters: Counters(counters),
             drop_agg: Some(drop_agg),
+            agg_batch,
             watch: Some(watch),
             logger,
             attached: Vec::new(),
@@ -458,6 +475,22 @@ impl Tracer {
         p.attach(&dir, ty, mode)
             .map_err(|source| TracerError::cgroup(prog, cgroup, ingress, source))?;
         self.attached.push((prog, Hook::CgroupSkb));
+        Ok(())
+    }
+
+    /// BTF tracepoint (tp_btf) `name`, typed by the running kernel's BTF.
+    pub fn attach_btf_tracepoint(
+        &mut self,
+        prog: &'static str,
+        name: &str,
+    ) -> Result<(), TracerError> {
+        let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
+        let p: &mut BtfTracePoint = self.program(prog)?;
+        p.load(name, &btf)
+            .map_err(|source| TracerError::load(prog, source))?;
+        p.attach()
+            .map_err(|source| TracerError::Program { prog, source })?;
+        self.attached.push((prog, Hook::BtfTracePoint));
         Ok(())
     }
 
@@ -535,8 +568,20 @@ impl Tracer {
     }
 
     /// The kernel's drop aggregation map, summed over CPUs.
-    pub fn drop_counts(&self, out: &mut Vec<AggEntry>) {
+    pub fn drop_counts(&mut self, out: &mut Vec<AggEntry>) {
         out.clear();
+        if let Some(batch) = self.agg_batch.as_mut() {
+            match batch.read(|key, per_cpu| out.push(sum_cpus(key, per_cpu))) {
+                Ok(()) => return,
+                Err(e) => {
+                    if let super::batch::BatchError::Io(e) = e {
+                        tracing::warn!("reading DROP_AGG in batches: {e}; key by key from now");
+                    }
+                    self.agg_batch = None;
+                    out.clear();
+                }
+            }
+        }
         let Some(map) = self.drop_agg.as_ref() else {
             return;
         };
@@ -545,22 +590,7 @@ impl Tracer {
             let Ok(per_cpu) = map.get(&key, 0) else {
                 continue;
             };
-            let mut e = AggEntry {
-                key,
-                repeats: 0,
-                last_ns: 0,
-                netns: 0,
-                ifindex: 0,
-                tcp_flags: 0,
-            };
-            for v in per_cpu.iter() {
-                e.repeats += v.repeats;
-                e.last_ns = e.last_ns.max(v.last_ns);
-                if v.netns != 0 {
-                    (e.netns, e.ifindex, e.tcp_flags) = (v.netns, v.ifindex, v.tcp_flags);
-                }
-            }
-            out.push(e);
+            out.push(sum_cpus(key, &per_cpu));
         }
     }
 
@@ -581,6 +611,7 @@ impl Tracer {
             };
             let result = match hook {
                 Hook::TracePoint => <&mut TracePoint>::try_from(p).and_then(|p| p.unload()),
+                Hook::BtfTracePoint => <&mut BtfTracePoint>::try_from(p).and_then(|p| p.unload()),
                 Hook::FEntry => <&mut FEntry>::try_from(p).and_then(|p| p.unload()),
                 Hook::KProbe => <&mut KProbe>::try_from(p).and_then(|p| p.unload()),
                 Hook::CgroupSkb => <&mut CgroupSkb>::try_from(p).and_then(|p| p.unload()),
@@ -591,4 +622,24 @@ impl Tracer {
         }
         tracing::debug!(fd = self.events.get_ref().as_raw_fd(), "programs detached");
     }
+}
+
+/// One aggregation key summed over CPUs.
+fn sum_cpus(key: DropKey, per_cpu: &[DropAgg]) -> AggEntry {
+    let mut e = AggEntry {
+        key,
+        repeats: 0,
+        last_ns: 0,
+        netns: 0,
+        ifindex: 0,
+        tcp_flags: 0,
+    };
+    for v in per_cpu {
+        e.repeats += v.repeats;
+        e.last_ns = e.last_ns.max(v.last_ns);
+        if v.netns != 0 {
+            (e.netns, e.ifindex, e.tcp_flags) = (v.netns, v.ifindex, v.tcp_flags);
+        }
+    }
+    e
 }

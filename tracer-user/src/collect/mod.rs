@@ -1,5 +1,6 @@
 //! One module per kernel signal. Each knows how to check the running kernel can support it,
 //! what layout to hand its program, how to attach, and how to decode its records.
+pub mod batch;
 pub mod collector;
 pub mod conntrack;
 pub mod drops;
@@ -124,6 +125,8 @@ pub fn drop_reason_names(
 /// optional and say why when they cannot run.
 pub struct Resolved {
     pub skb: SkbLayout,
+    /// skb:kfree_skb can be attached as a BTF tracepoint (see `drops::btf_hook_fits`).
+    pub drop_btf: bool,
     /// Socket offsets shared by both TCP programs, with whichever record parts resolved.
     pub tcp: Result<TcpLayout, String>,
     /// sock:inet_sock_set_state.
@@ -172,6 +175,7 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError>
 pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
     let btf = k.btf;
     let skb = drops::resolve_layout(&k.drop_format, btf)?;
+    let drop_btf = drops::btf_hook_fits(btf, &skb);
     let mut symbols = Symbols {
         drop_reasons: drop_reason_names(Some(btf), &k.drop_format.reason_symbols),
         ..Symbols::default()
@@ -196,6 +200,7 @@ pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
     };
     Ok(Resolved {
         skb,
+        drop_btf,
         tcp,
         lifecycle,
         retransmit,

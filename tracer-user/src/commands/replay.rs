@@ -48,8 +48,8 @@ pub fn open_input(path: &Path) -> Result<Input, String> {
 
 /// Replays `input` into `output` until EOF or SIGINT/SIGTERM.
 pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Result<ReplaySummary> {
-    let reader = input;
-    let mut lines = BufReader::new(reader).lines();
+    // A large buffer: a file is read on tokio's blocking pool, one hand-off per fill.
+    let mut lines = BufReader::with_capacity(1 << 20, input).lines();
     // The input is open: for replay that is "attached" (/readyz).
     if let Some(m) = output.metrics() {
         m.set_ready(true);
@@ -78,7 +78,7 @@ pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Resul
         }
         match serde_json::from_str::<Event>(&line) {
             Ok(e) => {
-                output.send_wait(&e).await;
+                output.send_wait(e).await;
                 summary.events += 1;
             }
             Err(e) => {
@@ -95,7 +95,7 @@ pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Resul
             "unparsable",
             None,
         );
-        output.send_wait(&e).await;
+        output.send_wait(e).await;
     }
     Ok(summary)
 }

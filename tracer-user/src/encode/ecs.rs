@@ -1,74 +1,113 @@
 //! droptrace.v1 -> Elastic Common Schema (ECS 8.x). Standard fields where ECS has them;
 //! everything else (peer pod identity, kernel drop location, conntrack, ...) under the
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
-use serde_json::{Value, json};
-
-use super::{community_id, direction, message, prune, subject};
+use super::{Sections, community_id, direction, json::Obj, subject, write_message};
 use crate::event::{Endpoint, Event, Family, Kind};
 
 pub(super) const ECS_VERSION: &str = "8.17.0";
 
-pub(super) fn map(e: &Event) -> Value {
+/// One ECS line into `buf` (cleared first), members in sorted key order and the
+/// droptrace.v1 sections last under `droptrace`.
+pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
+    buf.clear();
     let (kind, category, types, outcome, action, reason) = classify(e);
     let flow = e.flow.as_ref();
     let subj = subject(e).map(|(_, ep)| ep);
-    let mut v = json!({
-        "@timestamp": e.time,
-        "ecs": {"version": ECS_VERSION},
-        "message": message(e),
-        "event": {
-            "kind": kind,
-            "category": category,
-            "type": types,
-            "outcome": outcome,
-            "action": action,
-            "reason": reason,
-            "module": "droptrace",
-            "dataset": format!("droptrace.{}", e.kind.as_str()),
-            "provider": "droptrace",
-        },
-        "host": {"name": e.node},
-        "observer": {"hostname": e.node, "type": "sensor", "product": "droptrace", "vendor": "droptrace"},
-        // A storm's folded end stands for many addresses: left out, not written as 0.0.0.0.
-        "source": flow.filter(|f| !(f.src_ip.is_unspecified() && f.src_port == 0))
-            .map(|f| json!({"ip": f.src_ip, "port": f.src_port})),
-        "destination": flow.filter(|f| !(f.dst_ip.is_unspecified() && f.dst_port == 0))
-            .map(|f| json!({"ip": f.dst_ip, "port": f.dst_port})),
-        "network": flow.map(|f| json!({
-            "transport": "tcp",
-            "iana_number": "6",
-            "type": match f.family { Family::Ipv4 => "ipv4", Family::Ipv6 => "ipv6" },
-            "direction": direction(e),
-            "community_id": community_id(f),
-            "protocol": (e.kind == Kind::Tns).then_some("tns"),
-        })),
-        "process": e.process.as_ref().map(|p| json!({
-            "pid": p.tgid,
-            "name": p.comm,
-            "thread": {"id": p.pid},
-        })),
-        "container": e.process.as_ref().and_then(|p| p.container_id.as_ref()).map(|id| json!({"id": id})),
-        "orchestrator": subj.map(|ep| json!({
-            "type": "kubernetes",
-            "namespace": ep.namespace,
-            "resource": {"type": "pod", "name": ep.pod},
-        })),
-        "kubernetes": subj.map(kubernetes),
-        "rule": e.policy.as_ref().map(|p| json!({
-            "ruleset": "kubernetes-networkpolicy",
-            "name": p.policies.iter().map(|r| format!("{}/{}", r.namespace, r.name)).collect::<Vec<_>>().join(","),
-            "category": p.verdict,
-            "description": p.explanation,
-        })),
+    let mut o = Obj::open(buf);
+    o.val("@timestamp", &e.time);
+    if let Some(id) = e.process.as_ref().and_then(|p| p.container_id.as_ref()) {
+        o.obj("container", |c| c.val("id", id));
+    }
+    // A storm's folded end stands for many addresses: left out, not written as 0.0.0.0.
+    if let Some(f) = flow.filter(|f| !(f.dst_ip.is_unspecified() && f.dst_port == 0)) {
+        o.obj("destination", |d| {
+            d.val("ip", &f.dst_ip);
+            d.val("port", &f.dst_port);
+        });
+    }
+    o.obj("ecs", |x| x.lit("version", ECS_VERSION));
+    o.obj("event", |x| {
+        x.val("action", &action);
+        x.lits("category", &category);
+        x.lit_parts("dataset", &["droptrace.", e.kind.as_str()]);
+        x.lit("kind", kind);
+        x.lit("module", "droptrace");
+        x.lit("outcome", outcome);
+        x.lit("provider", "droptrace");
+        x.opt("reason", reason.as_ref());
+        x.lits("type", types);
     });
-    prune(&mut v);
-    v
+    o.obj("host", |h| h.val("name", &e.node));
+    if let Some(ep) = subj {
+        o.obj("kubernetes", |k| kubernetes(ep, k));
+    }
+    super::MESSAGE.with_borrow_mut(|m| {
+        write_message(e, m);
+        o.val("message", m.as_str());
+    });
+    if let Some(f) = flow {
+        o.obj("network", |n| {
+            n.opt("community_id", community_id(f));
+            n.opt("direction", direction(e));
+            n.lit("iana_number", "6");
+            if e.kind == Kind::Tns {
+                n.lit("protocol", "tns");
+            }
+            n.lit("transport", "tcp");
+            n.lit(
+                "type",
+                match f.family {
+                    Family::Ipv4 => "ipv4",
+                    Family::Ipv6 => "ipv6",
+                },
+            );
+        });
+    }
+    o.obj("observer", |x| {
+        x.val("hostname", &e.node);
+        x.lit("product", "droptrace");
+        x.lit("type", "sensor");
+        x.lit("vendor", "droptrace");
+    });
+    if let Some(ep) = subj {
+        o.obj("orchestrator", |x| {
+            x.opt("namespace", ep.namespace.as_ref());
+            x.obj("resource", |r| {
+                r.opt("name", ep.pod.as_ref());
+                r.lit("type", "pod");
+            });
+            x.lit("type", "kubernetes");
+        });
+    }
+    if let Some(p) = e.process.as_ref() {
+        o.obj("process", |x| {
+            x.val("name", &p.comm);
+            x.val("pid", &p.tgid);
+            x.obj("thread", |t| t.val("id", &p.pid));
+        });
+    }
+    if let Some(p) = e.policy.as_ref() {
+        o.obj("rule", |x| {
+            x.val("category", &p.verdict);
+            x.val("description", &p.explanation);
+            x.val("name", &super::policy_names(&p.policies));
+            x.lit("ruleset", "kubernetes-networkpolicy");
+        });
+    }
+    if let Some(f) = flow.filter(|f| !(f.src_ip.is_unspecified() && f.src_port == 0)) {
+        o.obj("source", |s| {
+            s.val("ip", &f.src_ip);
+            s.val("port", &f.src_port);
+        });
+    }
+    o.val("droptrace", &Sections::of(e, false));
+    o.close();
 }
 
 type Class = (
     &'static str,
     [&'static str; 1],
-    Vec<&'static str>,
+    &'static [&'static str],
     &'static str,
     String,
     Option<String>,
@@ -80,7 +119,7 @@ fn classify(e: &Event) -> Class {
         Kind::Drop => (
             "event",
             ["network"],
-            vec!["connection", "denied"],
+            &["connection", "denied"],
             "failure",
             "packet_dropped".to_string(),
             e.drop.as_ref().map(|d| d.reason.clone()),
@@ -90,11 +129,11 @@ fn classify(e: &Event) -> Class {
                 .attempt
                 .as_ref()
                 .map_or("in_progress", |a| a.outcome.as_str());
-            let (types, result) = match outcome {
-                "established_late" => (vec!["connection", "start"], "success"),
-                "in_progress" => (vec!["connection", "info"], "unknown"),
-                "refused" | "refused_by_listener" => (vec!["connection", "denied"], "failure"),
-                _ => (vec!["connection", "end"], "failure"),
+            let (types, result): (&'static [&'static str], _) = match outcome {
+                "established_late" => (&["connection", "start"], "success"),
+                "in_progress" => (&["connection", "info"], "unknown"),
+                "refused" | "refused_by_listener" => (&["connection", "denied"], "failure"),
+                _ => (&["connection", "end"], "failure"),
             };
             (
                 "event",
@@ -108,10 +147,10 @@ fn classify(e: &Event) -> Class {
         Kind::Tns => {
             let o = e.oracle.as_ref();
             let packet = o.and_then(|o| o.packet.as_deref()).unwrap_or("unknown");
-            let (types, result) = match packet {
-                "REFUSE" => (vec!["connection", "protocol", "denied"], "failure"),
-                "ACCEPT" => (vec!["connection", "protocol", "allowed"], "success"),
-                _ => (vec!["connection", "protocol"], "unknown"),
+            let (types, result): (&'static [&'static str], _) = match packet {
+                "REFUSE" => (&["connection", "protocol", "denied"], "failure"),
+                "ACCEPT" => (&["connection", "protocol", "allowed"], "success"),
+                _ => (&["connection", "protocol"], "unknown"),
             };
             let reason = o.and_then(|o| o.refuse.as_ref()).map(|r| r.text.clone());
             (
@@ -126,7 +165,7 @@ fn classify(e: &Event) -> Class {
         Kind::Storm => (
             "event",
             ["network"],
-            vec!["connection", "denied"],
+            &["connection", "denied"],
             "failure",
             "drop_storm".to_string(),
             e.diagnosis.clone(),
@@ -134,7 +173,7 @@ fn classify(e: &Event) -> Class {
         Kind::Connect => (
             "event",
             ["network"],
-            vec!["connection", "start", "allowed"],
+            &["connection", "start", "allowed"],
             "success",
             "connection_established".to_string(),
             None,
@@ -143,7 +182,7 @@ fn classify(e: &Event) -> Class {
         Kind::TcpState | Kind::Retransmit | Kind::Conntrack => (
             "event",
             ["network"],
-            vec!["connection", "info"],
+            &["connection", "info"],
             "unknown",
             e.kind.as_str().to_string(),
             None,
@@ -152,7 +191,7 @@ fn classify(e: &Event) -> Class {
         Kind::Lost => (
             "metric",
             ["host"],
-            vec!["info"],
+            &["info"],
             "failure",
             "events_lost".to_string(),
             e.lost.as_ref().map(|l| l.reason.clone()),
@@ -161,11 +200,14 @@ fn classify(e: &Event) -> Class {
 }
 
 /// Beats' (non-ECS) kubernetes.* fields for the subject pod, what Elastic dashboards use.
-fn kubernetes(ep: &Endpoint) -> Value {
-    json!({
-        "namespace": ep.namespace,
-        "pod": {"name": ep.pod, "uid": ep.pod_uid},
-        "labels": (!ep.labels.is_empty()).then_some(&ep.labels),
-        "node": {"name": ep.node},
-    })
+fn kubernetes(ep: &Endpoint, k: &mut Obj) {
+    if !ep.labels.is_empty() {
+        k.val("labels", &ep.labels);
+    }
+    k.opt("namespace", ep.namespace.as_ref());
+    k.obj("node", |n| n.opt("name", ep.node.as_ref()));
+    k.obj("pod", |p| {
+        p.opt("name", ep.pod.as_ref());
+        p.opt("uid", ep.pod_uid.as_ref());
+    });
 }

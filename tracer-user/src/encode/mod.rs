@@ -3,7 +3,6 @@
 use std::{fmt, str::FromStr};
 
 use serde::Serialize;
-use serde_json::Value;
 
 use crate::event::{
     Attempt, Conntrack, Drop, DropSummary, Endpoint, Event, Flow, Kind, Lost, Oracle, Policy,
@@ -12,6 +11,7 @@ use crate::event::{
 
 pub mod community_id;
 mod ecs;
+mod json;
 mod ocsf;
 pub mod text;
 
@@ -71,20 +71,8 @@ pub fn encode(format: Format, event: &Event, buf: &mut Vec<u8>) {
         Format::Text => text::encode(event, false, buf),
         Format::TextColor => text::encode(event, true, buf),
         Format::Native => native(event, buf),
-        Format::Ecs => write_with_sections(
-            &ecs::map(event),
-            "droptrace",
-            false,
-            &Sections::of(event, false),
-            buf,
-        ),
-        Format::Ocsf => write_with_sections(
-            &ocsf::map(event),
-            "unmapped",
-            true,
-            &Sections::of(event, true),
-            buf,
-        ),
+        Format::Ecs => ecs::write(event, buf),
+        Format::Ocsf => ocsf::write(event, buf),
     }
 }
 
@@ -111,23 +99,6 @@ pub fn native(event: &Event, buf: &mut Vec<u8>) {
     // an empty line is caught by every consumer instead of a panic in the tracing loop.
     if serde_json::to_writer(&mut *buf, event).is_err() {
         buf.clear();
-    }
-}
-
-/// Drops nulls and the objects/arrays they leave empty, so mappings can be written as one
-/// `json!` literal with optional values and never emit `null` (same rule as droptrace.v1).
-fn prune(v: &mut Value) -> bool {
-    match v {
-        Value::Null => false,
-        Value::Object(m) => {
-            m.retain(|_, x| prune(x));
-            !m.is_empty()
-        }
-        Value::Array(a) => {
-            a.retain_mut(prune);
-            !a.is_empty()
-        }
-        _ => true,
     }
 }
 
@@ -246,37 +217,18 @@ impl<'a> Sections<'a> {
     }
 }
 
-/// Writes `head` (an object) with the vendor sections appended as the last member, under
-/// `key` (`"droptrace"`) or `key.droptrace` when `nested` (OCSF `unmapped`).
-fn write_with_sections(
-    head: &Value,
-    key: &str,
-    nested: bool,
-    sections: &Sections,
-    buf: &mut Vec<u8>,
-) {
-    buf.clear();
-    let written = serde_json::to_writer(&mut *buf, head).is_ok() && buf.last() == Some(&b'}');
-    if !written {
-        buf.clear();
-        return;
+/// `namespace/name` of each policy, comma-separated (ECS `rule.name`, OCSF `policy.name`).
+fn policy_names(policies: &[crate::event::PolicyRef]) -> String {
+    let mut names = String::new();
+    for (i, r) in policies.iter().enumerate() {
+        if i > 0 {
+            names.push(',');
+        }
+        names.push_str(&r.namespace);
+        names.push('/');
+        names.push_str(&r.name);
     }
-    buf.pop();
-    if buf.len() > 1 {
-        buf.push(b',');
-    }
-    buf.extend_from_slice(format!("\"{key}\":").as_bytes());
-    if nested {
-        buf.extend_from_slice(b"{\"droptrace\":");
-    }
-    if serde_json::to_writer(&mut *buf, sections).is_err() {
-        buf.clear();
-        return;
-    }
-    if nested {
-        buf.push(b'}');
-    }
-    buf.push(b'}');
+    names
 }
 
 fn community_id(f: &Flow) -> Option<String> {
@@ -288,32 +240,52 @@ fn is_folded(f: &Flow) -> bool {
     f.src_ip.is_unspecified() && f.src_port == 0 || f.dst_ip.is_unspecified() && f.dst_port == 0
 }
 
+thread_local! {
+    /// The `message` buffer of the encoding thread.
+    static MESSAGE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 /// A one-line human summary, the `message` of ECS and OCSF.
 fn message(e: &Event) -> String {
-    let flow = e
-        .flow
-        .as_ref()
-        .map(|f| format!(" {}", endpoints(f.src_ip, f.src_port, f.dst_ip, f.dst_port)))
-        .unwrap_or_default();
+    let mut m = String::new();
+    write_message(e, &mut m);
+    m
+}
+
+/// [`message`] into `m` (cleared first): the SIEM encoders reuse one buffer.
+fn write_message(e: &Event, m: &mut String) {
+    use std::fmt::Write as _;
+    m.clear();
+    // Writing into a String cannot fail.
+    let flow = |m: &mut String| {
+        if let Some(f) = e.flow.as_ref() {
+            m.push(' ');
+            write_endpoints(m, f.src_ip, f.src_port, f.dst_ip, f.dst_port);
+        }
+    };
+    let why = |m: &mut String| {
+        if let Some(d) = e.diagnosis.as_ref() {
+            m.push_str(": ");
+            m.push_str(d);
+        }
+    };
     match e.kind {
         Kind::Drop => {
-            let flags = e
-                .tcp
-                .as_ref()
-                .filter(|t| !t.flags.is_empty())
-                .map(|t| format!(" {}", t.flags))
-                .unwrap_or_default();
+            m.push_str("TCP");
+            if let Some(t) = e.tcp.as_ref().filter(|t| !t.flags.is_empty()) {
+                m.push(' ');
+                m.push_str(&t.flags.names());
+            }
+            flow(m);
             let reason = e.drop.as_ref().map_or("UNKNOWN", |d| d.reason.as_str());
-            format!("TCP{flags}{flow} dropped: {reason} (x{})", e.count)
+            let _ = write!(m, " dropped: {reason} (x{})", e.count);
         }
         Kind::Stall => {
             let outcome = e.attempt.as_ref().map_or("unknown", |a| a.outcome.as_str());
-            let why = e
-                .diagnosis
-                .as_ref()
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default();
-            format!("TCP connection{flow} stalled ({outcome}){why}")
+            m.push_str("TCP connection");
+            flow(m);
+            let _ = write!(m, " stalled ({outcome})");
+            why(m);
         }
         Kind::Tns => {
             let packet = e
@@ -321,40 +293,52 @@ fn message(e: &Event) -> String {
                 .as_ref()
                 .and_then(|o| o.packet.as_deref())
                 .unwrap_or("packet");
-            format!("Oracle TNS {packet}{flow}")
+            m.push_str("Oracle TNS ");
+            m.push_str(packet);
+            flow(m);
         }
         Kind::TcpState => {
-            let change = e
-                .tcp_state
-                .as_ref()
-                .map(|s| format!(" {} -> {}", s.old, s.new))
-                .unwrap_or_default();
-            format!("TCP state{change}{flow}")
+            m.push_str("TCP state");
+            if let Some(s) = e.tcp_state.as_ref() {
+                let _ = write!(m, " {} -> {}", s.old, s.new);
+            }
+            flow(m);
         }
         Kind::Retransmit => {
             let state = e.retransmit.as_ref().map_or("", |r| r.state.as_str());
-            format!("TCP retransmit ({state}){flow}")
+            let _ = write!(m, "TCP retransmit ({state})");
+            flow(m);
         }
-        Kind::Conntrack => format!("conntrack entry{flow} removed without a reply"),
+        Kind::Conntrack => {
+            m.push_str("conntrack entry");
+            flow(m);
+            m.push_str(" removed without a reply");
+        }
         Kind::Storm => {
-            let why = e
-                .diagnosis
-                .as_ref()
-                .map(|d| format!(": {d}"))
-                .unwrap_or_default();
-            format!("TCP drop storm{flow}{why}")
+            m.push_str("TCP drop storm");
+            flow(m);
+            why(m);
         }
-        Kind::Connect => format!("TCP connection{flow} established"),
+        Kind::Connect => {
+            m.push_str("TCP connection");
+            flow(m);
+            m.push_str(" established");
+        }
         Kind::Lost => {
             let reason = e.lost.as_ref().map_or("unknown", |l| l.reason.as_str());
-            let whose = match e.lost.as_ref() {
+            let _ = write!(m, "{} events lost ", e.count);
+            match e.lost.as_ref() {
                 Some(l) => match (&l.source, &l.sink) {
-                    (crate::event::LostSource::Sink, Some(sink)) => format!("by sink {sink}"),
-                    (source, _) => format!("in {}", lost_source(source)),
+                    (crate::event::LostSource::Sink, Some(sink)) => {
+                        let _ = write!(m, "by sink {sink}");
+                    }
+                    (source, _) => {
+                        let _ = write!(m, "in {}", lost_source(source));
+                    }
                 },
-                None => "in droptrace".to_string(),
-            };
-            format!("{} events lost {whose} ({reason})", e.count)
+                None => m.push_str("in droptrace"),
+            }
+            let _ = write!(m, " ({reason})");
         }
     }
 }
@@ -368,20 +352,19 @@ fn lost_source(s: &crate::event::LostSource) -> &'static str {
     }
 }
 
-fn endpoints(sip: std::net::IpAddr, sp: u16, dip: std::net::IpAddr, dp: u16) -> String {
-    let fmt = |ip: std::net::IpAddr, p: u16| match ip {
-        std::net::IpAddr::V4(a) => format!("{a}:{p}"),
-        std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
-    };
+fn write_endpoints(m: &mut String, sip: std::net::IpAddr, sp: u16, dip: std::net::IpAddr, dp: u16) {
+    use std::fmt::Write as _;
     // A storm's folded end stands for many addresses.
-    let end = |ip: std::net::IpAddr, p: u16| {
-        if ip.is_unspecified() && p == 0 {
-            "(many sources)".to_string()
-        } else {
-            fmt(ip, p)
-        }
+    let end = |m: &mut String, ip: std::net::IpAddr, p: u16| {
+        let _ = match ip {
+            _ if ip.is_unspecified() && p == 0 => m.write_str("(many sources)"),
+            std::net::IpAddr::V4(a) => write!(m, "{a}:{p}"),
+            std::net::IpAddr::V6(a) => write!(m, "[{a}]:{p}"),
+        };
     };
-    format!("{} -> {}", end(sip, sp), end(dip, dp))
+    end(m, sip, sp);
+    m.push_str(" -> ");
+    end(m, dip, dp);
 }
 
 /// Unix milliseconds of an RFC 3339 timestamp (`Z` or `±hh:mm` offset, any fraction).
@@ -473,13 +456,5 @@ mod tests {
         ] {
             assert_eq!(rfc3339_millis(bad), None, "{bad}");
         }
-    }
-
-    #[test]
-    fn prune_drops_nulls_and_empties() {
-        let mut v =
-            serde_json::json!({"a": null, "b": {"c": null}, "d": [null], "e": 1, "f": [1, null]});
-        prune(&mut v);
-        assert_eq!(v, serde_json::json!({"e": 1, "f": [1]}));
     }
 }

@@ -205,6 +205,44 @@ impl KernelBtf {
         Err(BtfError::NoEnum(name.to_string()))
     }
 
+    /// Whether BTF tracepoint `tp`'s arguments (after the hook's own `void *`) begin with
+    /// pointers and then an enum named `third_enum`: the shape a program reading its
+    /// arguments by position was written for (`btf_trace_TP`, the type the kernel checks a
+    /// tp_btf program against).
+    pub fn tp_btf_args_are(&self, tp: &str, pointers: usize, third_enum: &str) -> bool {
+        self.tp_btf_args(tp, pointers, third_enum).unwrap_or(false)
+    }
+
+    fn tp_btf_args(&self, tp: &str, pointers: usize, enum_name: &str) -> Result<bool, BtfError> {
+        let name = format!("btf_trace_{tp}");
+        let types = self.btf.resolve_types_by_name(&name).unwrap_or_default();
+        let Some(Type::Typedef(td)) = types.into_iter().find(|t| matches!(t, Type::Typedef(_)))
+        else {
+            return Ok(false);
+        };
+        let Type::Ptr(ptr) = self.btf.resolve_chained_type(&td)? else {
+            return Ok(false);
+        };
+        let Type::FuncProto(proto) = self.btf.resolve_chained_type(&ptr)? else {
+            return Ok(false);
+        };
+        let params = &proto.parameters;
+        if params.len() < pointers + 2 {
+            return Ok(false);
+        }
+        for p in &params[1..=pointers] {
+            if !matches!(self.btf.resolve_chained_type(p)?, Type::Ptr(_)) {
+                return Ok(false);
+            }
+        }
+        let ty = self.strip(self.btf.resolve_chained_type(&params[pointers + 1])?)?;
+        Ok(match &ty {
+            Type::Enum(e) => self.btf.resolve_name(e)? == enum_name,
+            Type::Enum64(e) => self.btf.resolve_name(e)? == enum_name,
+            _ => false,
+        })
+    }
+
     pub fn has_struct(&self, name: &str) -> bool {
         self.named_struct(name).is_ok()
     }

@@ -367,15 +367,16 @@ impl Output {
 
     /// Like `send`, but waits for room instead of discarding (with `lossless`, the whole
     /// pipeline then goes at the pace of the slowest sink). For `replay`.
-    pub(crate) async fn send_wait(&mut self, event: &Event) {
+    /// Takes the event: the caller is done with it, and it is not copied.
+    pub(crate) async fn send_wait(&mut self, event: Event) {
         if let Some(m) = &self.metrics {
-            m.observe(event);
+            m.observe(&event);
         }
-        if self.events.send(Arc::new(event.clone())).await.is_err() {
+        if let Err(unsent) = self.events.send(Arc::new(event)).await {
             for s in self.sinks.iter() {
                 s.stats.discard(Discard::Shutdown, 1);
             }
-            self.k8s_discard(event, Discard::Shutdown);
+            self.k8s_discard(&unsent.0, Discard::Shutdown);
         }
     }
 

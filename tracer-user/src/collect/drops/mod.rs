@@ -15,6 +15,15 @@ use crate::{
 pub const CATEGORY: &str = "skb";
 pub const TRACEPOINT: &str = "kfree_skb";
 pub const PROGRAM: &str = "kfree_skb";
+/// The same handler as a BTF tracepoint (no trace record built per drop).
+pub const BTF_PROGRAM: &str = "kfree_skb_btf";
+
+/// Whether `kfree_skb_btf` fits this kernel: its BTF describes `trace_kfree_skb(skb,
+/// location, reason, ...)` (5.17+), and skb->protocol resolved. Otherwise the classic
+/// tracepoint is used (5.10's hook has no reason).
+pub fn btf_hook_fits(btf: &KernelBtf, layout: &SkbLayout) -> bool {
+    layout.skb_protocol != ABSENT && btf.tp_btf_args_are(TRACEPOINT, 2, "skb_drop_reason")
+}
 
 /// One key of the kernel's aggregation map, summed over CPUs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,14 +40,18 @@ pub struct AggEntry {
 /// Resolves every offset the program reads, from the record format and BTF.
 pub fn resolve_layout(format: &Format, btf: &KernelBtf) -> Result<SkbLayout, LayoutError> {
     let m = |ty: &str, path: &str| btf.member_offset(ty, path);
+    let skb_protocol = m("sk_buff", "protocol").unwrap_or(ABSENT);
+    let (skb_head, skb_network_header) = (m("sk_buff", "head")?, m("sk_buff", "network_header")?);
     Ok(SkbLayout {
         tp_skbaddr: format.offset("skbaddr")?,
         tp_location: format.offset("location")?,
         tp_protocol: format.offset("protocol")?,
         // Kernels before 5.17 have no reason field: every drop is then NOT_SPECIFIED.
         tp_reason: format.offset("reason").unwrap_or(ABSENT),
-        skb_head: m("sk_buff", "head")?,
-        skb_network_header: m("sk_buff", "network_header")?,
+        skb_protocol,
+        skb_hdr_window: SkbLayout::hdr_window(skb_protocol, skb_network_header, skb_head),
+        skb_head,
+        skb_network_header,
         skb_len: m("sk_buff", "len")?,
         skb_dev: m("sk_buff", "dev")?,
         skb_sk: m("sk_buff", "sk")?,
@@ -197,8 +210,15 @@ mod tests {
     #[test]
     fn layout_of_a_recorded_kernel_resolves_from_btf_and_its_format() {
         use crate::collect::recorded::{DEBIAN_6_12, btf, format};
-        let l = resolve_layout(&format(DEBIAN_6_12, "kfree_skb"), &btf(DEBIAN_6_12)).unwrap();
+        let b = btf(DEBIAN_6_12);
+        let l = resolve_layout(&format(DEBIAN_6_12, "kfree_skb"), &b).unwrap();
         assert_eq!(l.valid, 1);
+        assert!(l.skb_protocol < 256, "{l:?}");
+        assert_eq!(
+            btf_hook_fits(&b, &l),
+            l.tp_reason != ABSENT,
+            "a kernel with a reason in the record has it as the hook's third argument"
+        );
         assert!(l.skb_head > 0 && l.skb_head < 256, "{l:?}");
         assert!(l.skb_network_header < 256);
         assert!(l.net_inum != ABSENT && l.dev_nd_net != ABSENT);

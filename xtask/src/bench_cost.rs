@@ -1,0 +1,618 @@
+//! The cost figures of `cargo xtask bench`: what every packet pays (BPF ns per run of the
+//! per-packet cgroup_skb programs under iperf3, from `kernel.bpf_stats_enabled`), what the
+//! daemon costs idle (CPU per second), what every dropped SYN costs (paired hping3 floods into
+//! an iptables DROP, total CPU per drop and drop rate traced / untraced, fixed and random
+//! sources) and what encoding costs (`droptrace replay` per format, on one core). Each figure
+//! is measured for this tree's binary and, with `--baseline BIN`, for another build (main's)
+//! in the same run, so BENCHMARKS.md shows before and after side by side.
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+use crate::{
+    bench::{APP, DB_IP, Topo, Traced, median, out, proc_cpu_secs},
+    step,
+};
+
+/// The binaries compared: `before` (the baseline, when given) and `after` (this tree).
+pub(crate) struct Bins<'a> {
+    pub before: Option<&'a Path>,
+    pub after: &'a Path,
+}
+
+impl<'a> Bins<'a> {
+    fn each(&self) -> Vec<(Which, &'a Path)> {
+        let mut v = Vec::new();
+        if let Some(b) = self.before {
+            v.push((Which::Before, b));
+        }
+        v.push((Which::After, self.after));
+        v
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+enum Which {
+    Before,
+    After,
+}
+
+/// One row of the cost table: a figure before and after, and its goal.
+pub(crate) struct Row {
+    pub name: String,
+    pub before: Option<String>,
+    pub after: String,
+    pub goal: String,
+    pub met: Option<bool>,
+}
+
+#[derive(Clone, Default, Debug)]
+pub(crate) struct ProgStat {
+    name: String,
+    pub(crate) run_ns: u64,
+    run_cnt: u64,
+}
+
+/// run_time_ns and run_cnt of every loaded BPF program, by id.
+pub(crate) fn prog_stats() -> BTreeMap<u64, ProgStat> {
+    let Ok(o) = out(&["bpftool", "prog", "show", "-j"]) else {
+        return BTreeMap::new();
+    };
+    let v: serde_json::Value = serde_json::from_str(&o).unwrap_or_default();
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| {
+                    Some((
+                        p["id"].as_u64()?,
+                        ProgStat {
+                            name: p["name"].as_str().unwrap_or("").to_string(),
+                            run_ns: p["run_time_ns"].as_u64().unwrap_or(0),
+                            run_cnt: p["run_cnt"].as_u64().unwrap_or(0),
+                        },
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// (ns, runs) per program name of the programs loaded since `loaded_before`, between two
+/// snapshots.
+fn delta(
+    loaded_before: &BTreeMap<u64, ProgStat>,
+    s0: &BTreeMap<u64, ProgStat>,
+    s1: &BTreeMap<u64, ProgStat>,
+) -> BTreeMap<String, (u64, u64)> {
+    let mut by_name: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for (id, p1) in s1 {
+        if loaded_before.contains_key(id) {
+            continue;
+        }
+        let p0 = s0.get(id).cloned().unwrap_or_default();
+        let e = by_name.entry(p1.name.clone()).or_default();
+        e.0 += p1.run_ns.saturating_sub(p0.run_ns);
+        e.1 += p1.run_cnt.saturating_sub(p0.run_cnt);
+    }
+    by_name
+}
+
+fn ns_per_run(d: &BTreeMap<String, (u64, u64)>, prefix: &str) -> (f64, u64) {
+    let (ns, cnt) = d
+        .iter()
+        .filter(|(n, _)| n.starts_with(prefix))
+        .fold((0, 0), |(a, b), (_, (ns, cnt))| (a + ns, b + cnt));
+    (
+        if cnt == 0 {
+            0.0
+        } else {
+            ns as f64 / cnt as f64
+        },
+        cnt,
+    )
+}
+
+/// `nice`-proof CPU accounting: one CPU's busy time from /proc/stat, in seconds.
+fn cpu_busy_secs(cpu: usize) -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let label = format!("cpu{cpu}");
+    let Some(line) = stat
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(&label))
+    else {
+        return 0.0;
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    [0, 1, 2, 5, 6, 7]
+        .iter()
+        .filter_map(|&i| v.get(i))
+        .sum::<u64>() as f64
+        / 100.0
+}
+
+/// The CPU the flood (and with it the whole receive path through the veth pair, softirqs
+/// included) runs on; the tracer is kept on the other one, its CPU read from /proc/PID/stat.
+const FLOOD_CPU: usize = 0;
+const TRACER_CPU: &str = "1";
+
+fn start(bin: &Path, scratch: &Path, name: &str) -> anyhow::Result<Traced> {
+    Traced::droptrace_pinned(bin, TRACER_CPU, &[], scratch.join(name)).map(|(t, _)| t)
+}
+
+/// (name, figure of one binary, goal, met) of an idle-cost row.
+type IdleRow<'a> = (String, &'a dyn Fn(&Idle) -> String, &'a str, Option<bool>);
+
+/// Idle cost for one binary: BPF ns per run of the cgroup_skb programs and daemon CPU during
+/// iperf3, and daemon CPU per second with no traffic.
+struct Idle {
+    tns_ns: f64,
+    tns_runs: u64,
+    kfree_ns: f64,
+    daemon_idle_pct: f64,
+    daemon_iperf_pct: f64,
+    gbps: f64,
+}
+
+fn idle(bin: &Path, scratch: &Path, iperf_secs: u64) -> anyhow::Result<Idle> {
+    let loaded = prog_stats();
+    let t = start(bin, scratch, "cost-idle.ndjson")?;
+    let c0 = proc_cpu_secs(t.pid());
+    let t0 = Instant::now();
+    thread::sleep(Duration::from_secs(10));
+    let daemon_idle_pct = (proc_cpu_secs(t.pid()) - c0) / t0.elapsed().as_secs_f64() * 100.0;
+    let s0 = prog_stats();
+    let c1 = proc_cpu_secs(t.pid());
+    let t1 = Instant::now();
+    let gbps = crate::bench::iperf_gbps(iperf_secs)?;
+    let daemon_iperf_pct = (proc_cpu_secs(t.pid()) - c1) / t1.elapsed().as_secs_f64() * 100.0;
+    let s1 = prog_stats();
+    t.stop()?;
+    let d = delta(&loaded, &s0, &s1);
+    let (tns_ns, tns_runs) = ns_per_run(&d, "tns_");
+    let (kfree_ns, _) = ns_per_run(&d, "kfree_skb");
+    Ok(Idle {
+        tns_ns,
+        tns_runs,
+        kfree_ns,
+        daemon_idle_pct,
+        daemon_iperf_pct,
+        gbps,
+    })
+}
+
+/// One flood of `secs` with hping3 on FLOOD_CPU at a real-time priority (so the machine's
+/// other work stays off that CPU and its busy time is the flood's).
+struct Flood {
+    drops: u64,
+    secs: f64,
+    /// FLOOD_CPU busy + tracer process CPU, seconds.
+    cpu: f64,
+}
+
+impl Flood {
+    fn cpu_per_drop_us(&self) -> f64 {
+        self.cpu / self.drops.max(1) as f64 * 1e6
+    }
+    fn rate(&self) -> f64 {
+        self.drops as f64 / self.secs
+    }
+}
+
+fn flood(
+    topo: &Topo,
+    secs: u64,
+    rand_source: bool,
+    tracer: Option<(&Path, &Path)>,
+) -> anyhow::Result<Flood> {
+    topo.zero_counters()?;
+    let traced = match tracer {
+        Some((bin, scratch)) => Some(start(bin, scratch, "cost-flood.ndjson")?),
+        None => None,
+    };
+    let pc0 = traced.as_ref().map_or(0.0, |t| proc_cpu_secs(t.pid()));
+    let b0 = cpu_busy_secs(FLOOD_CPU);
+    let t0 = Instant::now();
+    // hping3 pinned at SCHED_FIFO never yields its CPU: it is stopped from here, with
+    // SIGKILL (it ignores SIGTERM), not by a `timeout` that would share its CPU.
+    let mut args = vec![
+        "netns", "exec", APP, "chrt", "-f", "10", "taskset", "-c", "0", "hping3", "-q", "--flood",
+        "-S", "-p", "1521",
+    ];
+    if rand_source {
+        args.push("--rand-source");
+    }
+    args.push(DB_IP);
+    // `ip netns exec`, chrt and taskset exec in turn: the child is hping3 itself.
+    let mut child = Command::new("ip")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    thread::sleep(Duration::from_secs(secs));
+    let _ = child.kill();
+    let _ = child.wait();
+    let elapsed = t0.elapsed().as_secs_f64();
+    // The tracer's work does not stop with the flood: its last drain and flush count too.
+    let mut cpu = cpu_busy_secs(FLOOD_CPU) - b0;
+    if let Some(t) = traced {
+        thread::sleep(Duration::from_millis(1500));
+        cpu += proc_cpu_secs(t.pid()) - pc0;
+        t.stop()?;
+    }
+    let drops = topo.dropped()?;
+    if drops == 0 {
+        bail!("the flood dropped nothing (is the DROP rule in place?)");
+    }
+    Ok(Flood {
+        drops,
+        secs: elapsed,
+        cpu,
+    })
+}
+
+/// Median over pairs of (traced / untraced) total CPU per drop and drop rate, per binary.
+struct Paired {
+    cpu_ratio: BTreeMap<Which, f64>,
+    rate_ratio: BTreeMap<Which, f64>,
+    untraced_us: f64,
+    untraced_rate: f64,
+}
+
+fn paired(
+    topo: &Topo,
+    bins: &Bins,
+    scratch: &Path,
+    pairs: usize,
+    secs: u64,
+    rand_source: bool,
+) -> anyhow::Result<Paired> {
+    let mut cpu: BTreeMap<Which, Vec<f64>> = BTreeMap::new();
+    let mut rate: BTreeMap<Which, Vec<f64>> = BTreeMap::new();
+    let (mut base_us, mut base_rate) = (Vec::new(), Vec::new());
+    for i in 0..pairs {
+        for (which, bin) in bins.each() {
+            step(&format!(
+                "{} flood pair {}/{pairs} ({which:?}): {secs}s untraced, {secs}s traced",
+                if rand_source {
+                    "random-source"
+                } else {
+                    "fixed-source"
+                },
+                i + 1
+            ));
+            let u = flood(topo, secs, rand_source, None)?;
+            let t = flood(topo, secs, rand_source, Some((bin, scratch)))?;
+            cpu.entry(which)
+                .or_default()
+                .push(t.cpu_per_drop_us() / u.cpu_per_drop_us());
+            rate.entry(which).or_default().push(t.rate() / u.rate());
+            base_us.push(u.cpu_per_drop_us());
+            base_rate.push(u.rate());
+        }
+    }
+    Ok(Paired {
+        cpu_ratio: cpu.into_iter().map(|(w, v)| (w, median(v))).collect(),
+        rate_ratio: rate.into_iter().map(|(w, v)| (w, median(v))).collect(),
+        untraced_us: median(base_us),
+        untraced_rate: median(base_rate),
+    })
+}
+
+/// `droptrace replay` of `input` in `format` on one core: (wall seconds, CPU seconds).
+fn replay(bin: &Path, input: &Path, format: &str, out_file: &Path) -> anyhow::Result<(f64, f64)> {
+    let file = std::fs::File::create(out_file)?;
+    let cpu0 = children_cpu_secs();
+    let t0 = Instant::now();
+    let st = Command::new("taskset")
+        .args(["-c", "0"])
+        .arg(bin)
+        .args([
+            "replay",
+            "--node-name",
+            "bench",
+            "--format",
+            format,
+            "--input",
+        ])
+        .arg(input)
+        .stdout(file)
+        .stderr(Stdio::null())
+        .status()?;
+    let wall = t0.elapsed().as_secs_f64();
+    if !st.success() {
+        bail!("{} replay --format {format}: {st}", bin.display());
+    }
+    Ok((wall, children_cpu_secs() - cpu0))
+}
+
+/// user + system CPU of this process's waited-for children, seconds.
+fn children_cpu_secs() -> f64 {
+    // SAFETY: rusage is plain integers and timevals: all-zero bytes are a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// The golden native events repeated to `n` lines: every kind, every section.
+fn replay_input(scratch: &Path, n: usize) -> anyhow::Result<(PathBuf, usize)> {
+    let dir = crate::workspace_root().join("tracer-user/tests/golden/native");
+    let mut lines = Vec::new();
+    let mut names: Vec<_> = std::fs::read_dir(&dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    names.sort();
+    for p in names {
+        for l in std::fs::read_to_string(&p)?.lines() {
+            if !l.trim().is_empty() {
+                lines.push(l.to_string());
+            }
+        }
+    }
+    if lines.is_empty() {
+        bail!("no golden events in {}", dir.display());
+    }
+    let mut text = String::new();
+    let mut count = 0;
+    while count < n {
+        for l in &lines {
+            text.push_str(l);
+            text.push('\n');
+            count += 1;
+        }
+    }
+    let path = scratch.join("replay-input.ndjson");
+    std::fs::write(&path, text)?;
+    Ok((path, count))
+}
+
+pub(crate) struct Options {
+    pub iperf_secs: u64,
+    pub pairs: usize,
+    pub pair_secs: u64,
+}
+
+pub(crate) fn run(
+    topo: &Topo,
+    bins: &Bins,
+    scratch: &Path,
+    opts: &Options,
+) -> anyhow::Result<Vec<Row>> {
+    let mut rows = Vec::new();
+    let fmt_opt = |m: &BTreeMap<Which, String>, w: Which| m.get(&w).cloned();
+
+    // Per packet and idle.
+    let mut idle_by: BTreeMap<Which, Idle> = BTreeMap::new();
+    for (which, bin) in bins.each() {
+        step(&format!(
+            "per-packet cost ({which:?}): bpf_stats during iperf3 {}s, daemon CPU idle 10s",
+            opts.iperf_secs
+        ));
+        idle_by.insert(which, idle(bin, scratch, opts.iperf_secs)?);
+    }
+    let pick = |f: &dyn Fn(&Idle) -> String| -> BTreeMap<Which, String> {
+        idle_by.iter().map(|(w, i)| (*w, f(i))).collect()
+    };
+    let after_tns = idle_by[&Which::After].tns_ns;
+    let reported: [IdleRow; 4] = [
+        (
+            format!(
+                "per packet, not Oracle: cgroup_skb (tns_ingress + tns_egress) BPF ns per run \
+                 (iperf3, {} runs after)",
+                idle_by[&Which::After].tns_runs
+            ),
+            &|i| format!("{:.1} ns", i.tns_ns),
+            "<= 35 ns",
+            Some(after_tns <= 35.0),
+        ),
+        (
+            "per packet: skb:kfree_skb BPF ns per run (iperf3: no drops, every freed skb)".into(),
+            &|i| format!("{:.1} ns", i.kfree_ns),
+            "(reported)",
+            None,
+        ),
+        (
+            "idle: daemon CPU per second, no traffic (10 s)".into(),
+            &|i| format!("{:.2}% of a core", i.daemon_idle_pct),
+            "(reported)",
+            None,
+        ),
+        (
+            "idle: daemon CPU per second during iperf3 (non-Oracle traffic)".into(),
+            &|i| {
+                format!(
+                    "{:.2}% of a core at {:.1} Gbit/s",
+                    i.daemon_iperf_pct, i.gbps
+                )
+            },
+            "(reported)",
+            None,
+        ),
+    ];
+    for (name, f, goal, met) in reported {
+        let v = pick(f);
+        rows.push(Row {
+            name,
+            before: fmt_opt(&v, Which::Before),
+            after: v[&Which::After].clone(),
+            goal: goal.into(),
+            met,
+        });
+    }
+
+    // Per dropped SYN.
+    topo.drop_rule(true)?;
+    let floods = (|| -> anyhow::Result<_> {
+        let fixed = paired(topo, bins, scratch, opts.pairs, opts.pair_secs, false)?;
+        let rand = paired(topo, bins, scratch, opts.pairs, opts.pair_secs, true)?;
+        Ok((fixed, rand))
+    })();
+    topo.drop_rule(false)?;
+    let (fixed, rand) = floods?;
+    for (label, p) in [("fixed source", &fixed), ("random source", &rand)] {
+        let f = |m: &BTreeMap<Which, f64>, w: Which| m.get(&w).map(|v| format!("{v:.3}"));
+        rows.push(Row {
+            name: format!(
+                "per dropped SYN ({label}): total CPU per drop traced / untraced (median of {} \
+                 pairs; untraced {:.3} us/drop)",
+                opts.pairs, p.untraced_us
+            ),
+            before: f(&p.cpu_ratio, Which::Before),
+            after: f(&p.cpu_ratio, Which::After).unwrap_or_default(),
+            goal: "<= 1.08".into(),
+            met: p.cpu_ratio.get(&Which::After).map(|v| *v <= 1.08),
+        });
+        rows.push(Row {
+            name: format!(
+                "per dropped SYN ({label}): kernel drop rate traced / untraced (untraced \
+                 {:.0}/s)",
+                p.untraced_rate
+            ),
+            before: f(&p.rate_ratio, Which::Before),
+            after: f(&p.rate_ratio, Which::After).unwrap_or_default(),
+            goal: ">= 0.95".into(),
+            met: p.rate_ratio.get(&Which::After).map(|v| *v >= 0.95),
+        });
+    }
+
+    // Encoders.
+    let (input, n) = replay_input(scratch, 280_000)?;
+    let mut rates: BTreeMap<(Which, &str), (f64, f64)> = BTreeMap::new();
+    for (which, bin) in bins.each() {
+        for format in ["native", "ecs", "ocsf"] {
+            step(&format!(
+                "replay {n} events as {format} ({which:?}), one core"
+            ));
+            let out_file = scratch.join(format!("replay-{which:?}.{format}"));
+            rates.insert((which, format), replay(bin, &input, format, &out_file)?);
+        }
+    }
+    let mut identical = Vec::new();
+    if bins.before.is_some() {
+        for format in ["native", "ecs", "ocsf"] {
+            let a = std::fs::read(scratch.join(format!("replay-Before.{format}")))?;
+            let b = std::fs::read(scratch.join(format!("replay-After.{format}")))?;
+            identical.push(format!(
+                "{format} {}",
+                if a == b { "identical" } else { "DIFFERENT" }
+            ));
+        }
+    }
+    let per_sec = |w: Which, f: &str| rates.get(&(w, f)).map(|(_, cpu)| n as f64 / cpu);
+    let native_after = per_sec(Which::After, "native").unwrap_or(0.0);
+    let show = |w: Which, f: &str| {
+        rates.get(&(w, f)).map(|(wall, cpu)| {
+            format!("{:.0}/s ({wall:.2} s wall, {cpu:.2} s CPU)", n as f64 / cpu)
+        })
+    };
+    rows.push(Row {
+        name: format!("encode: native replay, events per CPU-second ({n} golden events, one core)"),
+        before: show(Which::Before, "native"),
+        after: show(Which::After, "native").unwrap_or_default(),
+        goal: ">= 400000/s".into(),
+        met: Some(native_after >= 400_000.0),
+    });
+    for f in ["ecs", "ocsf"] {
+        let ratio = |w: Which| Some(per_sec(w, "native")? / per_sec(w, f)?);
+        rows.push(Row {
+            name: format!("encode: {f} replay CPU / native"),
+            before: ratio(Which::Before)
+                .map(|r| format!("{r:.2}x; {}", show(Which::Before, f).unwrap_or_default())),
+            after: ratio(Which::After)
+                .map(|r| format!("{r:.2}x; {}", show(Which::After, f).unwrap_or_default()))
+                .unwrap_or_default(),
+            goal: "<= 1.3x".into(),
+            met: ratio(Which::After).map(|r| r <= 1.3),
+        });
+    }
+    if !identical.is_empty() {
+        rows.push(Row {
+            name: "encode: replay output before / after, byte for byte".into(),
+            before: None,
+            after: identical.join(", "),
+            goal: "identical".into(),
+            met: Some(identical.iter().all(|s| s.ends_with("identical"))),
+        });
+    }
+    Ok(rows)
+}
+
+/// The cost section of BENCHMARKS.md.
+pub(crate) fn markdown(
+    rows: &[Row],
+    baseline: Option<&Path>,
+    opts: &Options,
+) -> anyhow::Result<String> {
+    let mut md = String::new();
+    writeln!(md, "## Cost: per packet, per drop, per event\n")?;
+    writeln!(
+        md,
+        "Before = {}; after = this tree's release build; both measured in this run.\n",
+        match baseline {
+            Some(b) => format!("`--baseline {}`", b.display()),
+            None => "not measured (no `--baseline BIN`)".to_string(),
+        }
+    )?;
+    writeln!(
+        md,
+        "| figure | before | after | goal | met |\n| --- | --- | --- | --- | --- |"
+    )?;
+    for r in rows {
+        writeln!(
+            md,
+            "| {} | {} | {} | {} | {} |",
+            r.name,
+            r.before.as_deref().unwrap_or("-"),
+            r.after,
+            r.goal,
+            match r.met {
+                Some(true) => "yes",
+                Some(false) => "NO",
+                None => "",
+            }
+        )?;
+    }
+    writeln!(
+        md,
+        "\nHow: per packet = run_time_ns / run_cnt of the programs each binary loaded \
+         (`kernel.bpf_stats_enabled=1`, `bpftool prog show`), over one {}s iperf3 run between \
+         the two namespaces (port 5201: no Oracle port at either end); the daemon's CPU from \
+         /proc/PID/stat, over 10 s with no traffic and over the iperf3 run. Per dropped SYN: \
+         {} pairs per binary of `hping3 --flood -S -p 1521` ({}s untraced, then {}s traced) into \
+         an iptables DROP, hping3 pinned to CPU 0 at SCHED_FIFO 10 (so the machine's other work \
+         stays off it: CPU 0 carries the flood and the whole receive path through the veth pair), \
+         the daemon pinned to CPU 1; total CPU = CPU 0 busy time (/proc/stat) + the daemon's CPU \
+         (including its drain and flush 1.5 s after the flood), per drop counted by iptables; \
+         the same with `--rand-source`. Encode = `droptrace replay` of the golden native events \
+         repeated, pinned to CPU 0 (`taskset -c 0`), output to a file; events per CPU-second \
+         (user + system of the process).",
+        opts.iperf_secs, opts.pairs, opts.pair_secs, opts.pair_secs
+    )?;
+    Ok(md)
+}
+
+/// For the bench's own checks: whether the daemon runs from `bin` at all.
+pub(crate) fn check_bin(bin: &Path) -> anyhow::Result<()> {
+    let o = Command::new(bin)
+        .arg("--version")
+        .output()
+        .with_context(|| format!("--baseline {}", bin.display()))?;
+    if !o.status.success() {
+        bail!("--baseline {}: `--version` failed", bin.display());
+    }
+    Ok(())
+}
