@@ -54,9 +54,13 @@ impl Collector for Drops {
     fn required(&self) -> bool {
         true
     }
-    fn can_run(&self, _: &Resolved) -> Result<String, String> {
+    fn can_run(&self, r: &Resolved) -> Result<String, String> {
         // Resolving the sk_buff layout already required its record format.
-        Ok("present".to_string())
+        Ok(if r.drop_btf {
+            "present (attached as a BTF tracepoint)".to_string()
+        } else {
+            "present".to_string()
+        })
     }
     fn attach(&self, r: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
         // The BTF tracepoint where the kernel describes the hook (no trace record per drop),

@@ -214,11 +214,9 @@ mod tests {
         let l = resolve_layout(&format(DEBIAN_6_12, "kfree_skb"), &b).unwrap();
         assert_eq!(l.valid, 1);
         assert!(l.skb_protocol < 256, "{l:?}");
-        assert_eq!(
-            btf_hook_fits(&b, &l),
-            l.tp_reason != ABSENT,
-            "a kernel with a reason in the record has it as the hook's third argument"
-        );
+        // Whether the BTF tracepoint fits is not asked here: its prototype
+        // (btf_trace_kfree_skb) is cut from the fixture BTF (pointers become void * there). The
+        // running kernel decides: the e2e suite here, the VM legs on 5.10 and 6.1.
         assert!(l.skb_head > 0 && l.skb_head < 256, "{l:?}");
         assert!(l.skb_network_header < 256);
         assert!(l.net_inum != ABSENT && l.dev_nd_net != ABSENT);
