@@ -20,17 +20,17 @@ const IP_CT_UNTRACKED: u8 = 7;
 
 #[inline(always)]
 fn tuple(base: u64, family: u8, t: &mut CtTuple) -> Result<(), i64> {
-    t.sport = u16::from_be(unsafe { read(at(base, ro(&L.src_port)))? });
-    t.dport = u16::from_be(unsafe { read(at(base, ro(&L.dst_port)))? });
+    t.sport = u16::from_be(read(at(base, ro(&L.src_port)))?);
+    t.dport = u16::from_be(read(at(base, ro(&L.dst_port)))?);
     t._pad = 0;
     t.saddr = [0; 16];
     t.daddr = [0; 16];
     if family == AF_INET6 {
-        t.saddr = unsafe { read(at(base, ro(&L.src_u3)))? };
-        t.daddr = unsafe { read(at(base, ro(&L.dst_u3)))? };
+        t.saddr = read(at(base, ro(&L.src_u3)))?;
+        t.daddr = read(at(base, ro(&L.dst_u3)))?;
     } else {
-        let s: [u8; 4] = unsafe { read(at(base, ro(&L.src_u3)))? };
-        let d: [u8; 4] = unsafe { read(at(base, ro(&L.dst_u3)))? };
+        let s: [u8; 4] = read(at(base, ro(&L.src_u3)))?;
+        let d: [u8; 4] = read(at(base, ro(&L.dst_u3)))?;
         t.saddr[..4].copy_from_slice(&s);
         t.daddr[..4].copy_from_slice(&d);
     }
@@ -48,7 +48,7 @@ fn original_tuple(ct: u64) -> u64 {
 fn read_ct(ct: u64, ctinfo: u8, out: &mut CtInfo) -> Result<(), i64> {
     let orig = original_tuple(ct);
     let reply = orig + (ro(&L.tuplehash_size) & 0xff) as u64;
-    let l3num: u16 = unsafe { read(at(orig, ro(&L.src_l3num)))? };
+    let l3num: u16 = read(at(orig, ro(&L.src_l3num)))?;
     let family = if l3num == AF_INET6 as u16 {
         AF_INET6
     } else {
@@ -57,19 +57,19 @@ fn read_ct(ct: u64, ctinfo: u8, out: &mut CtInfo) -> Result<(), i64> {
     out.present = 1;
     out.ctinfo = ctinfo;
     out.family = family;
-    out.protonum = unsafe { read(at(orig, ro(&L.dst_protonum)))? };
-    out.status = unsafe { read(at(ct, ro(&L.ct_status)))? };
+    out.protonum = read(at(orig, ro(&L.dst_protonum)))?;
+    out.status = read(at(ct, ro(&L.ct_status)))?;
     let mark = ro(&L.ct_mark);
     out.mark = if mark == ABSENT {
         0
     } else {
-        unsafe { read(at(ct, mark)).unwrap_or(0) }
+        read(at(ct, mark)).unwrap_or(0)
     };
     let zone = ro(&L.ct_zone_id);
     out.zone = if zone == ABSENT {
         0
     } else {
-        unsafe { read(at(ct, zone)).unwrap_or(0) }
+        read(at(ct, zone)).unwrap_or(0)
     };
     out._pad = [0; 6];
     tuple(orig, family, &mut out.original)?;
@@ -79,13 +79,13 @@ fn read_ct(ct: u64, ctinfo: u8, out: &mut CtInfo) -> Result<(), i64> {
 /// skb->_nfct split into the entry pointer and ctinfo.
 #[inline(always)]
 fn nfct(skb: u64) -> (u64, u8) {
-    let nfct: u64 = unsafe { read(at(skb, ro(&L.skb_nfct))).unwrap_or(0) };
+    let nfct: u64 = read(at(skb, ro(&L.skb_nfct))).unwrap_or(0);
     (nfct & !7, (nfct & 7) as u8)
 }
 
 /// Fills `out` with the conntrack entry of a dropped skb (present = 0 when it has none).
 #[inline(always)]
-pub fn of_skb(skb: u64, out: &mut CtInfo) {
+pub(crate) fn of_skb(skb: u64, out: &mut CtInfo) {
     *out = CtInfo::default();
     if ro(&L.valid) == 0 {
         return;
@@ -99,7 +99,7 @@ pub fn of_skb(skb: u64, out: &mut CtInfo) {
 
 /// Whether the skb's original-direction tuple (before DNAT) is on a watched port.
 #[inline(always)]
-pub fn original_port_watched(skb: u64) -> bool {
+pub(crate) fn original_port_watched(skb: u64) -> bool {
     if ro(&L.valid) == 0 {
         return false;
     }
@@ -108,13 +108,13 @@ pub fn original_port_watched(skb: u64) -> bool {
         return false;
     }
     let orig = original_tuple(ct);
-    let sport: u16 = unsafe { read(at(orig, ro(&L.src_port))).unwrap_or(0) };
-    let dport: u16 = unsafe { read(at(orig, ro(&L.dst_port))).unwrap_or(0) };
+    let sport: u16 = read(at(orig, ro(&L.src_port))).unwrap_or(0);
+    let dport: u16 = read(at(orig, ro(&L.dst_port))).unwrap_or(0);
     maps::port_watched(u16::from_be(sport), u16::from_be(dport))
 }
 
 #[fentry(function = "nf_ct_delete")]
-pub fn nf_ct_delete(ctx: FEntryContext) -> u32 {
+pub(crate) fn nf_ct_delete(ctx: FEntryContext) -> u32 {
     if try_nf_ct_delete(ctx.arg(0)).is_err() {
         maps::count(counter::TCP_UNREADABLE);
     }
@@ -123,7 +123,7 @@ pub fn nf_ct_delete(ctx: FEntryContext) -> u32 {
 
 /// The same, where conntrack is a module (fentry there needs the module's BTF object).
 #[kprobe]
-pub fn nf_ct_delete_kprobe(ctx: ProbeContext) -> u32 {
+pub(crate) fn nf_ct_delete_kprobe(ctx: ProbeContext) -> u32 {
     let Some(ct) = ctx.arg::<u64>(0) else {
         maps::count(counter::TCP_UNREADABLE);
         return 0;
@@ -139,13 +139,13 @@ fn try_nf_ct_delete(ct: u64) -> Result<(), i64> {
         return Ok(());
     }
     let orig = original_tuple(ct);
-    let protonum: u8 = unsafe { read(at(orig, ro(&L.dst_protonum)))? };
-    let status: u64 = unsafe { read(at(ct, ro(&L.ct_status)))? };
+    let protonum: u8 = read(at(orig, ro(&L.dst_protonum)))?;
+    let status: u64 = read(at(ct, ro(&L.ct_status)))?;
     if protonum != IPPROTO_TCP || status & ro(&L.seen_reply_mask) as u64 != 0 {
         return Ok(());
     }
-    let sport: u16 = u16::from_be(unsafe { read(at(orig, ro(&L.src_port)))? });
-    let dport: u16 = u16::from_be(unsafe { read(at(orig, ro(&L.dst_port)))? });
+    let sport: u16 = u16::from_be(read(at(orig, ro(&L.src_port)))?);
+    let dport: u16 = u16::from_be(read(at(orig, ro(&L.dst_port)))?);
     if !maps::port_watched(sport, dport) {
         return Ok(());
     }

@@ -10,7 +10,7 @@ use crate::{
 };
 
 #[tracepoint]
-pub fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
+pub(crate) fn tcp_retransmit_skb(ctx: TracePointContext) -> u32 {
     if try_tcp_retransmit_skb(&ctx).is_err() {
         maps::count(counter::TCP_UNREADABLE);
     }
@@ -25,7 +25,7 @@ fn try_tcp_retransmit_skb(ctx: &TracePointContext) -> Result<(), i64> {
     // Before 5.13 the record has no `family`: the socket's own says which addresses to read.
     let family_off = ro(&L.rt.family);
     let family: u16 = if family_off == ABSENT {
-        unsafe { read(at(sk, ro(&L.sk_family)))? }
+        read(at(sk, ro(&L.sk_family)))?
     } else {
         field(ctx, family_off)?
     };

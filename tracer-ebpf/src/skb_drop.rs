@@ -26,7 +26,7 @@ use crate::{
 };
 
 #[tracepoint]
-pub fn kfree_skb(ctx: TracePointContext) -> u32 {
+pub(crate) fn kfree_skb(ctx: TracePointContext) -> u32 {
     if try_kfree_skb(&ctx).is_err() {
         maps::count(counter::SKB_UNREADABLE);
     }
@@ -56,7 +56,7 @@ fn try_kfree_skb(ctx: &TracePointContext) -> Result<(), i64> {
 /// `trace_kfree_skb(skb, location, reason, ...)` as a BTF tracepoint: attached only where
 /// the kernel's BTF gives the hook those three arguments first.
 #[btf_tracepoint(function = "kfree_skb")]
-pub fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
+pub(crate) fn kfree_skb_btf(ctx: BtfTracePointContext) -> u32 {
     if try_kfree_skb_btf(&ctx).is_err() {
         maps::count(counter::SKB_UNREADABLE);
     }
@@ -86,8 +86,8 @@ fn on_drop(
     where_why: impl FnOnce() -> Result<(u64, u32), i64>,
 ) -> Result<(), i64> {
     maps::count(counter::SKB_SEEN);
-    let head: u64 = unsafe { read(at(skb, ro(&L.skb_head)))? };
-    let nh: u16 = unsafe { read(at(skb, ro(&L.skb_network_header)))? };
+    let head: u64 = read(at(skb, ro(&L.skb_head)))?;
+    let nh: u16 = read(at(skb, ro(&L.skb_network_header)))?;
     on_packet(skb, protocol, head, nh, where_why)
 }
 
@@ -98,12 +98,12 @@ fn skb_headers(skb: u64) -> Result<(u16, u64, u16), i64> {
     let win = ro(&L.skb_hdr_window);
     if win == ABSENT {
         // skb->protocol is network order; the classic record holds it in host order.
-        let protocol: u16 = u16::from_be(unsafe { read(at(skb, ro(&L.skb_protocol)))? });
-        let head: u64 = unsafe { read(at(skb, ro(&L.skb_head)))? };
-        let nh: u16 = unsafe { read(at(skb, ro(&L.skb_network_header)))? };
+        let protocol: u16 = u16::from_be(read(at(skb, ro(&L.skb_protocol)))?);
+        let head: u64 = read(at(skb, ro(&L.skb_head)))?;
+        let nh: u16 = read(at(skb, ro(&L.skb_network_header)))?;
         return Ok((protocol, head, nh));
     }
-    let w: [u8; SKB_HDR_WINDOW as usize] = unsafe { read(at(skb, win))? };
+    let w: [u8; SKB_HDR_WINDOW as usize] = read(at(skb, win))?;
     // Offsets inside the window, bounded for the verifier (userspace checked they fit).
     let rel = |off: u32, size: usize| (off.wrapping_sub(win) as usize).min(w.len() - size);
     let p = rel(ro(&L.skb_protocol), 2);
@@ -146,6 +146,7 @@ fn on_packet(
     }
 
     let (location, reason) = where_why()?;
+    // SAFETY: bpf_ktime_get_ns takes nothing and cannot fail.
     let now = unsafe { bpf_ktime_get_ns() };
 
     // Aggregate: only the first drop of a (flow, reason, location) gets a record; repeats are
@@ -271,16 +272,16 @@ fn add_repeat(key: &DropKey, now: u64) -> Option<u64> {
 /// skb->sk.
 #[inline(always)]
 fn device_and_netns(skb: u64) -> (u32, u32) {
-    let dev: u64 = unsafe { read(at(skb, ro(&L.skb_dev))).unwrap_or(0) };
+    let dev: u64 = read(at(skb, ro(&L.skb_dev))).unwrap_or(0);
     if dev != 0 {
-        let ifindex: u32 = unsafe { read(at(dev, ro(&L.dev_ifindex))).unwrap_or(0) };
-        let net: u64 = unsafe { read(at(dev, ro(&L.dev_nd_net))).unwrap_or(0) };
+        let ifindex: u32 = read(at(dev, ro(&L.dev_ifindex))).unwrap_or(0);
+        let net: u64 = read(at(dev, ro(&L.dev_nd_net))).unwrap_or(0);
         return (ifindex, net_inum(net, ro(&L.net_inum)));
     }
-    let sk: u64 = unsafe { read(at(skb, ro(&L.skb_sk))).unwrap_or(0) };
+    let sk: u64 = read(at(skb, ro(&L.skb_sk))).unwrap_or(0);
     if sk == 0 {
         return (0, 0);
     }
-    let net: u64 = unsafe { read(at(sk, ro(&L.sk_net))).unwrap_or(0) };
+    let net: u64 = read(at(sk, ro(&L.sk_net))).unwrap_or(0);
     (0, net_inum(net, ro(&L.net_inum)))
 }

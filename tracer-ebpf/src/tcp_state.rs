@@ -15,7 +15,7 @@ use crate::{
 };
 
 #[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+pub(crate) fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
     if try_inet_sock_set_state(&ctx).is_err() {
         maps::count(counter::TCP_UNREADABLE);
     }
@@ -43,6 +43,7 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
             let owner = Owner {
                 pid: ctx.pid(),
                 tgid: ctx.tgid(),
+                // SAFETY: takes nothing and cannot fail.
                 cgroup_id: unsafe { bpf_get_current_cgroup_id() },
                 comm: ctx.command().unwrap_or([0; 16]),
             };
@@ -94,11 +95,13 @@ fn try_inet_sock_set_state(ctx: &TracePointContext) -> Result<(), i64> {
 }
 
 #[inline(always)]
-pub fn header(kind: u8) -> EventHeader {
+pub(crate) fn header(kind: u8) -> EventHeader {
     EventHeader {
         kind,
         _pad: [0; 3],
+        // SAFETY: both helpers take nothing and cannot fail.
         cpu: unsafe { bpf_get_smp_processor_id() },
+        // SAFETY: as above.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     }
 }

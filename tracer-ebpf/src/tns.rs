@@ -18,7 +18,7 @@ const EGRESS: u32 = 1;
 const PASS: i32 = 1;
 
 #[cgroup_skb(ingress)]
-pub fn tns_ingress(ctx: SkBuffContext) -> i32 {
+pub(crate) fn tns_ingress(ctx: SkBuffContext) -> i32 {
     if ports_of_interest(&ctx) && try_tns(&ctx, INGRESS).is_err() {
         maps::count(counter::TNS_UNREADABLE);
     }
@@ -26,7 +26,7 @@ pub fn tns_ingress(ctx: SkBuffContext) -> i32 {
 }
 
 #[cgroup_skb(egress)]
-pub fn tns_egress(ctx: SkBuffContext) -> i32 {
+pub(crate) fn tns_egress(ctx: SkBuffContext) -> i32 {
     if ports_of_interest(&ctx) && try_tns(&ctx, EGRESS).is_err() {
         maps::count(counter::TNS_UNREADABLE);
     }
@@ -58,6 +58,8 @@ impl Reader for Packet<'_> {
     #[inline(always)]
     fn read<const N: usize>(&self, off: u64) -> Result<[u8; N], i64> {
         let mut buf = [0u8; N];
+        // SAFETY: the helper writes at most N bytes into `buf`, which holds N, and checks the
+        // packet bounds itself.
         let ret = unsafe {
             bpf_skb_load_bytes(
                 self.0.skb.skb.cast(),
