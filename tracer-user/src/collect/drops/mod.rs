@@ -23,7 +23,8 @@ pub fn resolve_layout(format: &Format, btf: &KernelBtf) -> Result<SkbLayout, Lay
         tp_skbaddr: format.offset("skbaddr")?,
         tp_location: format.offset("location")?,
         tp_protocol: format.offset("protocol")?,
-        // Kernels before 5.17 have no reason field: every drop is then NOT_SPECIFIED.
+        // Kernels before 5.17 have no reason field: every drop then reports UNAVAILABLE and
+        // is classed by its location.
         tp_reason: format.offset("reason").unwrap_or(ABSENT),
         skb_head: m("sk_buff", "head")?,
         skb_network_header: m("sk_buff", "network_header")?,
