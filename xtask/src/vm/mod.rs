@@ -296,8 +296,8 @@ impl KernelRun {
         }
         if self.hooks["exit"] != 0 {
             f.push(format!(
-                "droptrace run did not stop cleanly (exit {})",
-                self.hooks["exit"]
+                "droptrace run did not stop cleanly on SIGINT (exit {}, after {} s)",
+                self.hooks["exit"], self.hooks["stop_secs"]
             ));
         }
         for t in planned {
