@@ -594,12 +594,20 @@ impl Tracer {
         }
     }
 
-    /// Removes an idle key from the kernel's drop aggregation map. A drop landing between the
-    /// last read and this removal would be missed; the key has been idle for the pipeline's
-    /// idle time, so that window is not hit in practice.
-    pub fn forget_drop_key(&mut self, key: &DropKey) {
-        if let Some(map) = self.drop_agg.as_mut() {
-            let _ = map.remove(key);
+    /// Removes an idle key from the kernel's drop aggregation map, if its repeats are still
+    /// `reported` (all of them reported): the flush that found it idle read the map a while
+    /// ago (under emulation, long enough for a flow's next drop to land), and removing a key
+    /// that repeated since would lose those drops. Read again right before the removal; a
+    /// key that grew is kept for the next flush. True when the key is gone.
+    pub fn forget_drop_key(&mut self, key: &DropKey, reported: u64) -> bool {
+        let Some(map) = self.drop_agg.as_mut() else {
+            return false;
+        };
+        match map.get(key, 0) {
+            Ok(per_cpu) if per_cpu.iter().map(|v| v.repeats).sum::<u64>() != reported => false,
+            Ok(_) => map.remove(key).is_ok(),
+            // Gone already.
+            Err(_) => true,
         }
     }
 

@@ -98,12 +98,15 @@ impl Wiring {
 
 /// Carries out what the pipeline asked of the kernel side.
 fn act(tracer: &mut Tracer, p: &mut Pipeline) {
+    let mut forgotten = Vec::new();
     for a in p.drain_actions() {
         let done = match (&a, tracer.watch.as_mut()) {
             (Action::WatchHostPort(t, until), Some(w)) => w.host_port(*t, *until),
             (Action::WatchPort(port), Some(w)) => w.port(*port),
-            (Action::ForgetAggKey(k), _) => {
-                tracer.forget_drop_key(k);
+            (Action::ForgetAggKey(k, reported), _) => {
+                if tracer.forget_drop_key(k, *reported) {
+                    forgotten.push(*k);
+                }
                 Ok(())
             }
             (_, None) => Ok(()),
@@ -118,6 +121,9 @@ fn act(tracer: &mut Tracer, p: &mut Pipeline) {
             (_, Ok(())) => {}
             (_, Err(e)) => tracing::warn!("{a:?}: {e}"),
         }
+    }
+    for k in &forgotten {
+        p.agg_key_forgotten(k);
     }
 }
 

@@ -68,8 +68,9 @@ pub enum Action {
     WatchHostPort(SocketAddr, u64),
     /// Watch this port on every address (a redirect target named by host name).
     WatchPort(u16),
-    /// Remove an idle key from the kernel's aggregation map (its counts are all reported).
-    ForgetAggKey(DropKey),
+    /// Remove an idle key from the kernel's aggregation map if its repeats are still the
+    /// number reported (they all are), then tell `Pipeline::agg_key_forgotten`.
+    ForgetAggKey(DropKey, u64),
 }
 
 /// One event out of the pipeline.
@@ -340,8 +341,13 @@ impl Pipeline {
             self.emit_drop(&d, Some(id));
         }
         self.actions
-            .extend(forget.into_iter().map(Action::ForgetAggKey));
+            .extend(forget.into_iter().map(|(k, n)| Action::ForgetAggKey(k, n)));
         self.drain_correlator();
+    }
+
+    /// The run loop removed an idle key from the kernel's aggregation map (`ForgetAggKey`).
+    pub fn agg_key_forgotten(&mut self, key: &DropKey) {
+        self.repeats.forgotten(key);
     }
 
     /// Whether an attempt ended and waits for the kernel's last counts (flush, then tick).

@@ -45,15 +45,17 @@ impl Repeats {
     }
 
     /// Drops counted in the kernel since the last flush: one signal per key that grew, into
-    /// `out`; keys idle long enough (everything they counted reported) into `forget`, for the
-    /// run loop to remove from the kernel map.
+    /// `out`; keys idle long enough (everything they counted reported) into `forget` with the
+    /// repeats reported, for the run loop to remove from the kernel map. A key stays known
+    /// here until the run loop says it removed it (`forgotten`): one that repeated after this
+    /// read is kept in the kernel, and its next flush reports only what is new.
     pub fn flush(
         &mut self,
         now_ns: u64,
         entries: &[AggEntry],
         symbols: &Symbols,
         out: &mut Vec<DropSignal>,
-        forget: &mut Vec<DropKey>,
+        forget: &mut Vec<(DropKey, u64)>,
     ) {
         for e in entries {
             let done = self.reported.entry(e.key).or_insert(0);
@@ -84,12 +86,8 @@ impl Repeats {
                 s.count = delta;
                 out.push(s);
             } else if now_ns.saturating_sub(e.last_ns) >= self.idle_ns {
-                forget.push(e.key);
+                forget.push((e.key, e.repeats));
             }
-        }
-        for key in forget.iter() {
-            self.reported.remove(key);
-            self.first.remove(key);
         }
         // First records of keys the kernel never kept (its map was full): nothing will
         // repeat them.
@@ -99,6 +97,12 @@ impl Repeats {
             self.first
                 .retain(|k, f| kept.contains(k) || now_ns.saturating_sub(f.seen_ns) < idle);
         }
+    }
+
+    /// The run loop removed `key` from the kernel map: its next drop is a first record again.
+    pub fn forgotten(&mut self, key: &DropKey) {
+        self.reported.remove(key);
+        self.first.remove(key);
     }
 
     pub fn tracked(&self) -> usize {

@@ -631,3 +631,33 @@ fn a_clean_connect_and_close_is_silent() {
         "{kinds:?}"
     );
 }
+
+#[test]
+fn idle_key_that_repeats_before_its_removal_reports_only_the_new_drops() {
+    let mut p = pipeline(Emit::default());
+    let flow = key("10.202.1.1:40000", "10.203.1.2:1521");
+    let first = drop_rec(MS, flow, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    p.record(&bytes(&first));
+    p.repeats(S, &[entry(&first, 2, S)]);
+    // Idle since: the pipeline asks for the key's removal, with the 2 repeats it reported.
+    p.repeats(10 * S, &[entry(&first, 2, S)]);
+    let forget: Vec<Action> = p.drain_actions().collect();
+    assert_eq!(
+        forget,
+        vec![Action::ForgetAggKey(drops::agg_key(&first), 2)],
+        "{forget:?}"
+    );
+    // The run loop found a third drop counted since that read and kept the key: the next
+    // flush reports that one drop, not all three again.
+    p.repeats(11 * S, &[entry(&first, 3, 10 * S + MS)]);
+    // This time it is removed: the key's next drop is a first record again.
+    p.repeats(20 * S, &[entry(&first, 3, 10 * S + MS)]);
+    p.agg_key_forgotten(&drops::agg_key(&first));
+    let again = drop_rec(21 * S, flow, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    p.record(&bytes(&again));
+    p.repeats(22 * S, &[entry(&again, 1, 22 * S)]);
+
+    let out = streamed(&mut p);
+    let counts: Vec<u64> = of_kind(&out, Kind::Drop).iter().map(|e| e.count).collect();
+    assert_eq!(counts, vec![1, 2, 1, 1, 1], "{out:#?}");
+}

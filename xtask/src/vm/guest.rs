@@ -21,6 +21,8 @@ use super::Plan;
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 /// How long `droptrace run` may take to attach under software emulation.
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long `droptrace run` may take to stop after SIGINT under software emulation.
+const STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub(crate) fn main(out: &Path) -> ! {
     let results = out.join("results.jsonl");
@@ -245,7 +247,11 @@ fn hooks(plan: &Plan) -> Value {
     }
     let attach_secs = t0.elapsed().as_secs_f64();
     signal(child.id(), "INT");
-    let code = wait_for(&mut child, Duration::from_secs(30));
+    let t1 = Instant::now();
+    // Detaching waits for RCU grace periods: over 30 s once on an emulated 5.10 while the
+    // host ran other builds.
+    let code = wait_for(&mut child, STOP_TIMEOUT);
+    let stop_secs = t1.elapsed().as_secs_f64();
     let _ = reader.join();
     lines.extend(rx.try_iter());
     let warnings: Vec<&String> = lines
@@ -259,6 +265,7 @@ fn hooks(plan: &Plan) -> Value {
         "warnings": warnings,
         "exit": code,
         "attach_secs": (attach_secs * 10.0).round() / 10.0,
+        "stop_secs": (stop_secs * 10.0).round() / 10.0,
         "stderr": lines,
     })
 }

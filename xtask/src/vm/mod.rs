@@ -296,8 +296,8 @@ impl KernelRun {
         }
         if self.hooks["exit"] != 0 {
             f.push(format!(
-                "droptrace run did not stop cleanly (exit {})",
-                self.hooks["exit"]
+                "droptrace run did not stop cleanly on SIGINT (exit {}, after {} s)",
+                self.hooks["exit"], self.hooks["stop_secs"]
             ));
         }
         for t in planned {
@@ -318,6 +318,30 @@ impl KernelRun {
             }
         }
         self.failures = f;
+    }
+}
+
+impl KernelRun {
+    /// Why this leg failed, in one line (its first failure's first line, and how many more);
+    /// None when it passed.
+    fn one_line(&self) -> Option<String> {
+        let first = self.failures.first()?;
+        let k = if self.release.is_empty() {
+            &self.spec
+        } else {
+            &self.release
+        };
+        let mut line: String = first
+            .lines()
+            .next()
+            .unwrap_or("")
+            .chars()
+            .take(300)
+            .collect();
+        if self.failures.len() > 1 {
+            line.push_str(&format!(" (and {} more)", self.failures.len() - 1));
+        }
+        Some(format!("{k}: {line}"))
     }
 }
 
@@ -533,19 +557,9 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<Vec<Kernel
         table::update_readme(&runs)?;
         step("README.md: kernel compatibility table rewritten from this run");
     }
-    let failed: Vec<&str> = runs
-        .iter()
-        .filter(|r| !r.failures.is_empty())
-        .map(|r| {
-            if r.release.is_empty() {
-                r.spec.as_str()
-            } else {
-                r.release.as_str()
-            }
-        })
-        .collect();
+    let failed: Vec<String> = runs.iter().filter_map(KernelRun::one_line).collect();
     if !failed.is_empty() {
-        bail!("VM legs failed on {}", failed.join(", "));
+        bail!("VM legs failed: {}", failed.join("; "));
     }
     Ok(runs)
 }

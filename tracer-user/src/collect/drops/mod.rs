@@ -46,7 +46,8 @@ pub fn resolve_layout(format: &Format, btf: &KernelBtf) -> Result<SkbLayout, Lay
         tp_skbaddr: format.offset("skbaddr")?,
         tp_location: format.offset("location")?,
         tp_protocol: format.offset("protocol")?,
-        // Kernels before 5.17 have no reason field: every drop is then NOT_SPECIFIED.
+        // Kernels before 5.17 have no reason field: every drop then reports UNAVAILABLE and
+        // is classed by its location.
         tp_reason: format.offset("reason").unwrap_or(ABSENT),
         skb_protocol,
         skb_hdr_window: SkbLayout::hdr_window(skb_protocol, skb_network_header, skb_head),
