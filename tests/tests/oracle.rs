@@ -280,7 +280,15 @@ fn service_redirect_to_pod_port() {
     let forwarded = topo.forward_drop_count(second.port());
     let drops = at(&s, "drops").as_array().unwrap();
     assert_eq!(drops.len(), 1, "{s}");
-    assert_eq!(at(&drops[0], "count").as_u64().unwrap(), forwarded, "{s}");
+    let counted = at(&drops[0], "count").as_u64().unwrap();
+    if str_at(&s, "diagnosis").contains("followed from its first SYN retransmit") {
+        // The client dialled the target before droptrace had read the REDIRECT (a loaded
+        // machine): the incident says its first SYN's drop is not counted, and that is all
+        // it misses.
+        assert_eq!(counted + 1, forwarded, "{s}");
+    } else {
+        assert_eq!(counted, forwarded, "{s}");
+    }
     assert!(
         str_at(&s, "diagnosis").starts_with(&format!(
             "listener {svc}:1521 redirected sqlplus to {second}; that leg's SYN to {second} dropped"

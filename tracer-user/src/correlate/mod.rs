@@ -51,6 +51,8 @@ struct Attempt {
     ended: Option<(Outcome, u64, Option<i32>)>,
     /// Oracle context: the listener leg that redirected here, or the listener's answer.
     oracle: Option<event::Oracle>,
+    /// First seen at a SYN retransmit: the SYN itself went out unwatched.
+    first_syn_unseen: bool,
 }
 
 /// A listener REDIRECT waiting for the client's next connect.
@@ -318,6 +320,7 @@ impl Correlator {
             reported_data_stall: false,
             ended: None,
             oracle: None,
+            first_syn_unseen: false,
         }
     }
 
@@ -430,9 +433,12 @@ impl Correlator {
         let id = match self.find(Some(r.sk), &[r.flow]) {
             Some(id) => id,
             None => {
-                // Started before we attached: follow it from here.
+                // Started before we attached, or before its port was watched (a REDIRECT
+                // target learned a moment after the client dialled it): follow it from here,
+                // and say that its first SYN was not seen.
                 let mut a = Self::new_attempt(r.flow, r.ts_ns, r.owner.clone(), r.netns);
                 a.sk = Some(r.sk);
+                a.first_syn_unseen = connecting;
                 if !connecting {
                     a.phase = Phase::Established;
                 }
@@ -685,8 +691,15 @@ fn incident(id: u64, a: &Attempt, outcome: Outcome, at_ns: u64, errno: Option<i3
     if let Some(leg) = redirected_leg(&inc) {
         inc.diagnosis = format!("{leg}; {}", inc.diagnosis);
     }
+    if a.first_syn_unseen {
+        inc.diagnosis.push_str(FIRST_SYN_UNSEEN);
+    }
     inc
 }
+
+/// Said of an attempt first seen at a SYN retransmit: its counts start there.
+pub(crate) const FIRST_SYN_UNSEEN: &str = " (followed from its first SYN retransmit: the first \
+     SYN left before droptrace watched this port, and a drop of it is not counted)";
 
 #[cfg(test)]
 mod tests {
@@ -780,6 +793,29 @@ mod tests {
              (NETFILTER_DROP at nft_do_chain) in netns 200"
         );
         assert_eq!(c.tracked(), 0);
+    }
+
+    #[test]
+    fn connect_first_seen_at_a_syn_retransmit_says_its_first_syn_is_not_counted() {
+        // A REDIRECT target the client dialled before the port was watched: the state change
+        // and the first SYN's drop went by unseen; its retransmits are the first signals.
+        let mut c = Correlator::new(cfg());
+        let f = key("10.0.0.1:40000", "198.51.100.7:40123");
+        c.on_retransmit(&retrans(1000 * MS, 1, f, "SYN_SENT", 0));
+        c.on_drop(&drop_(1000 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.on_retransmit(&retrans(3000 * MS, 1, f, "SYN_SENT", 0));
+        c.on_drop(&drop_(3000 * MS, f, 0x02, "NETFILTER_DROP"));
+        c.on_state(&state(4000 * MS, 1, f, "SYN_SENT", "CLOSE", 110));
+        c.tick(4100 * MS);
+        let out: Vec<_> = c.drain().collect();
+        assert_eq!(out.len(), 1, "{out:#?}");
+        assert_eq!(out[0].syn_retransmits, 2);
+        assert_eq!(out[0].drops[0].count, 2);
+        assert!(
+            out[0].diagnosis.ends_with(FIRST_SYN_UNSEEN),
+            "{}",
+            out[0].diagnosis
+        );
     }
 
     #[test]
