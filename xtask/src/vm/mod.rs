@@ -43,7 +43,6 @@ const HOST_ONLY_TARGETS: &[&str] = &["deploy", "container"];
 /// Programs every kernel of the matrix must load and attach (the conntrack-removal hook is
 /// one of two programs, see `REMOVAL_PROGRAMS`).
 pub(crate) const PROGRAMS: &[&str] = &[
-    "kfree_skb",
     "inet_sock_set_state",
     "tcp_retransmit_skb",
     "tns_ingress",
@@ -51,6 +50,9 @@ pub(crate) const PROGRAMS: &[&str] = &[
 ];
 /// fentry where the function is in vmlinux's BTF, kprobe where conntrack is a module.
 pub(crate) const REMOVAL_PROGRAMS: &[&str] = &["nf_ct_delete", "nf_ct_delete_kprobe"];
+/// The drop hook: the BTF tracepoint where the kernel's hook prototype carries the reason
+/// (6.1+), the classic tracepoint otherwise (5.10) or when the first is refused.
+pub(crate) const DROP_PROGRAMS: &[&str] = &["kfree_skb_btf", "kfree_skb"];
 const TEST_TIMEOUT_SECS: u64 = 300;
 /// Tracepoints whose record formats droptrace reads (copied out of each guest).
 pub(crate) const FORMATS: &[(&str, &str)] = &[
@@ -293,6 +295,9 @@ impl KernelRun {
         }
         if !REMOVAL_PROGRAMS.iter().any(|p| programs.contains(p)) {
             f.push("no conntrack-removal program attached".into());
+        }
+        if !DROP_PROGRAMS.iter().any(|p| programs.contains(p)) {
+            f.push("no skb:kfree_skb program attached".into());
         }
         if self.hooks["exit"] != 0 {
             f.push(format!(

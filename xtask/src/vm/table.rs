@@ -60,7 +60,10 @@ pub(super) fn hook_cells(run: &KernelRun) -> Vec<(&'static str, String)> {
     vec![
         (
             "skb:kfree_skb (every drop)",
-            cell(attached(run, "kfree_skb"), reasons.as_deref()),
+            cell(
+                super::DROP_PROGRAMS.iter().any(|p| attached(run, p)),
+                reasons.as_deref(),
+            ),
         ),
         (
             "sock:inet_sock_set_state (connect attempts)",
