@@ -242,14 +242,16 @@ impl Flow {
     /// without one, computed from the tuple; None for a storm record that folds one end (it
     /// has no one flow). Encoders and sinks take it from here and never compute their own.
     pub fn community_id_or_compute(&self) -> Option<String> {
-        let folded = |ip: IpAddr, port: u16| ip.is_unspecified() && port == 0;
-        if self.community_id.is_some()
-            || folded(self.src_ip, self.src_port)
-            || folded(self.dst_ip, self.dst_port)
-        {
+        if self.community_id.is_some() || self.is_folded() {
             return self.community_id.clone();
         }
         crate::encode::community_id::tcp(self.src_ip, self.src_port, self.dst_ip, self.dst_port)
+    }
+
+    /// One end unspecified: a storm's many sources folded into one record (no one flow).
+    pub fn is_folded(&self) -> bool {
+        self.src_ip.is_unspecified() && self.src_port == 0
+            || self.dst_ip.is_unspecified() && self.dst_port == 0
     }
 }
 

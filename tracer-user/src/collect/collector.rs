@@ -41,6 +41,17 @@ pub static ALL: [&dyn Collector; 5] = [
     &ConntrackRemovals,
 ];
 
+/// A classic tracepoint program, and what `run` logs of it.
+fn tracepoint(
+    t: &mut Tracer,
+    prog: &'static str,
+    category: &str,
+    name: &str,
+) -> Result<String, TracerError> {
+    t.attach_tracepoint(prog, category, name)
+        .map(|()| format!("tracepoint {category}:{name}"))
+}
+
 /// `skb:kfree_skb`: every freed packet with its drop reason (required).
 pub struct Drops;
 
@@ -71,8 +82,7 @@ impl Collector for Drops {
                 Err(e) => tracing::debug!("{e}; classic tracepoint instead"),
             }
         }
-        t.attach_tracepoint(drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)
-            .map(|()| format!("tracepoint {}:{}", drops::CATEGORY, drops::TRACEPOINT))
+        tracepoint(t, drops::PROGRAM, drops::CATEGORY, drops::TRACEPOINT)
     }
 }
 
@@ -86,41 +96,40 @@ impl Collector for OracleNet {
     fn skipped(&self) -> &'static str {
         "Oracle TNS not followed"
     }
-    fn can_run(&self, _: &Resolved) -> Result<String, String> {
-        tns::cgroup2_root()
+    fn can_run(&self, r: &Resolved) -> Result<String, String> {
+        r.cgroup2_root
+            .as_ref()
             .map(|root| format!("TNS handshakes on watched ports ({})", root.display()))
             .ok_or_else(|| "no cgroup v2 root mounted".to_string())
     }
-    fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
-        let root = tns::cgroup2_root()
+    fn attach(&self, r: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
+        let root = r
+            .cgroup2_root
+            .as_ref()
             .ok_or_else(|| TracerError::Unavailable("no cgroup v2 root mounted".to_string()))?;
         // Each direction on its own: another agent holding one hook exclusively must not cost
         // the other (on a node both ends of a connection are often local, and the egress
         // program alone still sees the listener's REDIRECT).
         let mut attached = Vec::new();
-        let mut refused = Vec::new();
+        let mut refused = None;
         for (prog, dir) in [
             (tns::INGRESS_PROGRAM, "ingress"),
             (tns::EGRESS_PROGRAM, "egress"),
         ] {
-            match t.attach_cgroup_skb(prog, &root, dir == "ingress") {
+            match t.attach_cgroup_skb(prog, root, dir == "ingress") {
                 Ok(()) => attached.push(dir),
-                Err(e) => refused.push(e),
+                // The first refusal is the run's warning (or the error); a second is said here.
+                Err(e) if refused.is_none() => refused = Some(e),
+                Err(e) => tracing::warn!("{}: {e}", self.skipped()),
             }
         }
-        let mut refused = refused.into_iter();
-        let first = refused.next();
-        // The first refusal is the run's warning (or the error); the others are said here.
-        for e in refused {
-            tracing::warn!("{}: {e}", self.skipped());
-        }
-        match first {
+        match refused {
             Some(e) if attached.is_empty() => Err(e),
             Some(e) => {
                 tracing::warn!("{}: {e}", self.skipped());
                 Ok(format!(
                     "cgroup_skb {} only on {}",
-                    attached.join(", "),
+                    attached[0],
                     root.display()
                 ))
             }
@@ -148,18 +157,12 @@ impl Collector for TcpLifecycle {
             .map(|()| "connect attempts and their outcome".to_string())
     }
     fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
-        t.attach_tracepoint(
+        tracepoint(
+            t,
             tcp::STATE_PROGRAM,
             tcp::STATE_CATEGORY,
             tcp::STATE_TRACEPOINT,
         )
-        .map(|()| {
-            format!(
-                "tracepoint {}:{}",
-                tcp::STATE_CATEGORY,
-                tcp::STATE_TRACEPOINT
-            )
-        })
     }
 }
 
@@ -182,18 +185,12 @@ impl Collector for Retransmits {
         })
     }
     fn attach(&self, _: &Resolved, t: &mut Tracer) -> Result<String, TracerError> {
-        t.attach_tracepoint(
+        tracepoint(
+            t,
             tcp::RETRANSMIT_PROGRAM,
             tcp::RETRANSMIT_CATEGORY,
             tcp::RETRANSMIT_TRACEPOINT,
         )
-        .map(|()| {
-            format!(
-                "tracepoint {}:{}",
-                tcp::RETRANSMIT_CATEGORY,
-                tcp::RETRANSMIT_TRACEPOINT
-            )
-        })
     }
 }
 

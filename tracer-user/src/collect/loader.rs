@@ -319,6 +319,9 @@ pub struct Tracer {
     pub watch: Option<Watch>,
     pub logger: Option<KernelLog>,
     attached: Vec<(&'static str, Hook)>,
+    /// The running kernel's BTF as aya reads it, parsed once for the BTF-typed hooks
+    /// (tp_btf, fentry).
+    btf: Option<aya::Btf>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -429,6 +432,7 @@ impl Tracer {
             watch: Some(watch),
             logger,
             attached: Vec::new(),
+            btf: None,
         })
     }
 
@@ -478,32 +482,48 @@ impl Tracer {
         Ok(())
     }
 
+    /// `f` with the running kernel's BTF, parsed on first use and kept.
+    fn with_btf<R>(
+        &mut self,
+        f: impl FnOnce(&mut Self, &aya::Btf) -> Result<R, TracerError>,
+    ) -> Result<R, TracerError> {
+        let btf = match self.btf.take() {
+            Some(b) => b,
+            None => aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?,
+        };
+        let r = f(self, &btf);
+        self.btf = Some(btf);
+        r
+    }
+
     /// BTF tracepoint (tp_btf) `name`, typed by the running kernel's BTF.
     pub fn attach_btf_tracepoint(
         &mut self,
         prog: &'static str,
         name: &str,
     ) -> Result<(), TracerError> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
-        let p: &mut BtfTracePoint = self.program(prog)?;
-        p.load(name, &btf)
-            .map_err(|source| TracerError::load(prog, source))?;
-        p.attach()
-            .map_err(|source| TracerError::Program { prog, source })?;
-        self.attached.push((prog, Hook::BtfTracePoint));
-        Ok(())
+        self.with_btf(|t, btf| {
+            let p: &mut BtfTracePoint = t.program(prog)?;
+            p.load(name, btf)
+                .map_err(|source| TracerError::load(prog, source))?;
+            p.attach()
+                .map_err(|source| TracerError::Program { prog, source })?;
+            t.attached.push((prog, Hook::BtfTracePoint));
+            Ok(())
+        })
     }
 
     /// fentry on a kernel function found in the running kernel's BTF.
     pub fn attach_fentry(&mut self, prog: &'static str, function: &str) -> Result<(), TracerError> {
-        let btf = aya::Btf::from_sys_fs().map_err(|e| TracerError::Btf(e.to_string()))?;
-        let p: &mut FEntry = self.program(prog)?;
-        p.load(function, &btf)
-            .map_err(|source| TracerError::load(prog, source))?;
-        p.attach()
-            .map_err(|source| TracerError::Program { prog, source })?;
-        self.attached.push((prog, Hook::FEntry));
-        Ok(())
+        self.with_btf(|t, btf| {
+            let p: &mut FEntry = t.program(prog)?;
+            p.load(function, btf)
+                .map_err(|source| TracerError::load(prog, source))?;
+            p.attach()
+                .map_err(|source| TracerError::Program { prog, source })?;
+            t.attached.push((prog, Hook::FEntry));
+            Ok(())
+        })
     }
 
     /// kprobe on a kernel function by name (module functions included, once loaded).

@@ -138,6 +138,8 @@ pub struct Resolved {
     pub ct_btf: &'static str,
     /// How conntrack removals can be traced on this kernel.
     pub ct_delete: Result<conntrack::Removal, String>,
+    /// The cgroup v2 root the Oracle Net programs attach to (None for recorded kernels).
+    pub cgroup2_root: Option<std::path::PathBuf>,
     pub symbols: Symbols,
 }
 
@@ -169,6 +171,7 @@ pub fn resolve(tracefs: &Path, btf: &KernelBtf) -> Result<Resolved, LayoutError>
         conntrack_loaded: conntrack::module_loaded(),
     })?;
     r.symbols.kallsyms = kallsyms.join().unwrap_or_default();
+    r.cgroup2_root = tns::cgroup2_root();
     Ok(r)
 }
 
@@ -207,6 +210,7 @@ pub fn resolve_facts(k: KernelFacts) -> Result<Resolved, LayoutError> {
         ct,
         ct_btf,
         ct_delete,
+        cgroup2_root: None,
         symbols,
     })
 }

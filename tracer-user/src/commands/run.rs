@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use crate::{
     clock::{self, Clock},
-    collect::loader::{Tracer, TracerOptions},
+    collect::loader::{Tracer, TracerError, TracerOptions},
     collect::{
         Symbols, collector, conntrack,
         conntrack::netlink::{self, CtDestroyEvents},
@@ -149,18 +149,17 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
     })?;
     tracing::debug!(elapsed = ?t0.elapsed(), "object loaded");
     for c in collector::ALL {
-        let attached = if c.required() {
-            c.attach(&r, &mut tracer)?
-        } else {
-            match c
-                .can_run(&r)
-                .and_then(|_| c.attach(&r, &mut tracer).map_err(|e| e.to_string()))
-            {
-                Ok(a) => a,
-                Err(why) => {
-                    tracing::warn!("{}: {why}", c.skipped());
-                    continue;
-                }
+        let attached = c
+            .can_run(&r)
+            .map_err(TracerError::Unavailable)
+            .and_then(|_| c.attach(&r, &mut tracer));
+        let attached = match attached {
+            Ok(a) => a,
+            // A refusal for want of a privilege keeps its type: it is an exit status of its own.
+            Err(e) if c.required() => return Err(e.into()),
+            Err(why) => {
+                tracing::warn!("{}: {why}", c.skipped());
+                continue;
             }
         };
         tracing::debug!("{}: {attached}", c.name());

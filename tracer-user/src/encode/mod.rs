@@ -84,7 +84,7 @@ pub fn native(event: &Event, buf: &mut Vec<u8>) {
     if event
         .flow
         .as_ref()
-        .is_some_and(|f| f.community_id.is_none() && !is_folded(f))
+        .is_some_and(|f| f.community_id.is_none() && !f.is_folded())
     {
         let mut e = event.clone();
         if let Some(f) = e.flow.as_mut() {
@@ -233,11 +233,6 @@ fn policy_names(policies: &[crate::event::PolicyRef]) -> String {
 
 fn community_id(f: &Flow) -> Option<String> {
     f.community_id_or_compute()
-}
-
-/// One end unspecified: a storm's many sources folded into one record (no one flow).
-fn is_folded(f: &Flow) -> bool {
-    f.src_ip.is_unspecified() && f.src_port == 0 || f.dst_ip.is_unspecified() && f.dst_port == 0
 }
 
 thread_local! {
