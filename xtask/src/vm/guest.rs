@@ -82,7 +82,8 @@ fn sh(args: &[&str]) -> anyhow::Result<()> {
 fn mount_node() -> anyhow::Result<()> {
     for (fstype, target, opts) in [
         ("tmpfs", "/run", "mode=0755"),
-        ("tmpfs", "/tmp", "mode=1777"),
+        // No tmpfs on /tmp: the root is already writable (tmpfs overlay), and a checkout under
+        // the host's /tmp (a clone in /tmp/x) must stay visible to the guest.
         ("devpts", "/dev/pts", "gid=5,mode=620"),
         ("tmpfs", "/dev/shm", "mode=1777"),
         ("tracefs", "/sys/kernel/tracing", ""),
