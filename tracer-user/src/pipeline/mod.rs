@@ -242,8 +242,10 @@ impl Pipeline {
     fn drop_signal(&mut self, d: DropSignal) {
         self.summary.drop_seen(&d);
         let server = storm::server_of(&d);
-        if d.flow.is_folded() {
-            // The kernel folded a storm of new flows: a storm toward that end.
+        if d.flow.is_folded() && d.class != DropClass::Local {
+            // The kernel folded a storm of new flows: a storm toward that end. A local drop
+            // folded there too (a sniffer's copy its packet socket could not take) is the
+            // host's own: counted as a drop, not as the storm's.
             let id = self.storms.start(server, d.ts_ns, &mut self.next_storm_id);
             self.absorb_drop_only(server);
             self.storms.folded(server, &d);

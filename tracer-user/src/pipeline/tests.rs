@@ -16,6 +16,7 @@ const MS: u64 = 1_000_000;
 const S: u64 = 1_000_000_000;
 const NETFILTER_DROP: u32 = 12;
 const QUEUE_PURGE: u32 = 104;
+const PACKET_SOCK_ERROR: u32 = 76;
 const NFT_DO_CHAIN: u64 = 0xffffffff81f81c50 + 0x46f;
 const SK_STREAM_KILL_QUEUES: u64 = 0xffffffff81a00000 + 0x5d;
 const SYN: u8 = 0x02;
@@ -30,6 +31,7 @@ fn symbols() -> Symbols {
             (2, "NOT_SPECIFIED".to_string()),
             (NETFILTER_DROP, "NETFILTER_DROP".to_string()),
             (QUEUE_PURGE, "QUEUE_PURGE".to_string()),
+            (PACKET_SOCK_ERROR, "PACKET_SOCK_ERROR".to_string()),
         ]),
         tcp_states: [
             (1, "ESTABLISHED"),
@@ -401,6 +403,51 @@ fn a_local_client_during_a_storm_is_still_its_own_incident() {
             .any(|d| d.flow.as_ref().unwrap().src_port == 40000),
         "its own drop is its own record"
     );
+}
+
+/// Seen in CI: during a random-source flood a packet socket (a sniffer's ring) on the host
+/// could not take its copy of one SYN (PACKET_SOCK_ERROR), and the kernel folded that copy
+/// toward the flooded destination too. The SYN itself went on; the storm counts what the
+/// network dropped, so its total stays the firewall's and the copy is a held-back local drop.
+#[test]
+fn a_sniffers_dropped_copy_is_not_part_of_the_storm() {
+    let mut p = pipeline(Emit::default());
+    let server = "10.201.7.2:1521";
+    let folded = drop_rec(
+        0,
+        key("0.0.0.0:0", server),
+        SYN,
+        NETFILTER_DROP,
+        NFT_DO_CHAIN,
+    );
+    p.record(&bytes(&folded));
+    let copy = drop_rec(
+        5 * MS,
+        key("0.0.0.0:0", server),
+        SYN,
+        PACKET_SOCK_ERROR,
+        NFT_DO_CHAIN,
+    );
+    p.record(&bytes(&copy));
+    p.repeats(S, &[entry(&folded, 999, S)]);
+    p.tick(5 * S);
+    let out = streamed(&mut p);
+    let storms = of_kind(&out, Kind::Storm);
+    let ended = storms.last().and_then(|e| e.storm.as_ref()).unwrap();
+    assert_eq!(ended.outcome, "ended", "{storms:#?}");
+    assert_eq!(ended.drops, 1000, "the firewall's drops only: {storms:#?}");
+    let reasons: Vec<&str> = storms
+        .last()
+        .unwrap()
+        .drops
+        .iter()
+        .flatten()
+        .map(|t| t.reason.as_str())
+        .collect();
+    assert_eq!(reasons, ["NETFILTER_DROP"]);
+    let drops = of_kind(&out, Kind::Drop);
+    assert_eq!(drops.iter().map(|e| e.count).sum::<u64>(), ended.drops);
+    assert_eq!(p.summary().drops_by_class.get(&DropClass::Local), Some(&1));
 }
 
 #[test]
