@@ -313,7 +313,9 @@ fn unreplied_conntrack_removal_is_reported() {
         "conntrack -D: {del:?}"
     );
     let ct = tracer
-        .wait_for(Duration::from_secs(5), |v| str_at(v, "kind") == "conntrack")
+        .wait_for(Duration::from_secs(5), |v| {
+            str_at(v, "kind") == "conntrack" && str_at(v, "conntrack.original.dst_ip") == db
+        })
         .unwrap_or_else(|| panic!("no conntrack record: {:#?}", tracer.events()));
     println!("conntrack: {ct}");
     let fin = tracer.stop();
