@@ -81,7 +81,8 @@ enum Cmd {
         minutes: u64,
     },
     /// The privileged e2e tests inside VMs on Debian's kernels (qemu TCG, no NIC): the full
-    /// matrix by default (5.10, 6.1, 6.12, newest; every test; rewrites the README table).
+    /// matrix by default (5.10, 6.1, 6.12, newest; every test). A kernel's leg that runs every test
+    /// becomes its column of the README table.
     TestKernels {
         /// A kernel series (5.10, 6.12), an exact release (6.12.118+deb13-amd64) or `newest`;
         /// repeatable [default: 5.10 6.1 6.12 newest].

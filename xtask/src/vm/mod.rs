@@ -3,8 +3,8 @@
 //! no NIC on the host's own root (read-only 9p, tmpfs overlay: the same droptrace, test
 //! binaries, iptables, hping3 and .venv python-oracledb as the host suite), runs `droptrace
 //! check`, attaches every hook once, runs the planned tests, and powers off. One line per
-//! kernel and test is printed; target/vm/results.json keeps the run; a full matrix run
-//! rewrites the README's compatibility table.
+//! kernel and test is printed; target/vm/results.json keeps the run; a kernel's leg that ran
+//! every test is kept as its column of the README's compatibility table (see `table`).
 mod btf_min;
 pub(crate) mod guest;
 mod initramfs;
@@ -104,8 +104,9 @@ impl Options {
         }
     }
 
-    fn is_full_matrix(&self) -> bool {
-        !self.core && self.filters.is_empty() && self.kernels == Options::matrix().kernels
+    /// Every test ran (no `--core`, no `--test`): each kernel's leg is a matrix column.
+    fn runs_every_test(&self) -> bool {
+        !self.core && self.filters.is_empty()
     }
 }
 
@@ -537,9 +538,14 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<Vec<Kernel
     }
     let t0 = Instant::now();
     let mut runs = Vec::new();
+    let source = table::Source::of_this_tree();
     for spec in &opts.kernels {
         let r = leg(opts, &apt, &candidates, spec, &tests, droptrace);
         print(&r);
+        if opts.runs_every_test() {
+            // The leg is this kernel's column until the next full leg on it.
+            table::save_column(&cache, &r, &source)?;
+        }
         runs.push(r);
     }
     let total = t0.elapsed().as_secs_f64();
@@ -558,9 +564,16 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<Vec<Kernel
         total,
         path.display()
     ));
-    if opts.is_full_matrix() {
-        table::update_readme(&runs)?;
-        step("README.md: kernel compatibility table rewritten from this run");
+    if opts.runs_every_test() {
+        match table::update_readme(&cache)? {
+            table::Update::Rewritten => step(
+                "README.md: kernel compatibility table rewritten from each matrix kernel's last full leg",
+            ),
+            table::Update::Missing(specs) => step(&format!(
+                "README.md not rewritten: no full leg yet for {} (run `cargo xtask test-kernels --kernel ...`)",
+                specs.join(", ")
+            )),
+        }
     }
     let failed: Vec<String> = runs.iter().filter_map(KernelRun::one_line).collect();
     if !failed.is_empty() {
