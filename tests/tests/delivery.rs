@@ -226,6 +226,9 @@ fn sigterm_during_storm_spools_and_next_instance_delivers() {
     // The storm goes on; the SIEM is back; the next instance starts on the same spool.
     let receiver = LineReceiver::start(port);
     let second = Droptrace::start(&args);
+    // Attaching takes seconds in an emulated VM: the first flood may be over by now (seen on
+    // 6.12 under TCG), so the second instance gets a flood of its own.
+    let _storm2 = flood(&topo, 40);
     wait_until(
         "the first instance's events at the receiver",
         Duration::from_secs(40),
