@@ -200,14 +200,14 @@ fn redirected_key(family: u8, addr: &[u8; 16]) -> RedirectedClient {
 pub(crate) fn mark_redirected(family: u8, addr: &[u8; 16]) {
     // SAFETY: bpf_ktime_get_ns takes nothing and cannot fail.
     let expires = unsafe { bpf_ktime_get_ns() } + REDIRECTED_CLIENT_NS;
-    let _ = REDIRECTED_CLIENTS.insert(&redirected_key(family, addr), &expires, 0);
+    let _ = REDIRECTED_CLIENTS.insert(redirected_key(family, addr), expires, 0);
 }
 
 /// Whether `addr` was sent a REDIRECT within the last REDIRECTED_CLIENT_NS.
 #[inline(always)]
 pub(crate) fn redirected_client(family: u8, addr: &[u8; 16]) -> bool {
     // SAFETY: the value is copied out at once; a concurrent update can only make it stale.
-    match unsafe { REDIRECTED_CLIENTS.get(&redirected_key(family, addr)) } {
+    match unsafe { REDIRECTED_CLIENTS.get(redirected_key(family, addr)) } {
         // SAFETY: bpf_ktime_get_ns takes nothing and cannot fail.
         Some(&expires) => (unsafe { bpf_ktime_get_ns() }) < expires,
         None => false,
