@@ -134,7 +134,10 @@ pub struct DropEvent {
     pub ifindex: u32,
     /// TCP flags byte (CWR ECE URG ACK PSH RST SYN FIN).
     pub tcp_flags: u8,
-    pub _pad: [u8; 3],
+    /// 1: kept only because it is a SYN from a client a watched listener had just
+    /// REDIRECTed (see [`REDIRECTED_CLIENT_NS`]); its own ports were not watched yet.
+    pub redirected: u8,
+    pub _pad: [u8; 2],
     /// Number of drops this record stands for.
     pub count: u32,
     /// The skb's conntrack entry (present = 0 when it had none or conntrack is not readable).
@@ -268,6 +271,22 @@ pub struct HostPort {
     pub family: u8,
     pub _pad: [u8; 5],
 }
+
+/// A client a watched listener just sent a TNS REDIRECT to: its SYNs to ports not watched yet
+/// are kept for [`REDIRECTED_CLIENT_NS`], so the first SYN toward the redirect target is
+/// counted even when it leaves before userspace has read the REDIRECT and watched the target.
+/// Kernel-side only (map key; value: expiry in CLOCK_MONOTONIC ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct RedirectedClient {
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 7],
+}
+
+/// How long a REDIRECTed client's SYNs to unwatched ports are kept: the client dials the
+/// target at once; userspace watches the target within milliseconds (seconds under emulation).
+pub const REDIRECTED_CLIENT_NS: u64 = 10_000_000_000;
 
 /// Offsets of the 5-tuple fields in a TCP tracepoint record.
 #[repr(C)]
@@ -516,7 +535,9 @@ pub struct DropAgg {
     pub netns: u32,
     pub ifindex: u32,
     pub tcp_flags: u8,
-    pub _pad: [u8; 7],
+    /// As [`DropEvent::redirected`], for the key's first drop.
+    pub redirected: u8,
+    pub _pad: [u8; 6],
 }
 
 #[cfg(feature = "user")]
@@ -577,6 +598,7 @@ mod tests {
         assert_eq!(size_of::<DropKey>(), 56);
         assert_eq!(size_of::<DropAgg>(), 32);
         assert_eq!(size_of::<StormSample>(), 16 + 2 * 40);
+        assert_eq!(size_of::<RedirectedClient>(), 24);
     }
 
     #[test]

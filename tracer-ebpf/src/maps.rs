@@ -6,8 +6,8 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use tracer_common::{
-    CtLayout, DropAgg, DropKey, Flow, HostPort, Owner, RateWindow, Settings, SkbLayout, TcpLayout,
-    counter,
+    CtLayout, DropAgg, DropKey, Flow, HostPort, Owner, REDIRECTED_CLIENT_NS, RateWindow,
+    RedirectedClient, Settings, SkbLayout, TcpLayout, counter,
 };
 
 // Kernel layouts, written by userspace with `EbpfLoader::override_global`. Read each field
@@ -65,6 +65,13 @@ pub(crate) static DROP_AGG: PerCpuHashMap<DropKey, DropAgg> =
 /// descriptor, and so is copied.
 #[map]
 pub(crate) static TNS_EXPECT_DATA: LruHashMap<Flow, u32> = LruHashMap::with_max_entries(4096, 0);
+
+/// Clients a watched listener just sent a TNS REDIRECT to, with an expiry: their SYNs to
+/// ports not watched yet are kept (the REDIRECT's target is learned in userspace, after the
+/// client may already have dialled it).
+#[map]
+pub(crate) static REDIRECTED_CLIENTS: LruHashMap<RedirectedClient, u64> =
+    LruHashMap::with_max_entries(1024, 0);
 
 /// Socket -> the process that connected it.
 #[map]
@@ -177,4 +184,32 @@ pub(crate) fn ports_watched(f: &Flow, sbits: u8, dbits: u8) -> bool {
 #[inline(always)]
 pub(crate) fn any_port_of_interest(a: u16, b: u16) -> bool {
     ro(&SETTINGS.all_tcp) != 0 || (port_bits(a) | port_bits(b)) != 0
+}
+
+#[inline(always)]
+fn redirected_key(family: u8, addr: &[u8; 16]) -> RedirectedClient {
+    RedirectedClient {
+        addr: *addr,
+        family,
+        _pad: [0; 7],
+    }
+}
+
+/// A watched listener sent `addr` a REDIRECT: keep its SYNs for a while.
+#[inline(always)]
+pub(crate) fn mark_redirected(family: u8, addr: &[u8; 16]) {
+    // SAFETY: bpf_ktime_get_ns takes nothing and cannot fail.
+    let expires = unsafe { bpf_ktime_get_ns() } + REDIRECTED_CLIENT_NS;
+    let _ = REDIRECTED_CLIENTS.insert(redirected_key(family, addr), expires, 0);
+}
+
+/// Whether `addr` was sent a REDIRECT within the last REDIRECTED_CLIENT_NS.
+#[inline(always)]
+pub(crate) fn redirected_client(family: u8, addr: &[u8; 16]) -> bool {
+    // SAFETY: the value is copied out at once; a concurrent update can only make it stale.
+    match unsafe { REDIRECTED_CLIENTS.get(redirected_key(family, addr)) } {
+        // SAFETY: bpf_ktime_get_ns takes nothing and cannot fail.
+        Some(&expires) => (unsafe { bpf_ktime_get_ns() }) < expires,
+        None => false,
+    }
 }

@@ -141,9 +141,13 @@ fn on_packet(
     };
     // After DNAT the packet carries the pod address; the original tuple still names the
     // watched service port.
-    if !maps::flow_watched(&pkt.flow) && !conntrack::original_port_watched(skb) {
+    let redirected = if maps::flow_watched(&pkt.flow) || conntrack::original_port_watched(skb) {
+        0
+    } else if redirected_syn(&pkt) {
+        1
+    } else {
         return Ok(());
-    }
+    };
 
     let (location, reason) = where_why()?;
     // SAFETY: bpf_ktime_get_ns takes nothing and cannot fail.
@@ -181,7 +185,8 @@ fn on_packet(
         netns,
         ifindex,
         tcp_flags: pkt.flags,
-        _pad: [0; 7],
+        redirected,
+        _pad: [0; 6],
     };
     const BPF_NOEXIST: u64 = 1;
     if maps::DROP_AGG.insert(key, fresh, BPF_NOEXIST).is_err() {
@@ -211,12 +216,23 @@ fn on_packet(
         (*ev).ifindex = ifindex;
         (*ev).netns = netns;
         (*ev).tcp_flags = pkt.flags;
-        (*ev)._pad = [0; 3];
+        (*ev).redirected = redirected;
+        (*ev)._pad = [0; 2];
         (*ev).count = 1;
         conntrack::of_skb(skb, &mut (*ev).ct);
     }
     entry.submit(maps::wakeup_flags());
     Ok(())
+}
+
+/// A connect's SYN (no ACK) from a client a watched listener has just REDIRECTed: the first
+/// SYN toward the target, which userspace may not have learned yet. Userspace keeps those to
+/// a learned target and ignores the rest.
+#[inline(always)]
+fn redirected_syn(pkt: &packet::TcpPacket) -> bool {
+    const SYN: u8 = 0x02;
+    const ACK: u8 = 0x10;
+    pkt.flags & (SYN | ACK) == SYN && maps::redirected_client(pkt.flow.family, &pkt.flow.saddr)
 }
 
 /// Zeroes the end that is not the service's, address and port: the end whose port is not

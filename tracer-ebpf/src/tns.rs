@@ -104,6 +104,10 @@ fn try_tns(ctx: &SkBuffContext, direction: u32) -> Result<(), i64> {
         tns::REDIRECT => {
             // Real listeners send the address in the next DATA packet.
             expect_data(&pkt.flow);
+            // The receiver dials the target as soon as it has read it, maybe before userspace
+            // has: keep its SYNs until the target is watched (seen here at the listener's
+            // egress and at the client's ingress; both name the client as destination).
+            maps::mark_redirected(pkt.flow.family, &pkt.flow.daddr);
             true
         }
         tns::ACCEPT | tns::REFUSE | tns::RESEND => true,

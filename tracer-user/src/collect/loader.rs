@@ -661,10 +661,12 @@ fn sum_cpus(key: DropKey, per_cpu: &[DropAgg]) -> AggEntry {
         netns: 0,
         ifindex: 0,
         tcp_flags: 0,
+        redirected: false,
     };
     for v in per_cpu {
         e.repeats += v.repeats;
         e.last_ns = e.last_ns.max(v.last_ns);
+        e.redirected |= v.redirected != 0;
         if v.netns != 0 {
             (e.netns, e.ifindex, e.tcp_flags) = (v.netns, v.ifindex, v.tcp_flags);
         }

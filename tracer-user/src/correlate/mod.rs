@@ -433,9 +433,10 @@ impl Correlator {
         let id = match self.find(Some(r.sk), &[r.flow]) {
             Some(id) => id,
             None => {
-                // Started before we attached, or before its port was watched (a REDIRECT
-                // target learned a moment after the client dialled it): follow it from here,
-                // and say that its first SYN was not seen.
+                // Started before we attached, or before its port was watched without a drop
+                // of its first SYN here (a REDIRECT target dialled before droptrace read the
+                // REDIRECT: a drop of that SYN is kept by the kernel and starts the attempt):
+                // follow it from here, and say that its first SYN was not seen.
                 let mut a = Self::new_attempt(r.flow, r.ts_ns, r.owner.clone(), r.netns);
                 a.sk = Some(r.sk);
                 a.first_syn_unseen = connecting;
@@ -451,6 +452,13 @@ impl Correlator {
         a.last_signal_ns = r.ts_ns;
         if a.owner.is_none() {
             a.owner = r.owner.clone();
+        }
+        if a.sk.is_none() {
+            // Seen first through a drop of its SYN (a REDIRECT target dialled before it was
+            // watched): the socket is this node's, and its states and retransmits follow.
+            a.sk = Some(r.sk);
+            a.netns = r.netns;
+            self.by_sk.insert(r.sk, id);
         }
         if connecting {
             a.syn_retransmits += 1;

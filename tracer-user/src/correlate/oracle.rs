@@ -71,6 +71,8 @@ pub struct TnsTracker {
     /// Ports listeners answer on (the watched ports) and learned redirect targets.
     listener_ports: HashSet<u16>,
     targets: HashSet<SocketAddr>,
+    /// Ports of redirect targets named by host name (watched on every address).
+    target_ports: HashSet<u16>,
     conns: HashMap<(SocketAddr, SocketAddr), Conn>,
     order: VecDeque<(SocketAddr, SocketAddr)>,
     /// The conversation of each client endpoint: behind a Service the client's copy of a
@@ -91,6 +93,7 @@ impl TnsTracker {
         Self {
             listener_ports: listener_ports.into_iter().collect(),
             targets: HashSet::new(),
+            target_ports: HashSet::new(),
             conns: HashMap::new(),
             order: VecDeque::new(),
             by_client: HashMap::new(),
@@ -104,6 +107,17 @@ impl TnsTracker {
     /// A redirect target: connections to it are second legs (the client speaks first).
     pub fn learn_target(&mut self, target: SocketAddr) {
         self.targets.insert(target);
+    }
+
+    /// A redirect target named by host name: its port, on any address.
+    pub fn learn_target_port(&mut self, port: u16) {
+        self.target_ports.insert(port);
+    }
+
+    /// Whether a listener redirected some client to `end` (by address, or by port for a
+    /// target named by host name).
+    pub fn is_redirect_target(&self, end: SocketAddr) -> bool {
+        self.targets.contains(&end) || self.target_ports.contains(&end.port())
     }
 
     fn is_server(&self, end: SocketAddr) -> bool {

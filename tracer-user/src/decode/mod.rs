@@ -219,6 +219,11 @@ pub struct DropSignal {
     pub ifindex: u32,
     pub count: u64,
     pub ct: Option<CtSnapshot>,
+    /// Kept by the kernel only because it is a SYN from a client a watched listener had just
+    /// REDIRECTed, to a port not watched yet: a drop of the redirected leg when it goes to the
+    /// REDIRECT's target (learned from the REDIRECT, earlier in the ring buffer), otherwise
+    /// not of a watched flow.
+    pub redirected: bool,
 }
 
 impl DropSignal {
@@ -310,6 +315,7 @@ pub(crate) mod testing {
             ifindex: 2,
             count: 1,
             ct: None,
+            redirected: false,
         }
     }
 }

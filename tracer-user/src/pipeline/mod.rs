@@ -240,6 +240,11 @@ impl Pipeline {
 
     /// A drop, from its own record or from the kernel's aggregated repeats.
     fn drop_signal(&mut self, d: DropSignal) {
+        if d.redirected && !self.redirected_leg(&d) {
+            // A REDIRECTed client's SYN elsewhere than where it was sent: the kernel kept it
+            // only in case it was the redirected leg; it is not a watched flow.
+            return;
+        }
         self.summary.drop_seen(&d);
         let server = storm::server_of(&d);
         if d.flow.is_folded() && d.class != DropClass::Local {
@@ -267,6 +272,14 @@ impl Pipeline {
             self.storms.start(server, d.ts_ns, &mut self.next_storm_id);
             self.absorb_drop_only(server);
         }
+    }
+
+    /// Whether a drop goes to a REDIRECT's target (as dialled, or its original tuple's).
+    fn redirected_leg(&self, d: &DropSignal) -> bool {
+        self.tns.is_redirect_target(d.flow.dst)
+            || d.ct
+                .as_ref()
+                .is_some_and(|ct| self.tns.is_redirect_target(ct.original.dst))
     }
 
     /// Hands a storming destination's attempts seen only through drops to the storm.
@@ -305,7 +318,10 @@ impl Pipeline {
                             self.correlator.on_redirect(client, t, oracle, p.ts_ns);
                         }
                         // A host name: watch its port everywhere.
-                        None => self.actions.push(Action::WatchPort(port)),
+                        None => {
+                            self.tns.learn_target_port(port);
+                            self.actions.push(Action::WatchPort(port));
+                        }
                     }
                 }
                 oracle::Outcome::Refuse { flow, oracle, .. } => {

@@ -79,6 +79,7 @@ impl Repeats {
                             ifindex: e.ifindex,
                             count: 0,
                             ct: None,
+                            redirected: e.redirected,
                         }
                     }
                 };

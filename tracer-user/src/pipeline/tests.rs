@@ -101,14 +101,19 @@ fn state(ts_ns: u64, sk: u64, local_first: FlowKey, old: u32, new: u32, err: i32
         sk_err: err,
         netns: 4026532001,
         has_owner: 1,
-        owner: tracer_common::Owner {
-            pid: 4242,
-            tgid: 4242,
-            cgroup_id: 9,
-            comm: *b"python\0\0\0\0\0\0\0\0\0\0",
-        },
+        owner: python(),
         ..StateEvent::default()
     })
+}
+
+/// The connecting process the state and retransmit records name.
+fn python() -> tracer_common::Owner {
+    tracer_common::Owner {
+        pid: 4242,
+        tgid: 4242,
+        cgroup_id: 9,
+        comm: *b"python\0\0\0\0\0\0\0\0\0\0",
+    }
 }
 
 fn drop_rec(ts_ns: u64, f: FlowKey, flags: u8, reason: u32, location: u64) -> DropEvent {
@@ -173,6 +178,7 @@ fn entry(rec: &DropEvent, repeats: u64, last_ns: u64) -> AggEntry {
         netns: rec.netns,
         ifindex: rec.ifindex,
         tcp_flags: rec.tcp_flags,
+        redirected: rec.redirected != 0,
     }
 }
 
@@ -606,15 +612,41 @@ fn a_listener_handing_out_different_ports_gets_a_port_range_fix_and_the_oracle_r
     );
 }
 
-fn retransmit(ts_ns: u64, sk: u64, local_first: FlowKey, state: u32) -> Vec<u8> {
-    bytes(&tracer_common::RetransmitEvent {
+fn retransmit_rec(
+    ts_ns: u64,
+    sk: u64,
+    local_first: FlowKey,
+    state: u32,
+) -> tracer_common::RetransmitEvent {
+    tracer_common::RetransmitEvent {
         hdr: header(kind::RETRANSMIT, ts_ns),
         sk,
         flow: flow(local_first),
         state,
         netns: 4026532001,
         ..tracer_common::RetransmitEvent::default()
-    })
+    }
+}
+
+fn retransmit(ts_ns: u64, sk: u64, local_first: FlowKey, state: u32) -> Vec<u8> {
+    bytes(&retransmit_rec(ts_ns, sk, local_first, state))
+}
+
+/// The one stall in `out`: a timeout after `retransmits` SYN retransmits, `drops` drops.
+fn one_timeout(out: &[Event], retransmits: u32, drops: u64) -> &Event {
+    let stalls = of_kind(out, Kind::Stall);
+    assert_eq!(stalls.len(), 1, "{out:#?}");
+    let s = stalls[0];
+    let a = s.attempt.as_ref().unwrap();
+    assert_eq!(a.outcome, "timeout");
+    assert_eq!(a.syn_retransmits, retransmits);
+    let tallies = s.drops.as_ref().unwrap();
+    assert_eq!(
+        tallies.iter().map(|t| t.count).sum::<u64>(),
+        drops,
+        "{s:#?}"
+    );
+    s
 }
 
 /// The seed scenario: sqlplus's SYN dropped by a firewall on this node, two SYN
@@ -633,19 +665,8 @@ fn sqlplus_syn_dropped_with_its_retransmits_is_one_timeout_incident() {
     p.tick(7 * S + 300 * MS);
 
     let out = streamed(&mut p);
-    let stalls = of_kind(&out, Kind::Stall);
-    assert_eq!(stalls.len(), 1, "{out:#?}");
-    let s = stalls[0];
-    let a = s.attempt.as_ref().unwrap();
-    assert_eq!(a.outcome, "timeout");
-    assert_eq!(a.syn_retransmits, 2);
-    let tallies = s.drops.as_ref().unwrap();
-    assert_eq!(
-        tallies.iter().map(|t| t.count).sum::<u64>(),
-        3,
-        "{tallies:#?}"
-    );
-    assert_eq!(tallies[0].reason, "NETFILTER_DROP");
+    let s = one_timeout(&out, 2, 3);
+    assert_eq!(s.drops.as_ref().unwrap()[0].reason, "NETFILTER_DROP");
     let d = s.diagnosis.as_deref().unwrap();
     assert!(d.contains("dropped 3 times"), "{d}");
     // The drops are in the stream too, their counts the same 3.
@@ -707,4 +728,106 @@ fn idle_key_that_repeats_before_its_removal_reports_only_the_new_drops() {
     let out = streamed(&mut p);
     let counts: Vec<u64> = of_kind(&out, Kind::Drop).iter().map(|e| e.count).collect();
     assert_eq!(counts, vec![1, 2, 1, 1, 1], "{out:#?}");
+}
+
+/// A CONNECT to the listener and its REDIRECT to `target` (the split form real listeners
+/// send), as the cgroup_skb programs copy them.
+fn listener_redirects(p: &mut Pipeline, to_listener: FlowKey, target: &str) {
+    let connect = include_bytes!("../../tests/fixtures/tns/python-oracledb-26.1.0-connect.bin");
+    p.record(&tns(0, to_listener, 100, connect));
+    let (host, port) = target.split_once(':').unwrap();
+    let redirect = crate::decode::oracle::tns::build::redirect_split(
+        format!("(ADDRESS=(PROTOCOL=TCP)(HOST={host})(PORT={port}))\0(DESCRIPTION=)").as_bytes(),
+    );
+    p.record(&tns(MS, to_listener.reversed(), 200, &redirect));
+}
+
+/// A SYN retransmit of a socket whose connect the kernel saw (OWNERS) but did not record.
+fn owned_retransmit(ts_ns: u64, sk: u64, local_first: FlowKey) -> Vec<u8> {
+    let mut r = retransmit_rec(ts_ns, sk, local_first, 2);
+    (r.has_owner, r.owner) = (1, python());
+    bytes(&r)
+}
+
+/// The REDIRECT race: sqlplus dials the redirect target at once, before droptrace has read the
+/// REDIRECT and watched the target, so no SYN_SENT record; the kernel kept the first SYN's
+/// drop because a watched listener had just redirected its sender. The first SYN, its two
+/// retransmits (counted in the kernel) and the kernel's timeout are one incident of the
+/// redirected leg, counting all 3 drops, followed from its first SYN.
+#[test]
+fn redirect_target_dialled_before_it_was_watched_counts_its_first_syn() {
+    let mut p = pipeline(Emit::default());
+    let to_listener = key("10.201.1.1:40000", "10.201.1.2:1521");
+    listener_redirects(&mut p, to_listener, "10.201.1.2:40123");
+    let actions: Vec<Action> = p.drain_actions().collect();
+    assert!(
+        matches!(actions[..], [Action::WatchHostPort(t, _)] if t.to_string() == "10.201.1.2:40123"),
+        "{actions:?}"
+    );
+    let leg = key("10.201.1.1:40002", "10.201.1.2:40123");
+    let mut first = drop_rec(2 * MS, leg, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    first.redirected = 1;
+    p.record(&bytes(&first));
+    // The target is watched from here: retransmits (naming the process the kernel
+    // remembered at connect) and the socket's end are recorded.
+    p.record(&owned_retransmit(S, 7, leg));
+    p.record(&owned_retransmit(3 * S, 7, leg));
+    p.repeats(3 * S + MS, &[entry(&first, 2, 3 * S + MS)]);
+    p.record(&state(7 * S, 7, leg, 2, 7, 110));
+    p.tick(7 * S + 300 * MS);
+
+    let out = streamed(&mut p);
+    let s = one_timeout(&out, 2, 3);
+    let d = s.diagnosis.as_deref().unwrap();
+    assert!(
+        d.starts_with(
+            "listener 10.201.1.2:1521 redirected sqlplus to 10.201.1.2:40123; that leg's SYN \
+             to 10.201.1.2:40123 dropped 3 times"
+        ),
+        "{d}"
+    );
+    assert!(!d.contains(crate::correlate::FIRST_SYN_UNSEEN), "{d}");
+    assert_eq!(
+        s.process.as_ref().map(|p| p.comm.as_str()),
+        Some("python"),
+        "the owner the kernel remembered at connect: {s:#?}"
+    );
+    let drops = of_kind(&out, Kind::Drop);
+    assert_eq!(drops.iter().map(|e| e.count).sum::<u64>(), 3);
+    assert_eq!(p.summary().drops_by_reason.get("NETFILTER_DROP"), Some(&3));
+}
+
+/// A REDIRECTed client's SYNs the kernel kept that go elsewhere than the target (another
+/// connect of the same host within seconds, to an unwatched port): not a watched flow, so no
+/// drop, no incident, no count; the kernel's aggregation key is still forgotten when idle.
+#[test]
+fn a_redirected_clients_syn_to_an_unwatched_port_is_not_reported() {
+    let mut p = pipeline(Emit::default());
+    let to_listener = key("10.201.1.1:40000", "10.201.1.2:1521");
+    listener_redirects(&mut p, to_listener, "10.201.1.2:40123");
+    let elsewhere = key("10.201.1.1:40003", "10.201.1.9:8080");
+    let mut first = drop_rec(2 * MS, elsewhere, SYN, NETFILTER_DROP, NFT_DO_CHAIN);
+    first.redirected = 1;
+    p.record(&bytes(&first));
+    p.repeats(S, &[entry(&first, 2, S)]);
+    p.tick(20 * S);
+    p.repeats(20 * S, &[entry(&first, 2, S)]);
+    p.tick(40 * S);
+
+    let all: Vec<Output> = p.drain().collect();
+    assert!(
+        all.iter()
+            .all(|o| !matches!(o.event.kind, Kind::Drop | Kind::Stall | Kind::Storm)),
+        "{all:#?}"
+    );
+    assert!(p.summary().drops_by_reason.is_empty(), "{:?}", p.summary());
+    let forget: Vec<Action> = p
+        .drain_actions()
+        .filter(|a| matches!(a, Action::ForgetAggKey(..)))
+        .collect();
+    assert_eq!(
+        forget,
+        [Action::ForgetAggKey(drops::agg_key(&first), 2)],
+        "the kernel's key is released"
+    );
 }

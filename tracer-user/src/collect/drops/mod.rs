@@ -35,6 +35,8 @@ pub struct AggEntry {
     pub netns: u32,
     pub ifindex: u32,
     pub tcp_flags: u8,
+    /// Kept only as a REDIRECTed client's SYN (see `DropSignal::redirected`).
+    pub redirected: bool,
 }
 
 /// Resolves every offset the program reads, from the record format and BTF.
@@ -82,6 +84,7 @@ pub fn decode(rec: &DropEvent, symbols: &Symbols) -> DropSignal {
         ifindex: rec.ifindex,
         count: u64::from(rec.count.max(1)),
         ct: conntrack::snapshot(&rec.ct, &symbols.ct),
+        redirected: rec.redirected != 0,
     }
 }
 
