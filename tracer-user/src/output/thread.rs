@@ -339,6 +339,15 @@ async fn encode_one(
             s.push(&rec);
             continue;
         }
+        // Lossless: wait only when the queue is full (the common case needs no select).
+        let rec = match s.tx.try_send(rec.clone()) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                s.stats.discard(Discard::Shutdown, 1);
+                continue;
+            }
+            Err(mpsc::error::TrySendError::Full(rec)) => rec,
+        };
         tokio::select! {
             r = s.tx.send(rec.clone()) => if r.is_err() {
                 s.stats.discard(Discard::Shutdown, 1);
