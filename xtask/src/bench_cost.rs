@@ -401,6 +401,9 @@ fn flood(
     })
 }
 
+/// One cell of a per-drop breakdown row.
+type BreakdownCell = fn(&Breakdown) -> String;
+
 /// Where one traced flood's CPU per drop goes, next to its untraced pair, as table cells.
 struct Breakdown {
     ratio: f64,
@@ -754,15 +757,18 @@ pub(crate) fn run(
             goal: ">= 0.95".into(),
             met: p.rate_ratio_nostats.get(&Which::After).map(|v| *v >= 0.95),
         });
-        let cells: [(&str, &dyn Fn(&Breakdown) -> String); 3] = [
-            ("drop program BPF ns per run (median pair)", &|b| b.drop_prog.clone()),
-            ("tns_egress on hping3's raw socket, BPF ns per run (median pair)", &|b| {
-                b.tns_egress.clone()
+        let cells: [(&str, BreakdownCell); 3] = [
+            ("drop program BPF ns per run (median pair)", |b| {
+                b.drop_prog.clone()
             }),
+            (
+                "tns_egress on hping3's raw socket, BPF ns per run (median pair)",
+                |b| b.tns_egress.clone(),
+            ),
             (
                 "traced - untraced CPU per drop, where it goes (median pair; BPF from \
                  bpf_stats per drop, daemon = its process CPU per drop, rest = the remainder)",
-                &|b| b.split.clone(),
+                |b| b.split.clone(),
             ),
         ];
         for (what, cell) in cells {
