@@ -667,7 +667,7 @@ pub(crate) fn run(
         (
             "skb:kfree_skb program (kfree_skb_btf or kfree_skb) BPF ns per run during iperf3 \
              (runs = the skbs freed with a reason anywhere on the machine in the window, not \
-             iperf3's packets: a few hundred sporadic, cache-cold runs, so noisy; the per-drop \
+             iperf3's packets: few (8 to 236 seen), sporadic, cache-cold runs, so noisy; the per-drop \
              cost is the flood's row)"
                 .into(),
             &|i| i.show("kfree_skb"),
