@@ -29,6 +29,8 @@ pub(crate) struct Options {
     /// Untraced/traced flood pairs per binary and flood kind, and their length.
     pub pairs: usize,
     pub pair_secs: u64,
+    /// Only the cost figures, printed, BENCHMARKS.md untouched.
+    pub cost_only: bool,
 }
 
 /// Two namespaces joined by a veth pair, removed on drop (with their rules).
@@ -128,7 +130,7 @@ impl Drop for Topo {
     }
 }
 
-fn sh(args: &[&str]) -> anyhow::Result<()> {
+pub(crate) fn sh(args: &[&str]) -> anyhow::Result<()> {
     let o = Command::new(args[0]).args(&args[1..]).output()?;
     if !o.status.success() {
         bail!("{args:?}: {}", String::from_utf8_lossy(&o.stderr).trim());
@@ -453,6 +455,9 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
     if let Some(b) = &opts.baseline {
         crate::bench_cost::check_bin(b)?;
     }
+    if opts.cost_only {
+        return cost_only(opts, droptrace, &scratch);
+    }
     // Userspace micro-benchmarks (criterion) first: they need no lock.
     step("userspace pipeline micro-benchmarks (criterion)");
     let criterion: Vec<(String, String, String)> = crate::bench_criterion::run()?
@@ -469,20 +474,7 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
     let mut table: Vec<(String, String, String)> = Vec::new();
 
     // 0. Cost figures, before (--baseline) and after, side by side.
-    let cost_opts = crate::bench_cost::Options {
-        iperf_secs: opts.iperf_secs.max(5),
-        pairs: opts.pairs,
-        pair_secs: opts.pair_secs,
-    };
-    let cost_rows = crate::bench_cost::run(
-        &topo,
-        &crate::bench_cost::Bins {
-            before: opts.baseline.as_deref(),
-            after: droptrace,
-        },
-        &scratch,
-        &cost_opts,
-    )?;
+    let (cost_rows, cost_opts) = cost(opts, droptrace, &topo, &scratch)?;
 
     // 1. Idle overhead.
     step(&format!(
@@ -657,6 +649,49 @@ pub(crate) fn run(opts: &Options, droptrace: &Path) -> anyhow::Result<()> {
         writeln!(md, "\n{}", soak.trim_end())?;
     }
     std::fs::write(&path, &md)?;
+    Ok(())
+}
+
+/// The cost figures of `droptrace` and the baseline (when given), side by side.
+fn cost(
+    opts: &Options,
+    droptrace: &Path,
+    topo: &Topo,
+    scratch: &Path,
+) -> anyhow::Result<(Vec<crate::bench_cost::Row>, crate::bench_cost::Options)> {
+    let cost_opts = crate::bench_cost::Options {
+        iperf_secs: opts.iperf_secs.max(5),
+        pairs: opts.pairs,
+        pair_secs: opts.pair_secs,
+    };
+    let rows = crate::bench_cost::run(
+        topo,
+        &crate::bench_cost::Bins {
+            before: opts.baseline.as_deref(),
+            after: droptrace,
+        },
+        scratch,
+        &cost_opts,
+    )?;
+    Ok((rows, cost_opts))
+}
+
+/// `--cost-only`: the cost section alone, printed (BENCHMARKS.md untouched).
+fn cost_only(opts: &Options, droptrace: &Path, scratch: &Path) -> anyhow::Result<()> {
+    step("waiting for /run/lock/droptrace-e2e.lock");
+    let lock = e2e_lock()?;
+    let topo = Topo::new()?;
+    let measured = cost(opts, droptrace, &topo, scratch);
+    drop(topo);
+    drop(lock);
+    let _ = Command::new("sysctl")
+        .args(["-q", "-w", "kernel.bpf_stats_enabled=0"])
+        .status();
+    let (rows, cost_opts) = measured?;
+    println!(
+        "{}",
+        crate::bench_cost::markdown(&rows, opts.baseline.as_deref(), &cost_opts)?
+    );
     Ok(())
 }
 

@@ -72,6 +72,10 @@ enum Cmd {
         /// Seconds of each half of a flood pair.
         #[arg(long, default_value_t = 5)]
         pair_secs: u64,
+        /// Only the cost figures (per packet, per drop, encode), printed; BENCHMARKS.md is
+        /// left as it is (for working on them).
+        #[arg(long)]
+        cost_only: bool,
     },
     /// Hours-long mixed load (churn, stalls, drops, random-source floods) against the release
     /// droptrace, sampling RSS, fds and CPU every 10 s; writes the `## Soak` section of
@@ -188,6 +192,7 @@ fn main() -> ExitCode {
             baseline,
             pairs,
             pair_secs,
+            cost_only,
         } => setup::run(&setup::Options { test_tools: true })
             .and_then(|()| bench::ensure_tools())
             .and_then(|()| build(true))
@@ -200,6 +205,7 @@ fn main() -> ExitCode {
                         baseline,
                         pairs: pairs.max(1),
                         pair_secs,
+                        cost_only,
                     },
                     &bin,
                 )
