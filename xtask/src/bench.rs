@@ -29,7 +29,7 @@ pub(crate) struct Options {
     /// Untraced/traced flood pairs per binary and flood kind, and their length.
     pub pairs: usize,
     pub pair_secs: u64,
-    /// Only the cost figures, printed, BENCHMARKS.md untouched.
+    /// Only the cost figures: printed, and BENCHMARKS.md's Cost section rewritten.
     pub cost_only: bool,
 }
 
@@ -676,7 +676,7 @@ fn cost(
     Ok((rows, cost_opts))
 }
 
-/// `--cost-only`: the cost section alone, printed (BENCHMARKS.md untouched).
+/// `--cost-only`: the cost section alone, printed and written over BENCHMARKS.md's own.
 fn cost_only(opts: &Options, droptrace: &Path, scratch: &Path) -> anyhow::Result<()> {
     step("waiting for /run/lock/droptrace-e2e.lock");
     let lock = e2e_lock()?;
@@ -688,11 +688,30 @@ fn cost_only(opts: &Options, droptrace: &Path, scratch: &Path) -> anyhow::Result
         .args(["-q", "-w", "kernel.bpf_stats_enabled=0"])
         .status();
     let (rows, cost_opts) = measured?;
-    println!(
-        "{}",
-        crate::bench_cost::markdown(&rows, opts.baseline.as_deref(), &cost_opts)?
-    );
+    let section = crate::bench_cost::markdown(&rows, opts.baseline.as_deref(), &cost_opts)?;
+    println!("{section}");
+    let path = workspace_root().join("BENCHMARKS.md");
+    let old = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    let new = replace_cost(&old, &section)
+        .context("BENCHMARKS.md has no `## Cost` section: run the whole `cargo xtask bench`")?;
+    std::fs::write(&path, new)?;
+    step("BENCHMARKS.md: the Cost section rewritten from this run (the rest kept)");
     Ok(())
+}
+
+/// `md` with its `## Cost` section (up to the next `## ` heading or the end) replaced.
+fn replace_cost(md: &str, section: &str) -> Option<String> {
+    let start = md.find("\n## Cost")? + 1;
+    let end = md[start + 1..]
+        .find("\n## ")
+        .map_or(md.len(), |i| start + 1 + i + 1);
+    Some(format!(
+        "{}{}\n{}{}",
+        &md[..start],
+        section.trim_end(),
+        if end < md.len() { "\n" } else { "" },
+        &md[end..]
+    ))
 }
 
 /// The e2e lock, held until the returned file is dropped.
@@ -727,4 +746,22 @@ pub(crate) fn ensure_tools() -> anyhow::Result<()> {
         ("bpftrace", "bpftrace"),
         ("bpftool", "bpftool"),
     ])
+}
+
+#[cfg(test)]
+mod cost_section_tests {
+    use super::replace_cost;
+
+    #[test]
+    fn only_the_cost_section_is_replaced() {
+        let md = "# b\n\n| a | b |\n\n## Cost: old\n\nold rows\n\n## Soak\n\nsoak rows\n";
+        let new = replace_cost(md, "## Cost: new\n\nnew rows\n").unwrap();
+        assert_eq!(
+            new,
+            "# b\n\n| a | b |\n\n## Cost: new\n\nnew rows\n\n## Soak\n\nsoak rows\n"
+        );
+        let last = replace_cost("# b\n\n## Cost\n\nold\n", "## Cost\n\nnew").unwrap();
+        assert_eq!(last, "# b\n\n## Cost\n\nnew\n");
+        assert!(replace_cost("# b\n", "## Cost").is_none());
+    }
 }

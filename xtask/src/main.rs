@@ -72,8 +72,8 @@ enum Cmd {
         /// Seconds of each half of a flood pair.
         #[arg(long, default_value_t = 5)]
         pair_secs: u64,
-        /// Only the cost figures (per packet, per drop, encode), printed; BENCHMARKS.md is
-        /// left as it is (for working on them).
+        /// Only the cost figures (per packet, per drop, encode): printed, and written over
+        /// BENCHMARKS.md's Cost section (the other sections are kept).
         #[arg(long)]
         cost_only: bool,
     },
