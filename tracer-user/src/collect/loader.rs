@@ -106,6 +106,12 @@ fn perf_paranoid() -> Option<i32> {
 }
 
 impl TracerError {
+    /// Refused for want of something the host must grant (a perf_event_paranoid level, a
+    /// memlock limit), with its fix in the message: the run stops and says so.
+    pub fn is_privilege_refusal(&self) -> bool {
+        matches!(self, Self::PerfParanoid { .. } | Self::Memlock { .. })
+    }
+
     /// An attach failure; a perf event refused under kernel.perf_event_paranoid > 2 says so.
     fn attach(prog: &'static str, source: aya::programs::ProgramError) -> Self {
         if let aya::programs::ProgramError::SyscallError(e) = &source

@@ -156,7 +156,11 @@ pub fn start(opts: &RunOptions) -> anyhow::Result<(Tracer, Symbols)> {
         let attached = match attached {
             Ok(a) => a,
             // A refusal for want of a privilege keeps its type: it is an exit status of its own.
-            Err(e) if c.required() => return Err(e.into()),
+            // A privilege refusal with a documented fix stops the run even for an optional
+            // hook: on Debian's kernels at perf_event_paranoid=3 the drop hook attaches as a
+            // BTF tracepoint (no perf event) while the connect-lifecycle hooks are refused,
+            // and a run without them reports no stall outcome (seen in the 6.12 and 7.3 VMs).
+            Err(e) if c.required() || e.is_privilege_refusal() => return Err(e.into()),
             Err(why) => {
                 tracing::warn!("{}: {why}", c.skipped());
                 continue;
