@@ -235,7 +235,9 @@ fn random_source_flood_is_one_storm() {
     println!("storm: {ended}");
 
     let firewall = topo.iptables_drop_count(1521);
-    assert!(firewall > 10_000, "a flood: {firewall} SYNs");
+    // More than the kernel lets through as records of their own (--new-flows-per-sec 1000
+    // over 4 s); 8,607 in a loaded emulated VM (7.3 under TCG), millions on a host.
+    assert!(firewall > 5_000, "a flood: {firewall} SYNs");
     let drops = drops_to_db(&fin.events, &topo);
     // Random sources include martians the kernel drops before the firewall sees them
     // (IP_INVALID_SOURCE, IP_LOCALNET): the firewall's own count is its reason's sum.
