@@ -196,7 +196,7 @@ impl RedirectedLeg {
         use crate::tracer::{at, str_at};
         let dst = self.second;
         tracer
-            .wait_for(std::time::Duration::from_secs(8), |v| {
+            .wait_for(crate::tracer::EVENT_WAIT, |v| {
                 str_at(v, "kind") == "stall"
                     && str_at(v, "flow.dst_ip") == dst.ip().to_string()
                     && at(v, "flow.dst_port") == dst.port()
@@ -220,7 +220,7 @@ pub fn sqlplus_stall(
     assert!(out.error.contains("timed out"), "{out:?}");
     let db = topo.db_ip.to_string();
     let stall = tracer
-        .wait_for(std::time::Duration::from_secs(8), |v| {
+        .wait_for(crate::tracer::EVENT_WAIT, |v| {
             str_at(v, "kind") == "stall"
                 && str_at(v, "flow.dst_ip") == db
                 && str_at(v, "attempt.outcome") == "timeout"

@@ -32,6 +32,11 @@ struct Shared {
 
 const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long a test waits for an incident after its client gave up: it comes within a second
+/// on a host; a debug build in an emulated VM on a loaded machine has taken over 8 s. Waits
+/// end as soon as the event is there: only a failing test pays the whole of it.
+pub const EVENT_WAIT: Duration = Duration::from_secs(30);
+
 /// A running `droptrace run`; killed on drop if not stopped.
 pub struct Droptrace {
     child: Option<Child>,

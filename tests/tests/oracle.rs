@@ -29,7 +29,7 @@ fn tns_events<'a>(events: &'a [Value], packet: &str, server: std::net::IpAddr) -
 }
 
 fn final_stall(t: &Droptrace, dst: SocketAddr) -> Value {
-    t.wait_for(Duration::from_secs(8), |v| {
+    t.wait_for(droptrace_tests::tracer::EVENT_WAIT, |v| {
         str_at(v, "kind") == "stall"
             && str_at(v, "flow.dst_ip") == dst.ip().to_string()
             && at(v, "flow.dst_port") == dst.port()

@@ -1,7 +1,7 @@
 //! NetworkPolicy attribution end to end: the namespaces play two pods of a cluster snapshot,
 //! iptables plays the CNI enforcing the snapshot's policies, the real client stalls, and the
 //! `stall` names the pods, the denying policy and a fix that, applied, lets the client in.
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr};
 
 use droptrace_tests::{
     netns::{AppDb, Family},
@@ -109,7 +109,7 @@ fn default_deny_egress_is_named_and_its_fix_lets_the_client_in() {
         "blocked by default-deny egress: {out:?}"
     );
     let s = tracer
-        .wait_for(Duration::from_secs(8), |v| {
+        .wait_for(droptrace_tests::tracer::EVENT_WAIT, |v| {
             str_at(v, "kind") == "stall"
                 && str_at(v, "flow.dst_ip") == db_ip
                 && str_at(v, "attempt.outcome") == "timeout"
@@ -176,7 +176,7 @@ fn pod_flag_keeps_only_that_pods_flows() {
     a.wait();
     b.wait();
     tracer
-        .wait_for(Duration::from_secs(8), |v| {
+        .wait_for(droptrace_tests::tracer::EVENT_WAIT, |v| {
             str_at(v, "kind") == "stall" && str_at(v, "flow.src_ip") == mine.app_ip.to_string()
         })
         .expect("the pod's stall");
@@ -257,7 +257,7 @@ impl DynamicPorts {
         let last = ports[2];
         // Other tests' tracers and topologies run at the same time: this one's by address.
         let stall = tracer
-            .wait_for(Duration::from_secs(8), |v| {
+            .wait_for(droptrace_tests::tracer::EVENT_WAIT, |v| {
                 str_at(v, "kind") == "stall"
                     && str_at(v, "flow.dst_ip") == db_ip
                     && at(v, "flow.dst_port") == last
