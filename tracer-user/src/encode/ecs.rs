@@ -1,8 +1,6 @@
 //! droptrace.v1 -> Elastic Common Schema (ECS 8.x). Standard fields where ECS has them;
 //! everything else (peer pod identity, kernel drop location, conntrack, ...) under the
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
-use std::borrow::Cow;
-
 use super::{Sections, community_id, direction, json::Obj, subject, write_message};
 use crate::event::{Endpoint, Event, Family, Kind};
 
@@ -29,14 +27,14 @@ pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
     }
     o.obj("ecs", |x| x.lit("version", ECS_VERSION));
     o.obj("event", |x| {
-        x.val("action", action.as_ref());
+        x.val("action", &action);
         x.lits("category", &category);
         x.lit_parts("dataset", &["droptrace.", e.kind.as_str()]);
         x.lit("kind", kind);
         x.lit("module", "droptrace");
         x.lit("outcome", outcome);
         x.lit("provider", "droptrace");
-        x.opt("reason", reason);
+        x.opt("reason", reason.as_ref());
         x.lits("type", types);
     });
     o.obj("host", |h| h.val("name", &e.node));
@@ -106,26 +104,25 @@ pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
     o.close();
 }
 
-type Class<'a> = (
+type Class = (
     &'static str,
     [&'static str; 1],
     &'static [&'static str],
     &'static str,
-    Cow<'static, str>,
-    Option<&'a str>,
+    String,
+    Option<String>,
 );
 
-/// event.kind, category, type, outcome, action, reason (borrowed: nothing is allocated but
-/// the actions made from the event's own words).
-fn classify(e: &Event) -> Class<'_> {
+/// event.kind, category, type, outcome, action, reason.
+fn classify(e: &Event) -> Class {
     match e.kind {
         Kind::Drop => (
             "event",
             ["network"],
             &["connection", "denied"],
             "failure",
-            Cow::Borrowed("packet_dropped"),
-            e.drop.as_ref().map(|d| d.reason.as_str()),
+            "packet_dropped".to_string(),
+            e.drop.as_ref().map(|d| d.reason.clone()),
         ),
         Kind::Stall => {
             let outcome = e
@@ -143,8 +140,8 @@ fn classify(e: &Event) -> Class<'_> {
                 ["network"],
                 types,
                 result,
-                Cow::Owned(format!("connection_{outcome}")),
-                e.diagnosis.as_deref(),
+                format!("connection_{outcome}"),
+                e.diagnosis.clone(),
             )
         }
         Kind::Tns => {
@@ -155,13 +152,13 @@ fn classify(e: &Event) -> Class<'_> {
                 "ACCEPT" => (&["connection", "protocol", "allowed"], "success"),
                 _ => (&["connection", "protocol"], "unknown"),
             };
-            let reason = o.and_then(|o| o.refuse.as_ref()).map(|r| r.text.as_str());
+            let reason = o.and_then(|o| o.refuse.as_ref()).map(|r| r.text.clone());
             (
                 "event",
                 ["network"],
                 types,
                 result,
-                Cow::Owned(format!("tns_{}", packet.to_ascii_lowercase())),
+                format!("tns_{}", packet.to_ascii_lowercase()),
                 reason,
             )
         }
@@ -170,15 +167,15 @@ fn classify(e: &Event) -> Class<'_> {
             ["network"],
             &["connection", "denied"],
             "failure",
-            Cow::Borrowed("drop_storm"),
-            e.diagnosis.as_deref(),
+            "drop_storm".to_string(),
+            e.diagnosis.clone(),
         ),
         Kind::Connect => (
             "event",
             ["network"],
             &["connection", "start", "allowed"],
             "success",
-            Cow::Borrowed("connection_established"),
+            "connection_established".to_string(),
             None,
         ),
         // --raw per-signal records: context for an incident, not outcomes themselves.
@@ -187,7 +184,7 @@ fn classify(e: &Event) -> Class<'_> {
             ["network"],
             &["connection", "info"],
             "unknown",
-            Cow::Borrowed(e.kind.as_str()),
+            e.kind.as_str().to_string(),
             None,
         ),
         // Loss is a count about the pipeline, not a network event: ECS's `metric` kind.
@@ -196,8 +193,8 @@ fn classify(e: &Event) -> Class<'_> {
             ["host"],
             &["info"],
             "failure",
-            Cow::Borrowed("events_lost"),
-            e.lost.as_ref().map(|l| l.reason.as_str()),
+            "events_lost".to_string(),
+            e.lost.as_ref().map(|l| l.reason.clone()),
         ),
     }
 }

@@ -76,8 +76,7 @@ impl DeliverError {
 }
 
 pub(super) enum Transport {
-    /// Written through std's stdout on the blocking pool ([`Transport::deliver`]).
-    Stdout,
+    Stdout(tokio::io::Stdout),
     File(file::FileSink),
     Stream(stream::StreamSink),
     Http(http::HttpSink),
@@ -101,7 +100,7 @@ impl Transport {
             }
         };
         Ok(match &spec.target {
-            Target::Stdout => Transport::Stdout,
+            Target::Stdout => Transport::Stdout(tokio::io::stdout()),
             Target::File(path) => Transport::File(
                 file::FileSink::open(path, opts.rotate_size, opts.rotate_keep)
                     .map_err(|e| sink_err(e.to_string()))?,
@@ -181,30 +180,25 @@ impl Transport {
             Transport::Stream(s) => s.connect().await,
             Transport::Http(h) => h.connect().await,
             Transport::Grpc(g) => g.connect().await,
-            Transport::Stdout | Transport::File(_) => Ok(()),
+            Transport::Stdout(_) | Transport::File(_) => Ok(()),
         }
     }
 
     /// Ok(n): accepted, of which the receiver refused `n` individually.
     pub(super) async fn deliver(&mut self, batch: &[Arc<Record>]) -> Result<u64, DeliverError> {
         match self {
-            Transport::Stdout => {
-                let mut buf = Vec::with_capacity(batch.iter().map(|r| r.line.len() + 1).sum());
+            Transport::Stdout(out) => {
+                use tokio::io::AsyncWriteExt;
+                let mut buf = Vec::new();
                 for r in batch {
                     stream::frame(&stream::Framing::Ndjson, r, &mut buf);
                 }
-                // Written on the blocking pool (stdout may be a pipe that blocks) like tokio's
-                // Stdout does, but handing over the batch instead of copying it again.
-                let written = tokio::task::spawn_blocking(move || {
-                    use std::io::Write as _;
-                    let mut out = std::io::stdout().lock();
-                    out.write_all(&buf)?;
-                    out.flush()
-                })
-                .await
-                .map_err(std::io::Error::other)
-                .and_then(|r| r);
-                written.map_err(|e| DeliverError::retry(format!("stdout: {e}")))?;
+                out.write_all(&buf)
+                    .await
+                    .map_err(|e| DeliverError::retry(format!("stdout: {e}")))?;
+                out.flush()
+                    .await
+                    .map_err(|e| DeliverError::retry(format!("stdout: {e}")))?;
                 Ok(0)
             }
             Transport::File(f) => f
@@ -220,8 +214,11 @@ impl Transport {
     pub(super) async fn close(&mut self) {
         match self {
             Transport::Stream(s) => s.close().await,
-            // Stdout is flushed with every batch.
-            Transport::Stdout | Transport::File(_) | Transport::Http(_) | Transport::Grpc(_) => {}
+            Transport::Stdout(out) => {
+                use tokio::io::AsyncWriteExt;
+                let _ = out.flush().await;
+            }
+            Transport::File(_) | Transport::Http(_) | Transport::Grpc(_) => {}
         }
     }
 }
