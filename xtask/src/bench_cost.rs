@@ -45,6 +45,30 @@ enum Which {
 }
 
 /// One row of the cost table: a figure before and after, and its goal.
+/// A ratio's goal: a ceiling (CPU) or a floor (drop rate).
+#[derive(Clone, Copy)]
+enum Goal {
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+/// One per-drop ratio, before and after, with its goal and whether "after" meets it.
+fn ratio_row(name: String, ratios: &BTreeMap<Which, f64>, goal: Goal) -> Row {
+    let cell = |w: Which| ratios.get(&w).map(|v| format!("{v:.3}"));
+    let after = ratios.get(&Which::After).copied();
+    let (goal, met) = match goal {
+        Goal::AtMost(g) => (format!("<= {g}"), after.map(|v| v <= g)),
+        Goal::AtLeast(g) => (format!(">= {g}"), after.map(|v| v >= g)),
+    };
+    Row {
+        name,
+        before: cell(Which::Before),
+        after: cell(Which::After).unwrap_or_default(),
+        goal,
+        met,
+    }
+}
+
 pub(crate) struct Row {
     pub name: String,
     pub before: Option<String>,
@@ -713,50 +737,41 @@ pub(crate) fn run(
     topo.drop_rule(false)?;
     let (fixed, rand) = floods?;
     for (label, p) in [("fixed source", &fixed), ("random source", &rand)] {
-        let f = |m: &BTreeMap<Which, f64>, w: Which| m.get(&w).map(|v| format!("{v:.3}"));
-        rows.push(Row {
-            name: format!(
+        rows.push(ratio_row(
+            format!(
                 "per dropped SYN ({label}): total CPU per drop traced / untraced (median of {} \
                  pairs; untraced {:.3} us/drop)",
                 opts.pairs, p.untraced_us
             ),
-            before: f(&p.cpu_ratio, Which::Before),
-            after: f(&p.cpu_ratio, Which::After).unwrap_or_default(),
-            goal: "<= 1.08".into(),
-            met: p.cpu_ratio.get(&Which::After).map(|v| *v <= 1.08),
-        });
-        rows.push(Row {
-            name: format!(
+            &p.cpu_ratio,
+            Goal::AtMost(1.08),
+        ));
+        rows.push(ratio_row(
+            format!(
                 "per dropped SYN ({label}): kernel drop rate traced / untraced (untraced \
                  {:.0}/s)",
                 p.untraced_rate
             ),
-            before: f(&p.rate_ratio, Which::Before),
-            after: f(&p.rate_ratio, Which::After).unwrap_or_default(),
-            goal: ">= 0.95".into(),
-            met: p.rate_ratio.get(&Which::After).map(|v| *v >= 0.95),
-        });
-        rows.push(Row {
-            name: format!(
+            &p.rate_ratio,
+            Goal::AtLeast(0.95),
+        ));
+        rows.push(ratio_row(
+            format!(
                 "per dropped SYN ({label}): total CPU per drop traced / untraced, traced with \
                  kernel.bpf_stats_enabled=0 (median of {} pairs)",
                 opts.pairs
             ),
-            before: f(&p.cpu_ratio_nostats, Which::Before),
-            after: f(&p.cpu_ratio_nostats, Which::After).unwrap_or_default(),
-            goal: "<= 1.08".into(),
-            met: p.cpu_ratio_nostats.get(&Which::After).map(|v| *v <= 1.08),
-        });
-        rows.push(Row {
-            name: format!(
+            &p.cpu_ratio_nostats,
+            Goal::AtMost(1.08),
+        ));
+        rows.push(ratio_row(
+            format!(
                 "per dropped SYN ({label}): kernel drop rate traced / untraced, traced with \
                  kernel.bpf_stats_enabled=0"
             ),
-            before: f(&p.rate_ratio_nostats, Which::Before),
-            after: f(&p.rate_ratio_nostats, Which::After).unwrap_or_default(),
-            goal: ">= 0.95".into(),
-            met: p.rate_ratio_nostats.get(&Which::After).map(|v| *v >= 0.95),
-        });
+            &p.rate_ratio_nostats,
+            Goal::AtLeast(0.95),
+        ));
         let cells: [(&str, BreakdownCell); 3] = [
             ("drop program BPF ns per run (median pair)", |b| {
                 b.drop_prog.clone()
