@@ -246,21 +246,23 @@ impl Pipeline {
             return;
         }
         self.summary.drop_seen(&d);
+        if d.class == DropClass::Local {
+            // The host's own housekeeping (a queue purged at close, a sniffer's copy its
+            // packet socket could not take, even when the kernel folded it toward a flooded
+            // destination): a drop record, held back by default; no attempt's, no storm's.
+            self.emit_drop(&d, None);
+            return;
+        }
         let server = storm::server_of(&d);
-        if d.flow.is_folded() && d.class != DropClass::Local {
-            // The kernel folded a storm of new flows: a storm toward that end. A local drop
-            // folded there too (a sniffer's copy its packet socket could not take) is the
-            // host's own: counted as a drop, not as the storm's.
+        if d.flow.is_folded() {
+            // The kernel folded a storm of new flows: a storm toward that end.
             let id = self.storms.start(server, d.ts_ns, &mut self.next_storm_id);
             self.absorb_drop_only(server);
             self.storms.folded(server, &d);
             self.emit_drop(&d, Some(id));
             return;
         }
-        if d.class != DropClass::Local
-            && self.storms.is_active(server)
-            && !self.correlator.owns_locally(&d)
-        {
+        if self.storms.is_active(server) && !self.correlator.owns_locally(&d) {
             // One more source of a storm: folded into its next drop record.
             self.storms.absorb(server, &d);
             return;
