@@ -116,6 +116,11 @@ fn python() -> tracer_common::Owner {
     }
 }
 
+/// The kernel's folded record of a storm of new flows toward `server` (source unspecified).
+fn folded_drop(ts_ns: u64, server: &str, reason: u32) -> DropEvent {
+    drop_rec(ts_ns, key("0.0.0.0:0", server), SYN, reason, NFT_DO_CHAIN)
+}
+
 fn drop_rec(ts_ns: u64, f: FlowKey, flags: u8, reason: u32, location: u64) -> DropEvent {
     DropEvent {
         hdr: header(kind::DROP, ts_ns),
@@ -326,13 +331,7 @@ fn random_source_flood_is_one_storm_with_exact_counts() {
         p.record(&bytes(&rec));
         total += 1;
     }
-    let folded = drop_rec(
-        400 * MS,
-        key("0.0.0.0:0", server),
-        SYN,
-        NETFILTER_DROP,
-        NFT_DO_CHAIN,
-    );
+    let folded = folded_drop(400 * MS, server, NETFILTER_DROP);
     p.record(&bytes(&folded));
     total += 1;
     for i in 0..10u8 {
@@ -384,13 +383,7 @@ fn random_source_flood_is_one_storm_with_exact_counts() {
 fn a_local_client_during_a_storm_is_still_its_own_incident() {
     let mut p = pipeline(Emit::default());
     let server = "10.201.7.2:1521";
-    let folded = drop_rec(
-        0,
-        key("0.0.0.0:0", server),
-        SYN,
-        NETFILTER_DROP,
-        NFT_DO_CHAIN,
-    );
+    let folded = folded_drop(0, server, NETFILTER_DROP);
     p.record(&bytes(&folded));
     // sqlplus on this node connects into the flood; its SYNs are dropped too.
     let c = key("10.201.7.1:40000", server);
@@ -419,21 +412,9 @@ fn a_local_client_during_a_storm_is_still_its_own_incident() {
 fn a_sniffers_dropped_copy_is_not_part_of_the_storm() {
     let mut p = pipeline(Emit::default());
     let server = "10.201.7.2:1521";
-    let folded = drop_rec(
-        0,
-        key("0.0.0.0:0", server),
-        SYN,
-        NETFILTER_DROP,
-        NFT_DO_CHAIN,
-    );
+    let folded = folded_drop(0, server, NETFILTER_DROP);
     p.record(&bytes(&folded));
-    let copy = drop_rec(
-        5 * MS,
-        key("0.0.0.0:0", server),
-        SYN,
-        PACKET_SOCK_ERROR,
-        NFT_DO_CHAIN,
-    );
+    let copy = folded_drop(5 * MS, server, PACKET_SOCK_ERROR);
     p.record(&bytes(&copy));
     p.repeats(S, &[entry(&folded, 999, S)]);
     p.tick(5 * S);
