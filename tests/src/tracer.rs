@@ -37,6 +37,31 @@ const ATTACH_TIMEOUT: Duration = Duration::from_secs(120);
 /// end as soon as the event is there: only a failing test pays the whole of it.
 pub const EVENT_WAIT: Duration = Duration::from_secs(30);
 
+/// Sends `signal` to `child` (unless it has exited) and waits up to `limit` for its exit
+/// status; after that it is killed, reaped, and None returned.
+pub fn signal_and_wait(
+    child: &mut std::process::Child,
+    signal: i32,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    if child.try_wait().ok().flatten().is_none() {
+        // SAFETY: kill(2) on our own child's pid; no memory is involved.
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return Some(st);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// A running `droptrace run`; killed on drop if not stopped.
 pub struct Droptrace {
     child: Option<Child>,
@@ -192,21 +217,7 @@ impl Droptrace {
     /// `signal` (SIGINT, SIGTERM), then as `stop`.
     pub fn stop_with(mut self, signal: i32) -> Finished {
         let mut child = self.child.take().expect("running");
-        if child.try_wait().ok().flatten().is_none() {
-            // SAFETY: kill(2) on our own child's pid; no memory is involved.
-            unsafe { libc::kill(child.id() as i32, signal) };
-        }
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(st) = child.try_wait().expect("wait") {
-                break Some(st);
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                break None;
-            }
-            thread::sleep(Duration::from_millis(50));
-        };
+        let status = signal_and_wait(&mut child, signal, Duration::from_secs(60));
         // Every line it wrote is read before the events are taken: parsing thousands of
         // records takes a while in a slow (emulated) machine.
         let readers_deadline = Instant::now() + Duration::from_secs(60);

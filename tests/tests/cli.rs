@@ -460,20 +460,11 @@ fn sigint_while_loading_is_a_clean_stop() {
     });
     // Loading takes seconds under emulation: the signal lands mid-start.
     let loaded = rx.recv_timeout(Duration::from_secs(120)).is_ok();
-    // SAFETY: kill(2) on our own child's pid; no memory is involved.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let status = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break Some(st);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = droptrace_tests::tracer::signal_and_wait(
+        &mut child,
+        libc::SIGINT,
+        Duration::from_secs(120),
+    );
     let lines = reader.join().unwrap().join("\n");
     assert!(loaded, "no 'object loaded' line: {lines}");
     assert_eq!(
