@@ -108,12 +108,38 @@ pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Resul
     Ok(summary)
 }
 
-/// Nothing but whitespace (and the line end).
+/// Nothing but whitespace (and the line end), as `str::trim` has it.
 fn blank(line: &[u8]) -> bool {
+    const VERTICAL_TAB: u8 = 0x0b;
     match line.trim_ascii() {
         [] => true,
-        t if t[0].is_ascii() => false,
-        // Unicode whitespace, as `str::trim` has it.
+        // Any other ASCII byte is not whitespace to `str::trim` either.
+        t if t[0].is_ascii() && t[0] != VERTICAL_TAB => false,
+        // Unicode whitespace, and the vertical tab `trim_ascii` keeps.
         t => std::str::from_utf8(t).is_ok_and(|s| s.trim().is_empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blank;
+
+    #[test]
+    fn blank_lines_are_what_str_trim_calls_empty() {
+        let lines: [&[u8]; 9] = [
+            b"\n",
+            b"  \t\r\n",
+            b"\x0b\n",
+            " \u{a0}\u{2003}\n".as_bytes(),
+            b"{}\n",
+            b" x \n",
+            b"\x0bx\n",
+            b"\xff\n",
+            b" \xe2\x80\n",
+        ];
+        for l in lines {
+            let by_str = std::str::from_utf8(l).is_ok_and(|s| s.trim().is_empty());
+            assert_eq!(blank(l), by_str, "{l:?}");
+        }
     }
 }
