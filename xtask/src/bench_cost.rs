@@ -641,6 +641,9 @@ fn paired(
     })
 }
 
+/// Replays per binary and format; the encode rows take the one with the least CPU.
+const REPLAY_ROUNDS: usize = 3;
+
 /// `droptrace replay` of `input` in `format` on one core: (wall seconds, CPU seconds).
 fn replay(bin: &Path, input: &Path, format: &str, out_file: &Path) -> anyhow::Result<(f64, f64)> {
     let file = std::fs::File::create(out_file)?;
@@ -904,14 +907,24 @@ pub(crate) fn run(
 
     // Encoders.
     let (input, n) = replay_input(scratch, 280_000)?;
+    // The run with the least CPU of REPLAY_ROUNDS per binary and format, rounds interleaved:
+    // the system time of writing the output file moves with the page cache by half a second
+    // between runs of the same binary (seen: OCSF 1.11 to 1.88 s).
     let mut rates: BTreeMap<(Which, &str), (f64, f64)> = BTreeMap::new();
-    for (which, bin) in bins.each() {
-        for format in ["native", "ecs", "ocsf"] {
-            step(&format!(
-                "replay {n} events as {format} ({which:?}), one core"
-            ));
-            let out_file = scratch.join(format!("replay-{which:?}.{format}"));
-            rates.insert((which, format), replay(bin, &input, format, &out_file)?);
+    for round in 1..=REPLAY_ROUNDS {
+        for (which, bin) in bins.each() {
+            for format in ["native", "ecs", "ocsf"] {
+                step(&format!(
+                    "replay {n} events as {format} ({which:?}), one core, round \
+                     {round}/{REPLAY_ROUNDS}"
+                ));
+                let out_file = scratch.join(format!("replay-{which:?}.{format}"));
+                let (wall, cpu) = replay(bin, &input, format, &out_file)?;
+                let best = rates.entry((which, format)).or_insert((wall, cpu));
+                if cpu < best.1 {
+                    *best = (wall, cpu);
+                }
+            }
         }
     }
     let mut identical = Vec::new();
@@ -1025,7 +1038,8 @@ pub(crate) fn markdown(
          daemon's CPU per drop; rest = what neither accounts for (hook dispatch, the flood's \
          own cost moving with its rate). Encode = `droptrace replay` of the golden native events \
          repeated, pinned to CPU 0 (`taskset -c 0`), output to a file; events per CPU-second \
-         (user + system of the process).",
+         (user + system of the process), the least CPU of {REPLAY_ROUNDS} runs per binary and \
+         format, rounds interleaved.",
         opts.iperf_secs, opts.pairs, opts.pair_secs, opts.pair_secs, opts.pair_secs
     )?;
     Ok(md)
