@@ -97,6 +97,11 @@ impl<T: PartialEq> PartialEq for Shared<T> {
 
 impl<T: Serialize> Serialize for Shared<T> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        // The only holder and nothing cached (a replayed event's own section): written once,
+        // so caching it would only cost a copy.
+        if self.0.json.get().is_none() && Arc::strong_count(&self.0) == 1 {
+            return self.0.value.serialize(s);
+        }
         let raw = self
             .0
             .json

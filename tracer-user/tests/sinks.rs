@@ -358,13 +358,17 @@ fn receiver_outage_replays_spool_in_order_exactly_once() {
 #[test]
 fn tiny_spool_cap_discards_are_reported_in_stream() {
     let dir = tmpdir();
+    // Small batches: a failed send puts its batch and the direct channel (max(batch, 64)
+    // records) back in front of the spool past the cap; the rest must be appended under
+    // it. With the default 500, all 380 events could be in memory when the first send
+    // fails (a fast encoder) and fit, and no discard would be there to report.
     let Outage {
         mut r,
         mut live,
         file,
         sink,
         ..
-    } = Outage::start(dir.path(), &["--spool-max", "16K"]);
+    } = Outage::start(dir.path(), &["--spool-max", "16K", "--batch", "10"]);
     let events = numbered_drops(400);
     live.send(&events[..20]);
     wait_for("the first 20 at rsyslog", Duration::from_secs(15), || {

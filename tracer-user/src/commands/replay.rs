@@ -10,7 +10,7 @@ use tokio::{
 
 use crate::{
     event::{Event, LostSource},
-    output::Output,
+    output::{BATCH, Output},
 };
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub fn open_input(path: &Path) -> Result<Input, String> {
 /// Replays `input` into `output` until EOF or SIGINT/SIGTERM.
 pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Result<ReplaySummary> {
     // A large buffer: a file is read on tokio's blocking pool, one hand-off per fill.
-    let mut lines = BufReader::with_capacity(1 << 20, input).lines();
+    let mut reader = BufReader::with_capacity(1 << 20, input);
     // The input is open: for replay that is "attached" (/readyz).
     if let Some(m) = output.metrics() {
         m.set_ready(true);
@@ -57,28 +57,35 @@ pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Resul
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let mut summary = ReplaySummary::default();
+    let mut line = Vec::new();
+    let mut batch = Vec::with_capacity(BATCH);
     loop {
-        let line = tokio::select! {
-            l = lines.next_line() => l,
+        // Parsed events go to the output in batches, and before waiting for more input: a
+        // live stream (stdin) is never held back waiting for a batch to fill.
+        if batch.len() >= BATCH || !batch.is_empty() && !reader.buffer().contains(&b'\n') {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(BATCH));
+            output.send_all_wait(full).await;
+        }
+        line.clear();
+        let n = tokio::select! {
+            n = reader.read_until(b'\n', &mut line) => n?,
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
         };
-        let line = match line {
-            Ok(Some(l)) => l,
-            Ok(None) => break,
-            // Invalid UTF-8 and the like: the line is skipped and counted.
-            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
-                summary.unparsable += 1;
-                continue;
-            }
-            Err(e) => return Err(e.into()),
-        };
-        if line.trim().is_empty() {
+        if n == 0 {
+            break;
+        }
+        if blank(&line) {
             continue;
         }
-        match serde_json::from_str::<Event>(&line) {
+        // Invalid UTF-8 is skipped and counted like any unparsable line. The line is checked
+        // whole: far faster than serde_json checking each string of it.
+        let parsed = std::str::from_utf8(&line)
+            .map_err(|e| e.to_string())
+            .and_then(|l| serde_json::from_str::<Event>(l).map_err(|e| e.to_string()));
+        match parsed {
             Ok(e) => {
-                output.send_wait(e).await;
+                batch.push(e);
                 summary.events += 1;
             }
             Err(e) => {
@@ -87,6 +94,7 @@ pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Resul
             }
         }
     }
+    output.send_all_wait(batch).await;
     if summary.unparsable > 0 {
         let e = Event::lost(
             node,
@@ -95,7 +103,43 @@ pub async fn run(input: Input, output: &mut Output, node: &str) -> anyhow::Resul
             "unparsable",
             None,
         );
-        output.send_wait(e).await;
+        output.send_all_wait(vec![e]).await;
     }
     Ok(summary)
+}
+
+/// Nothing but whitespace (and the line end), as `str::trim` has it.
+fn blank(line: &[u8]) -> bool {
+    const VERTICAL_TAB: u8 = 0x0b;
+    match line.trim_ascii() {
+        [] => true,
+        // Any other ASCII byte is not whitespace to `str::trim` either.
+        t if t[0].is_ascii() && t[0] != VERTICAL_TAB => false,
+        // Unicode whitespace, and the vertical tab `trim_ascii` keeps.
+        t => std::str::from_utf8(t).is_ok_and(|s| s.trim().is_empty()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::blank;
+
+    #[test]
+    fn blank_lines_are_what_str_trim_calls_empty() {
+        let lines: [&[u8]; 9] = [
+            b"\n",
+            b"  \t\r\n",
+            b"\x0b\n",
+            " \u{a0}\u{2003}\n".as_bytes(),
+            b"{}\n",
+            b" x \n",
+            b"\x0bx\n",
+            b"\xff\n",
+            b" \xe2\x80\n",
+        ];
+        for l in lines {
+            let by_str = std::str::from_utf8(l).is_ok_and(|s| s.trim().is_empty());
+            assert_eq!(blank(l), by_str, "{l:?}");
+        }
+    }
 }

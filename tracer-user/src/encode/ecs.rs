@@ -1,6 +1,8 @@
 //! droptrace.v1 -> Elastic Common Schema (ECS 8.x). Standard fields where ECS has them;
 //! everything else (peer pod identity, kernel drop location, conntrack, ...) under the
 //! vendor field set `droptrace.*`, which keeps the full droptrace.v1 sections.
+use std::borrow::Cow;
+
 use super::{Sections, community_id, direction, json::Obj, subject, write_message};
 use crate::event::{Endpoint, Event, Family, Kind};
 
@@ -27,14 +29,14 @@ pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
     }
     o.obj("ecs", |x| x.lit("version", ECS_VERSION));
     o.obj("event", |x| {
-        x.val("action", &action);
+        x.val("action", action.as_ref());
         x.lits("category", &category);
         x.lit_parts("dataset", &["droptrace.", e.kind.as_str()]);
         x.lit("kind", kind);
         x.lit("module", "droptrace");
         x.lit("outcome", outcome);
         x.lit("provider", "droptrace");
-        x.opt("reason", reason.as_ref());
+        x.opt("reason", reason);
         x.lits("type", types);
     });
     o.obj("host", |h| h.val("name", &e.node));
@@ -104,25 +106,26 @@ pub(super) fn write(e: &Event, buf: &mut Vec<u8>) {
     o.close();
 }
 
-type Class = (
+type Class<'a> = (
     &'static str,
     [&'static str; 1],
     &'static [&'static str],
     &'static str,
-    String,
-    Option<String>,
+    Cow<'static, str>,
+    Option<&'a str>,
 );
 
-/// event.kind, category, type, outcome, action, reason.
-fn classify(e: &Event) -> Class {
+/// event.kind, category, type, outcome, action, reason (borrowed: nothing is allocated but
+/// the actions made from the event's own words).
+fn classify(e: &Event) -> Class<'_> {
     match e.kind {
         Kind::Drop => (
             "event",
             ["network"],
             &["connection", "denied"],
             "failure",
-            "packet_dropped".to_string(),
-            e.drop.as_ref().map(|d| d.reason.clone()),
+            Cow::Borrowed("packet_dropped"),
+            e.drop.as_ref().map(|d| d.reason.as_str()),
         ),
         Kind::Stall => {
             let outcome = e
@@ -140,8 +143,8 @@ fn classify(e: &Event) -> Class {
                 ["network"],
                 types,
                 result,
-                format!("connection_{outcome}"),
-                e.diagnosis.clone(),
+                Cow::Owned(format!("connection_{outcome}")),
+                e.diagnosis.as_deref(),
             )
         }
         Kind::Tns => {
@@ -152,13 +155,13 @@ fn classify(e: &Event) -> Class {
                 "ACCEPT" => (&["connection", "protocol", "allowed"], "success"),
                 _ => (&["connection", "protocol"], "unknown"),
             };
-            let reason = o.and_then(|o| o.refuse.as_ref()).map(|r| r.text.clone());
+            let reason = o.and_then(|o| o.refuse.as_ref()).map(|r| r.text.as_str());
             (
                 "event",
                 ["network"],
                 types,
                 result,
-                format!("tns_{}", packet.to_ascii_lowercase()),
+                Cow::Owned(format!("tns_{}", packet.to_ascii_lowercase())),
                 reason,
             )
         }
@@ -167,15 +170,15 @@ fn classify(e: &Event) -> Class {
             ["network"],
             &["connection", "denied"],
             "failure",
-            "drop_storm".to_string(),
-            e.diagnosis.clone(),
+            Cow::Borrowed("drop_storm"),
+            e.diagnosis.as_deref(),
         ),
         Kind::Connect => (
             "event",
             ["network"],
             &["connection", "start", "allowed"],
             "success",
-            "connection_established".to_string(),
+            Cow::Borrowed("connection_established"),
             None,
         ),
         // --raw per-signal records: context for an incident, not outcomes themselves.
@@ -184,7 +187,7 @@ fn classify(e: &Event) -> Class {
             ["network"],
             &["connection", "info"],
             "unknown",
-            e.kind.as_str().to_string(),
+            Cow::Borrowed(e.kind.as_str()),
             None,
         ),
         // Loss is a count about the pipeline, not a network event: ECS's `metric` kind.
@@ -193,8 +196,8 @@ fn classify(e: &Event) -> Class {
             ["host"],
             &["info"],
             "failure",
-            "events_lost".to_string(),
-            e.lost.as_ref().map(|l| l.reason.clone()),
+            Cow::Borrowed("events_lost"),
+            e.lost.as_ref().map(|l| l.reason.as_str()),
         ),
     }
 }

@@ -351,15 +351,47 @@ fn write_endpoints(m: &mut String, sip: std::net::IpAddr, sp: u16, dip: std::net
     use std::fmt::Write as _;
     // A storm's folded end stands for many addresses.
     let end = |m: &mut String, ip: std::net::IpAddr, p: u16| {
-        let _ = match ip {
-            _ if ip.is_unspecified() && p == 0 => m.write_str("(many sources)"),
-            std::net::IpAddr::V4(a) => write!(m, "{a}:{p}"),
-            std::net::IpAddr::V6(a) => write!(m, "[{a}]:{p}"),
-        };
+        match ip {
+            _ if ip.is_unspecified() && p == 0 => m.push_str("(many sources)"),
+            // Written digit by digit: `{a}` (formatting machinery per octet) was a visible
+            // part of encoding a message.
+            std::net::IpAddr::V4(a) => {
+                for (i, o) in a.octets().into_iter().enumerate() {
+                    if i > 0 {
+                        m.push('.');
+                    }
+                    push_decimal(m, o.into());
+                }
+                m.push(':');
+                push_decimal(m, p);
+            }
+            std::net::IpAddr::V6(a) => {
+                let _ = write!(m, "[{a}]:");
+                push_decimal(m, p);
+            }
+        }
     };
     end(m, sip, sp);
     m.push_str(" -> ");
     end(m, dip, dp);
+}
+
+/// `n` in decimal.
+fn push_decimal(m: &mut String, n: u16) {
+    let mut digits = [0u8; 5];
+    let mut i = digits.len();
+    let mut n = n;
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for d in &digits[i..] {
+        m.push(char::from(*d));
+    }
 }
 
 /// Unix milliseconds of an RFC 3339 timestamp (`Z` or `±hh:mm` offset, any fraction).
@@ -427,6 +459,28 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoints_are_written_as_display_writes_them() {
+        let mut m = String::new();
+        for (sip, sp, dip, dp) in [
+            ("10.0.0.1", 40000, "255.255.255.255", 65535),
+            ("0.0.0.0", 0, "1.2.3.4", 0),
+            ("fd00::1", 1521, "10.200.0.9", 9),
+            ("0.0.0.0", 7, "::", 0),
+        ] {
+            let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+                (sip.parse().unwrap(), dip.parse().unwrap());
+            m.clear();
+            write_endpoints(&mut m, a, sp, b, dp);
+            let show = |ip: std::net::IpAddr, p: u16| match ip {
+                _ if ip.is_unspecified() && p == 0 => "(many sources)".to_string(),
+                std::net::IpAddr::V4(a) => format!("{a}:{p}"),
+                std::net::IpAddr::V6(a) => format!("[{a}]:{p}"),
+            };
+            assert_eq!(m, format!("{} -> {}", show(a, sp), show(b, dp)));
+        }
+    }
 
     #[test]
     fn parses_rfc3339() {

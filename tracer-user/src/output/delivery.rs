@@ -178,6 +178,12 @@ pub(super) async fn intake(
         } else {
             let mut items = items.into_iter();
             while let Some(r) = items.next() {
+                // Waits (for room or the deadline) only when the direct channel is full.
+                let r = match direct.try_send(r) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(r)) => r,
+                    Err(mpsc::error::TrySendError::Closed(r)) => r,
+                };
                 let stop = tokio::select! {
                     res = direct.send(r) => res.is_err(),
                     _ = phase_at_least(&mut phase, Phase::Stop) => true,

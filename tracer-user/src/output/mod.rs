@@ -52,8 +52,11 @@ use sink::Transport;
 pub use sink::{HttpMode, SinkSpec, Target};
 use stats::{Discard, SinkStats};
 pub use stats::{OutputSummary, SinkSummary};
-use thread::{Encoding, K8sEvents, run_outputs};
+use thread::{Encoding, K8sEvents, Queued, run_outputs};
 pub use tls::TlsFiles;
+
+/// Most events [`Output::send_all_wait`] hands over at once.
+pub(crate) const BATCH: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
@@ -132,7 +135,7 @@ impl Default for OutputOptions {
 pub struct Output {
     /// To the encoder task on the output thread: encoding (a few microseconds for ECS/OCSF)
     /// stays off the tracing loop.
-    events: mpsc::Sender<Arc<Event>>,
+    events: mpsc::Sender<Queued>,
     sinks: Arc<Vec<SinkHandle>>,
     /// `--k8s-events`: its counters (it takes stall incidents, not lines).
     k8s: Option<Arc<SinkStats>>,
@@ -275,7 +278,14 @@ impl Output {
         });
         let k8s_stats = k8s.as_ref().map(|k| k.stats.clone());
 
-        let (events_tx, events_rx) = mpsc::channel(queue);
+        // Lossless (replay) hands events over in batches of up to `BATCH`: room for about
+        // `queue` events, as in the sinks' queues.
+        let events_queue = if opts.lossless {
+            (queue / BATCH).max(2)
+        } else {
+            queue
+        };
+        let (events_tx, events_rx) = mpsc::channel(events_queue);
         let encode = Encoding {
             format: opts.format,
             otlp,
@@ -342,7 +352,11 @@ impl Output {
         if let Some(m) = &self.metrics {
             m.observe(event);
         }
-        if self.events.try_send(Arc::new(event.clone())).is_err() {
+        if self
+            .events
+            .try_send(Queued::One(Arc::new(event.clone())))
+            .is_err()
+        {
             for s in self.sinks.iter() {
                 s.stats.discard(Discard::QueueFull, 1);
             }
@@ -366,17 +380,29 @@ impl Output {
     }
 
     /// Like `send`, but waits for room instead of discarding (with `lossless`, the whole
-    /// pipeline then goes at the pace of the slowest sink). For `replay`.
-    /// Takes the event: the caller is done with it, and it is not copied.
-    pub(crate) async fn send_wait(&mut self, event: Event) {
-        if let Some(m) = &self.metrics {
-            m.observe(&event);
+    /// pipeline then goes at the pace of the slowest sink), for a batch of at most [`BATCH`]
+    /// events: one hand-off to the output thread for all of them, not one each (the two
+    /// threads taking turns on a core per event cost as much as encoding). For `replay`.
+    /// Takes the events: the caller is done with them, and they are not copied.
+    pub(crate) async fn send_all_wait(&mut self, events: Vec<Event>) {
+        if events.is_empty() {
+            return;
         }
-        if let Err(unsent) = self.events.send(Arc::new(event)).await {
-            for s in self.sinks.iter() {
-                s.stats.discard(Discard::Shutdown, 1);
+        if let Some(m) = &self.metrics {
+            for e in &events {
+                m.observe(e);
             }
-            self.k8s_discard(&unsent.0, Discard::Shutdown);
+        }
+        if let Err(unsent) = self.events.send(Queued::Batch(events)).await {
+            let Queued::Batch(events) = unsent.0 else {
+                return;
+            };
+            for s in self.sinks.iter() {
+                s.stats.discard(Discard::Shutdown, events.len() as u64);
+            }
+            for e in &events {
+                self.k8s_discard(e, Discard::Shutdown);
+            }
         }
     }
 

@@ -31,7 +31,7 @@ pub(super) struct K8sEvents {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run_outputs(
     workers: Vec<(Arc<SinkCtx>, Transport, mpsc::Receiver<Arc<Record>>)>,
-    (events, encode): (mpsc::Receiver<Arc<Event>>, Encoding),
+    (events, encode): (mpsc::Receiver<Queued>, Encoding),
     (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sEvents>),
     lost: Arc<LostMaker>,
     metrics: Option<(Arc<Metrics>, std::net::TcpListener)>,
@@ -273,46 +273,86 @@ pub(super) struct Encoding {
 /// Stall incidents on their way to the Kubernetes Events writer, and its counters.
 type K8sFeed = (mpsc::Sender<Arc<Event>>, Arc<SinkStats>);
 
+/// What the output thread is handed: one event from the tracing loop, or a batch of them
+/// from `replay` (one hand-off between the threads for many lines).
+pub(super) enum Queued {
+    One(Arc<Event>),
+    Batch(Vec<Event>),
+}
+
 /// Encodes each event once and queues the line on every sink; hands stall incidents to the
 /// Kubernetes Events writer.
 async fn encode_all(
-    mut events: mpsc::Receiver<Arc<Event>>,
+    mut events: mpsc::Receiver<Queued>,
     (sinks, k8s): (Arc<Vec<SinkHandle>>, Option<K8sFeed>),
     encoding: Encoding,
     mut hurry: watch::Receiver<bool>,
+) {
+    let mut buf = Vec::with_capacity(4096);
+    while let Some(q) = events.recv().await {
+        match q {
+            Queued::One(e) => {
+                let k8s = k8s.as_ref();
+                encode_one(&e, Some(&e), (&sinks, k8s), encoding, &mut hurry, &mut buf).await;
+            }
+            Queued::Batch(batch) => {
+                for e in &batch {
+                    let k8s = k8s.as_ref();
+                    encode_one(e, None, (&sinks, k8s), encoding, &mut hurry, &mut buf).await;
+                }
+            }
+        }
+    }
+}
+
+/// One event of [`encode_all`]; `shared` is `e` when it is reference counted already.
+async fn encode_one(
+    e: &Event,
+    shared: Option<&Arc<Event>>,
+    (sinks, k8s): (&[SinkHandle], Option<&K8sFeed>),
+    encoding: Encoding,
+    hurry: &mut watch::Receiver<bool>,
+    buf: &mut Vec<u8>,
 ) {
     let Encoding {
         format,
         otlp,
         lossless,
     } = encoding;
-    let mut buf = Vec::with_capacity(4096);
-    while let Some(e) = events.recv().await {
-        if let Some((tx, stats)) = &k8s {
-            let n = k8s_events::events_for(&e, "").len() as u64;
-            if n > 0 {
-                let sent = if lossless && !*hurry.borrow() {
-                    tx.send(e.clone()).await.is_ok()
-                } else {
-                    tx.try_send(e.clone()).is_ok()
-                };
-                if !sent {
-                    stats.discard(Discard::QueueFull, n);
-                }
+    if let Some((tx, stats)) = k8s {
+        let n = k8s_events::events_for(e, "").len() as u64;
+        if n > 0 {
+            let e = shared.cloned().unwrap_or_else(|| Arc::new(e.clone()));
+            let sent = if lossless && !*hurry.borrow() {
+                tx.send(e).await.is_ok()
+            } else {
+                tx.try_send(e).is_ok()
+            };
+            if !sent {
+                stats.discard(Discard::QueueFull, n);
             }
         }
-        let rec = Arc::new(Record::new(format, otlp, &e, &mut buf));
-        for s in sinks.iter() {
-            if !lossless || *hurry.borrow() {
-                s.push(&rec);
+    }
+    let rec = Arc::new(Record::new(format, otlp, e, buf));
+    for s in sinks {
+        if !lossless || *hurry.borrow() {
+            s.push(&rec);
+            continue;
+        }
+        // Lossless: wait only when the queue is full (the common case needs no select).
+        let rec = match s.tx.try_send(rec.clone()) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                s.stats.discard(Discard::Shutdown, 1);
                 continue;
             }
-            tokio::select! {
-                r = s.tx.send(rec.clone()) => if r.is_err() {
-                    s.stats.discard(Discard::Shutdown, 1);
-                },
-                _ = hurry.wait_for(|h| *h) => s.push(&rec),
-            }
+            Err(mpsc::error::TrySendError::Full(rec)) => rec,
+        };
+        tokio::select! {
+            r = s.tx.send(rec.clone()) => if r.is_err() {
+                s.stats.discard(Discard::Shutdown, 1);
+            },
+            _ = hurry.wait_for(|h| *h) => s.push(&rec),
         }
     }
 }

@@ -76,7 +76,8 @@ impl DeliverError {
 }
 
 pub(super) enum Transport {
-    Stdout(tokio::io::Stdout),
+    /// Written through std's stdout on the blocking pool ([`Transport::deliver`]).
+    Stdout,
     File(file::FileSink),
     Stream(stream::StreamSink),
     Http(http::HttpSink),
@@ -100,7 +101,7 @@ impl Transport {
             }
         };
         Ok(match &spec.target {
-            Target::Stdout => Transport::Stdout(tokio::io::stdout()),
+            Target::Stdout => Transport::Stdout,
             Target::File(path) => Transport::File(
                 file::FileSink::open(path, opts.rotate_size, opts.rotate_keep)
                     .map_err(|e| sink_err(e.to_string()))?,
@@ -180,25 +181,30 @@ impl Transport {
             Transport::Stream(s) => s.connect().await,
             Transport::Http(h) => h.connect().await,
             Transport::Grpc(g) => g.connect().await,
-            Transport::Stdout(_) | Transport::File(_) => Ok(()),
+            Transport::Stdout | Transport::File(_) => Ok(()),
         }
     }
 
     /// Ok(n): accepted, of which the receiver refused `n` individually.
     pub(super) async fn deliver(&mut self, batch: &[Arc<Record>]) -> Result<u64, DeliverError> {
         match self {
-            Transport::Stdout(out) => {
-                use tokio::io::AsyncWriteExt;
-                let mut buf = Vec::new();
+            Transport::Stdout => {
+                let mut buf = Vec::with_capacity(batch.iter().map(|r| r.line.len() + 1).sum());
                 for r in batch {
                     stream::frame(&stream::Framing::Ndjson, r, &mut buf);
                 }
-                out.write_all(&buf)
-                    .await
-                    .map_err(|e| DeliverError::retry(format!("stdout: {e}")))?;
-                out.flush()
-                    .await
-                    .map_err(|e| DeliverError::retry(format!("stdout: {e}")))?;
+                // Written on the blocking pool (stdout may be a pipe that blocks) like tokio's
+                // Stdout does, but handing over the batch instead of copying it again.
+                let written = tokio::task::spawn_blocking(move || {
+                    use std::io::Write as _;
+                    let mut out = std::io::stdout().lock();
+                    out.write_all(&buf)?;
+                    out.flush()
+                })
+                .await
+                .map_err(std::io::Error::other)
+                .and_then(|r| r);
+                written.map_err(|e| DeliverError::retry(format!("stdout: {e}")))?;
                 Ok(0)
             }
             Transport::File(f) => f
@@ -214,11 +220,8 @@ impl Transport {
     pub(super) async fn close(&mut self) {
         match self {
             Transport::Stream(s) => s.close().await,
-            Transport::Stdout(out) => {
-                use tokio::io::AsyncWriteExt;
-                let _ = out.flush().await;
-            }
-            Transport::File(_) | Transport::Http(_) | Transport::Grpc(_) => {}
+            // Stdout is flushed with every batch.
+            Transport::Stdout | Transport::File(_) | Transport::Http(_) | Transport::Grpc(_) => {}
         }
     }
 }
