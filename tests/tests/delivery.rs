@@ -164,17 +164,15 @@ fn siem_down_at_start_gets_what_stdout_got() {
 }
 
 /// hping3 SYNs from random sources into the dropped port, 2,000 a second (every one a new
-/// flow: the kernel folds them past --new-flows-per-sec), for at most `secs`. Not --flood:
-/// the point is a restart under load, not the debug build's event throughput.
+/// flow: the kernel folds them past --new-flows-per-sec), for at most `secs` (a count, not
+/// `timeout`: killing `timeout` left its hping3 running, with nothing to stop it, after the
+/// test). Not --flood: the point is a restart under load, not the debug build's event
+/// throughput. `ip netns exec` execs hping3: the child killed on drop is hping3 itself.
 fn flood(topo: &AppDb, secs: u32) -> Proc {
+    const PER_SEC: u32 = 2_000;
+    let count = (secs * PER_SEC).to_string();
     let child = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &topo.app.name,
-            "timeout",
-            &secs.to_string(),
-        ])
+        .args(["netns", "exec", &topo.app.name])
         .args([
             "hping3",
             "-q",
@@ -183,6 +181,8 @@ fn flood(topo: &AppDb, secs: u32) -> Proc {
             "1521",
             "-i",
             "u500",
+            "-c",
+            &count,
             "--rand-source",
         ])
         .arg(topo.db_ip.to_string())

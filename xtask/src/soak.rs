@@ -31,18 +31,23 @@ const FLOOD_FOR: Duration = Duration::from_secs(20);
 const METRICS: &str = "127.0.0.1:9749";
 const GOAL_PEAK_MIB: f64 = 128.0;
 
-/// A load generator, killed on drop.
+/// A load generator in a process group of its own, killed with the whole group on drop:
+/// killing `timeout` alone leaves its hping3 running with nothing to stop it.
 struct Load(Child);
 
 impl Drop for Load {
     fn drop(&mut self) {
+        // SAFETY: kill(2) on the group this child leads (process_group(0) at spawn).
+        unsafe { libc::kill(-(self.0.id() as libc::pid_t), libc::SIGKILL) };
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
 }
 
 fn in_ns(ns: &str, args: &[&str]) -> anyhow::Result<Load> {
+    use std::os::unix::process::CommandExt as _;
     let child = Command::new("ip")
+        .process_group(0)
         .args(["netns", "exec", ns])
         .args(args)
         .stdin(Stdio::null())
