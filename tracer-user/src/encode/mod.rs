@@ -378,20 +378,7 @@ fn write_endpoints(m: &mut String, sip: std::net::IpAddr, sp: u16, dip: std::net
 
 /// `n` in decimal.
 fn push_decimal(m: &mut String, n: u16) {
-    let mut digits = [0u8; 5];
-    let mut i = digits.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        digits[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for d in &digits[i..] {
-        m.push(char::from(*d));
-    }
+    m.push_str(itoa::Buffer::new().format(n));
 }
 
 /// Unix milliseconds of an RFC 3339 timestamp (`Z` or `±hh:mm` offset, any fraction).
